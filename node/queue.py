@@ -1,0 +1,319 @@
+"""The durable job queue: SQLite in WAL mode, one row per received instance and per job.
+
+An instance and all of its jobs are recorded in one transaction, and the node
+answers the sender only after that commit. With synchronous=FULL the commit is
+on disk, so a kill -9 or a power cut right after the answer loses nothing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    called_ae_title TEXT NOT NULL,
+    spool_path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_uid ON instances (sop_instance_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    instance_id INTEGER NOT NULL REFERENCES instances (id),
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    result TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, kind, target, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_by_instance ON jobs (instance_id);
+CREATE TABLE IF NOT EXISTS stored (
+    storage TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (storage, sop_instance_uid)
+);
+"""
+
+
+class JobKind(StrEnum):
+    STORE = "store"
+    FORWARD = "forward"
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # dead letter: needs an operator's `queue retry`
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What intake knows about an instance once its bytes are spooled."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    calling_ae_title: str
+    called_ae_title: str
+    spool_path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: JobKind
+    target: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: JobKind
+    target: str
+    attempts: int
+    instance_id: int
+    instance: ReceivedInstance
+
+
+@dataclass(frozen=True)
+class StateCount:
+    kind: str
+    target: str
+    state: str
+    count: int
+    oldest_created_at: float | None
+    last_error: str | None
+
+
+_JOB_COLUMNS = """
+    jobs.id, jobs.kind, jobs.target, jobs.attempts, jobs.instance_id,
+    instances.sop_instance_uid, instances.sop_class_uid, instances.transfer_syntax,
+    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size
+"""
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    instance = ReceivedInstance(
+        sop_instance_uid=row[5],
+        sop_class_uid=row[6],
+        transfer_syntax=row[7],
+        calling_ae_title=row[8],
+        called_ae_title=row[9],
+        spool_path=Path(row[10]),
+        size=row[11],
+    )
+    return Job(
+        id=row[0],
+        kind=JobKind(row[1]),
+        target=row[2],
+        attempts=row[3],
+        instance_id=row[4],
+        instance=instance,
+    )
+
+
+def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
+    """Open the queue database with the settings every user of it must share."""
+    connection = sqlite3.connect(
+        path, timeout=timeout, isolation_level=None, check_same_thread=False
+    )
+    connection.execute("PRAGMA journal_mode=WAL")
+    # FULL: the WAL is fsynced at every commit, so an acknowledged instance survives power loss.
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    return connection
+
+
+class Queue:
+    """All access to the job database. Safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._connection = connect(path)
+        self._lock = threading.Lock()
+        # executescript manages its own transaction; CREATE ... IF NOT EXISTS is idempotent.
+        self._connection.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._connection
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def record_instance(self, instance: ReceivedInstance, jobs: Sequence[JobSpec]) -> int:
+        """Record a spooled instance and its jobs atomically; return the instance id."""
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax,"
+                " calling_ae_title, called_ae_title, spool_path, size, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    instance.sop_instance_uid,
+                    instance.sop_class_uid,
+                    instance.transfer_syntax,
+                    instance.calling_ae_title,
+                    instance.called_ae_title,
+                    str(instance.spool_path),
+                    instance.size,
+                    now,
+                ),
+            )
+            instance_id = int(cursor.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO jobs (instance_id, kind, target, state, next_attempt_at,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (instance_id, job.kind, job.target, JobState.PENDING, now, now, now)
+                    for job in jobs
+                ],
+            )
+        return instance_id
+
+    def requeue_running(self) -> int:
+        """After a crash or restart, jobs that were in flight are simply pending again."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
+                (JobState.PENDING, time.time(), JobState.RUNNING),
+            )
+            return cursor.rowcount
+
+    def claim(self, kind: JobKind, *, target: str | None = None, limit: int = 16) -> list[Job]:
+        """Mark up to `limit` due jobs as running and return them, oldest first."""
+        now = time.time()
+        where = "jobs.state = ? AND jobs.kind = ? AND jobs.next_attempt_at <= ?"
+        params: list[object] = [JobState.PENDING, kind, now]
+        if target is not None:
+            where += " AND jobs.target = ?"
+            params.append(target)
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs JOIN instances ON instances.id = jobs.instance_id"
+                f" WHERE {where} ORDER BY jobs.next_attempt_at, jobs.id LIMIT ?",
+                [*params, limit],
+            ).fetchall()
+            db.executemany(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                [(JobState.RUNNING, now, row[0]) for row in rows],
+            )
+        return [_job_from_row(row) for row in rows]
+
+    def next_due_in(self, kind: JobKind, target: str | None = None) -> float | None:
+        """Seconds until the next pending job of this kind is due (0 if one is due now)."""
+        query = "SELECT MIN(next_attempt_at) FROM jobs WHERE state = ? AND kind = ?"
+        params: list[object] = [JobState.PENDING, kind]
+        if target is not None:
+            query += " AND target = ?"
+            params.append(target)
+        with self._lock:
+            (due,) = self._connection.execute(query, params).fetchone()
+        return None if due is None else max(0.0, due - time.time())
+
+    def complete(self, job: Job, result: str) -> Path | None:
+        """Mark a job done. Returns the spool path once every job of its instance is done.
+
+        A finished instance's rows are deleted, so a node that runs for years keeps
+        a small database; the `stored` index and the metrics keep the history.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, result = ?, last_error = NULL, updated_at = ? WHERE id = ?",
+                (JobState.DONE, result, now, job.id),
+            )
+            (open_jobs,) = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE instance_id = ? AND state != ?",
+                (job.instance_id, JobState.DONE),
+            ).fetchone()
+            if not open_jobs:
+                db.execute("DELETE FROM jobs WHERE instance_id = ?", (job.instance_id,))
+                db.execute("DELETE FROM instances WHERE id = ?", (job.instance_id,))
+        return None if open_jobs else job.instance.spool_path
+
+    def record_stored(
+        self, storage: str, sop_instance_uid: str, path: Path, transfer_syntax: str
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO stored (storage, sop_instance_uid, path, transfer_syntax, stored_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (storage, sop_instance_uid, str(path), transfer_syntax, time.time()),
+            )
+
+    def is_known(self, storage: str, sop_instance_uid: str) -> bool:
+        """Whether the SOP Instance UID is stored in, or on its way to, a storage target."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT 1 FROM stored WHERE storage = ? AND sop_instance_uid = ?"
+                " UNION ALL SELECT 1 FROM jobs JOIN instances ON instances.id = jobs.instance_id"
+                " WHERE jobs.kind = ? AND jobs.target = ? AND jobs.state IN (?, ?)"
+                " AND instances.sop_instance_uid = ? LIMIT 1",
+                (
+                    storage,
+                    sop_instance_uid,
+                    JobKind.STORE,
+                    storage,
+                    JobState.PENDING,
+                    JobState.RUNNING,
+                    sop_instance_uid,
+                ),
+            ).fetchone()
+        return row is not None
+
+    def retry_later(self, job: Job, error: str, delay: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (JobState.PENDING, error, time.time() + delay, time.time(), job.id),
+            )
+
+    def dead_letter(self, job: Job, error: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, last_error = ?, updated_at = ? WHERE id = ?",
+                (JobState.FAILED, error, time.time(), job.id),
+            )
+
+    def counts(self) -> list[StateCount]:
+        """Jobs per kind, target and state, with the oldest job and the newest error."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT kind, target, state, COUNT(*), MIN(created_at),"
+                " (SELECT last_error FROM jobs AS j WHERE j.kind = jobs.kind AND j.target = jobs.target"
+                "  AND j.state = jobs.state AND j.last_error IS NOT NULL ORDER BY j.updated_at DESC LIMIT 1)"
+                " FROM jobs GROUP BY kind, target, state ORDER BY kind, target, state"
+            ).fetchall()
+        return [StateCount(*row) for row in rows]

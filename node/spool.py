@@ -1,0 +1,81 @@
+"""The spool: received instances, written durably as DICOM Part 10 files.
+
+A spooled file holds the file meta information we build plus the dataset
+bytes exactly as the sender encoded them. Nothing is decoded or re-encoded:
+that is the workers' job, after the sender has its answer.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, generate_uid
+
+from node import __version__
+from node.durable import fsync_directory, write_new_file
+
+# Stable across releases: derived from the product name, under pydicom's UID root.
+IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node"])
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+PREAMBLE = b"\x00" * 128 + b"DICM"
+PARTIAL_SUFFIX = ".part"
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    path: Path
+    size: int
+
+
+def part10_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, calling_ae_title: str
+) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group for a received dataset."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if calling_ae_title:
+        meta.SourceApplicationEntityTitle = calling_ae_title
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return PREAMBLE + buffer.getvalue()
+
+
+class Spool:
+    """A folder of durable, complete Part 10 files; partial writes never survive."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def prepare(self) -> None:
+        """Create the folder and drop partial files a crash may have left behind."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for partial in self.root.glob(f"*{PARTIAL_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+
+    def write(self, header: bytes, dataset: bytes | memoryview) -> SpooledFile:
+        """Write header + dataset to a new file: temp file, fsync, rename, fsync folder."""
+        name = uuid.uuid4().hex
+        partial = self.root / f"{name}{PARTIAL_SUFFIX}"
+        final = self.root / f"{name}.dcm"
+        size = write_new_file(partial, (header, dataset))
+        try:
+            os.rename(partial, final)
+            fsync_directory(self.root)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+            raise
+        return SpooledFile(path=final, size=size)
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,155 @@
+"""Storage targets: where an instance lands on disk, and how it gets there atomically.
+
+The path comes from a template of DICOM keywords. Every value is sanitised so
+that nothing a sender puts in a tag can lead a file outside the storage root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+
+from node.config import DuplicatePolicy, StorageConfig
+from node.durable import fsync_directory
+
+PLACEHOLDER = "UNKNOWN"
+MAX_COMPONENT_LENGTH = 64
+STAGING_DIR = ".incoming"
+
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
+
+
+class LayoutError(ValueError):
+    """A path template that cannot be used."""
+
+
+class DuplicateRejected(Exception):
+    """The duplicates policy is 'reject' and the SOP Instance UID is already stored."""
+
+
+class Placement(StrEnum):
+    STORED = "stored"
+    OVERWRITTEN = "overwritten"
+    KEPT_EXISTING = "kept-existing"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parsed path template such as '{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm'."""
+
+    template: str
+    keywords: tuple[str, ...]
+
+    def render(self, header: Dataset) -> Path:
+        values = {
+            keyword: sanitise_component(_keyword_text(header, keyword)) for keyword in self.keywords
+        }
+        # Values are already safe and literal segments were checked by parse_layout,
+        # so a segment can be neither empty nor '..'.
+        return Path(
+            *[_FIELD.sub(lambda m: values[m.group(1)], part) for part in self.template.split("/")]
+        )
+
+
+def parse_layout(template: str) -> Layout:
+    """Check a layout template: every {field} must be a DICOM keyword."""
+    if not template or template.startswith("/"):
+        raise LayoutError(f"must be a relative path template, got {template!r}")
+    if template.count("{") != template.count("}"):
+        raise LayoutError(f"unbalanced braces in {template!r}")
+    keywords = tuple(dict.fromkeys(_FIELD.findall(template)))
+    for keyword in keywords:
+        if tag_for_keyword(keyword) is None:
+            raise LayoutError(f"{{{keyword}}} is not a DICOM keyword (e.g. PatientID, StudyDate)")
+    for part in template.split("/"):
+        if part in ("", ".", "..") or "\\" in part:
+            raise LayoutError(f"empty, '.' or '..' path segment in {template!r}")
+    return Layout(template=template, keywords=keywords)
+
+
+def _keyword_text(header: Dataset, keyword: str) -> str:
+    value = header.get(keyword)
+    if value is None or isinstance(value, Sequence | bytes):
+        return ""
+    if isinstance(value, MultiValue):
+        return "_".join(str(item) for item in value)
+    return str(value)
+
+
+def sanitise_component(value: str) -> str:
+    """Make one path segment safe: no separators, controls, '..', bounded length."""
+    cleaned = _UNSAFE.sub("_", value).strip().strip(".")
+    cleaned = cleaned.encode("utf-8")[:MAX_COMPONENT_LENGTH].decode("utf-8", "ignore")
+    return cleaned or PLACEHOLDER
+
+
+@dataclass(frozen=True)
+class PlacedInstance:
+    path: Path
+    placement: Placement
+
+
+class StorageTarget:
+    """One [[storage]] folder: stages files next to their destination, then renames."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.root = config.path
+        self.layout = parse_layout(config.layout)
+        self.staging = self.root / STAGING_DIR
+
+    @property
+    def duplicates(self) -> DuplicatePolicy:
+        return self.config.duplicates
+
+    def prepare(self) -> None:
+        self.staging.mkdir(parents=True, exist_ok=True)
+        for stale in self.staging.iterdir():
+            stale.unlink(missing_ok=True)
+
+    def staging_path(self) -> Path:
+        """A fresh file name on the same filesystem as the final path, so rename is atomic."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        return self.staging / f"{uuid.uuid4().hex}.part"
+
+    def destination_for(self, header: Dataset) -> Path:
+        relative = self.layout.render(header)
+        final = (self.root / relative).resolve()
+        # Defence in depth: sanitising should already make this impossible.
+        if not final.is_relative_to(self.root.resolve()):
+            raise LayoutError(f"rendered path {relative} escapes storage root {self.root}")
+        return final
+
+    def commit(self, staged: Path, header: Dataset) -> PlacedInstance:
+        """Move a fully written, fsynced staged file to its layout path under the policy."""
+        final = self.destination_for(header)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            placement = self._place(staged, final)
+        finally:
+            staged.unlink(missing_ok=True)
+        fsync_directory(final.parent)
+        return PlacedInstance(path=final, placement=placement)
+
+    def _place(self, staged: Path, final: Path) -> Placement:
+        if self.duplicates == "overwrite":
+            existed = final.exists()
+            os.replace(staged, final)
+            return Placement.OVERWRITTEN if existed else Placement.STORED
+        # link() refuses to clobber, so two writers can never replace each other's file.
+        try:
+            os.link(staged, final)
+        except FileExistsError:
+            return Placement.KEPT_EXISTING
+        return Placement.STORED

@@ -1,0 +1,164 @@
+"""Store workers: move queued instances from the spool into their storage targets.
+
+A job is claimed from the queue, its file is staged next to its final path
+(transcoded in a worker process if the target asks for another syntax), then
+renamed into place. Only then is the job marked done; the spool file goes when
+every job of its instance is done. A crash anywhere leaves the job pending.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.durable import link_or_copy
+from node.queue import Job, JobKind, Queue
+from node.spool import Spool
+from node.store import PlacedInstance, StorageTarget
+from node.syntaxes import syntax_name
+
+log = logging.getLogger("node.workers")
+
+MAX_RETRY_DELAY = 300.0
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file written and fsynced in a target's staging folder, ready to rename."""
+
+    path: Path
+    transfer_syntax: str
+    note: str = ""
+
+
+# Writes the instance of a job into the staging path, in the target's syntax.
+Stager = Callable[[Job, StorageTarget, Path], StagedFile]
+
+
+def stage_as_received(job: Job, target: StorageTarget, staged: Path) -> StagedFile:
+    link_or_copy(job.instance.spool_path, staged)
+    return StagedFile(staged, job.instance.transfer_syntax)
+
+
+def read_file_header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True, defer_size=4096)
+
+
+def retry_delay(attempts: int) -> float:
+    return min(MAX_RETRY_DELAY, 2.0 ** max(0, attempts - 1))
+
+
+class StoreWorkers:
+    """Threads that claim store jobs; codec work goes to processes inside the stager."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        spool: Spool,
+        targets: Mapping[str, StorageTarget],
+        stage: Stager = stage_as_received,
+        threads: int = 4,
+    ) -> None:
+        self.queue = queue
+        self.spool = spool
+        self.targets = dict(targets)
+        self.stage = stage
+        self.threads = threads
+        self.wake = threading.Event()
+        self._stopping = threading.Event()
+        self._slots = threading.Semaphore(threads)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store")
+        self._loop_thread = threading.Thread(target=self._loop, name="store-dispatch", daemon=True)
+
+    def start(self) -> None:
+        self._loop_thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming; let running jobs finish. Unfinished ones are requeued at next start."""
+        self._stopping.set()
+        self.wake.set()
+        self._loop_thread.join(timeout)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._slots.acquire()
+            jobs = [] if self._stopping.is_set() else self.queue.claim(JobKind.STORE, limit=1)
+            if not jobs:
+                self._slots.release()
+                self._wait_for_work()
+                continue
+            self._executor.submit(self._run_and_release, jobs[0])
+
+    def _wait_for_work(self) -> None:
+        due = self.queue.next_due_in(JobKind.STORE)
+        self.wake.wait(timeout=1.0 if due is None else min(1.0, max(due, 0.01)))
+        self.wake.clear()
+
+    def _run_and_release(self, job: Job) -> None:
+        try:
+            self.run(job)
+        finally:
+            self._slots.release()
+
+    def run(self, job: Job) -> None:
+        """Store one job's instance; on failure schedule a retry with backoff."""
+        target = self.targets.get(job.target)
+        if target is None:
+            self.queue.dead_letter(
+                job, f"no [[storage]] named {job.target!r} in the current config"
+            )
+            return
+        try:
+            placed, staged = self._store(job, target)
+        except Exception as exc:
+            delay = retry_delay(job.attempts)
+            log.error(
+                "storing SOP Instance UID %s in %r failed (attempt %d), retrying in %.0f s: %s",
+                job.instance.sop_instance_uid,
+                target.name,
+                job.attempts,
+                delay,
+                exc,
+            )
+            self.queue.retry_later(job, str(exc), delay)
+            return
+        self._finish(job, target, placed, staged)
+
+    def _store(self, job: Job, target: StorageTarget) -> tuple[PlacedInstance, StagedFile]:
+        staging_path = target.staging_path()
+        try:
+            staged = self.stage(job, target, staging_path)
+            placed = target.commit(staged.path, read_file_header(staged.path))
+        finally:
+            staging_path.unlink(missing_ok=True)
+        return placed, staged
+
+    def _finish(
+        self, job: Job, target: StorageTarget, placed: PlacedInstance, staged: StagedFile
+    ) -> None:
+        instance = job.instance
+        self.queue.record_stored(
+            target.name, instance.sop_instance_uid, placed.path, staged.transfer_syntax
+        )
+        spool_file = self.queue.complete(job, str(placed.path))
+        if spool_file is not None:
+            self.spool.remove(spool_file)
+        log.info(
+            "stored SOP Instance UID %s from %r: %s -> %s, %d bytes, %s in %r%s",
+            instance.sop_instance_uid,
+            instance.calling_ae_title,
+            syntax_name(instance.transfer_syntax),
+            syntax_name(staged.transfer_syntax),
+            instance.size,
+            placed.placement,
+            target.name,
+            f" ({staged.note})" if staged.note else "",
+        )
