@@ -1,0 +1,158 @@
+"""One rung of the ladder: read the source, encode it to one target, verify, write."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import UID
+
+from node.transcode.capabilities import first_problem
+from node.transcode.codecs import Codec, codec_for
+from node.transcode.encoders import j2k_colour_transform
+from node.transcode.files import write_atomically
+from node.transcode.metadata import (
+    keep_lossy_history,
+    mark_lossy,
+    set_encapsulated_pixels,
+    set_native_pixels,
+    set_transfer_syntax,
+)
+from node.transcode.pixels import (
+    DecodedPixels,
+    PixelInfo,
+    decode_pixels,
+    native_pixel_bytes,
+    pixel_keyword,
+)
+from node.transcode.targets import NATIVE_SYNTAXES, Target
+from node.transcode.verify import RungFailed, VerificationMismatch, verify_lossless, verify_lossy
+
+
+@dataclass(frozen=True)
+class RungResult:
+    """What happened on one rung; picklable so worker processes can return it."""
+
+    target: Target
+    ok: bool
+    reason: str = ""
+    mismatch: bool = False
+    source_sop_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    size: int = 0
+
+
+def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungResult:
+    """Write dst in target's syntax, or say in one line why not. Raises only for I/O errors."""
+    if target.lossy and not allow_lossy:
+        return RungResult(target, ok=False, reason="lossy target not allowed without opt-in")
+    try:
+        ds = dcmread(src)
+    except Exception as error:
+        return RungResult(target, ok=False, reason=f"source unreadable: {_short(error)}")
+    source_uid = str(ds.get("SOPInstanceUID", ""))
+    try:
+        encoded = encode_for_target(ds, target)
+    except VerificationMismatch as failure:
+        return RungResult(target, False, str(failure), True, source_sop_instance_uid=source_uid)
+    except RungFailed as failure:
+        return RungResult(target, False, str(failure), source_sop_instance_uid=source_uid)
+    except Exception as error:  # codec bugs must not stop the ladder
+        reason = f"encoder error: {_short(error)}"
+        return RungResult(target, False, reason, source_sop_instance_uid=source_uid)
+    write_atomically(dst, encoded)
+    return RungResult(
+        target,
+        ok=True,
+        source_sop_instance_uid=source_uid,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        size=len(encoded),
+    )
+
+
+def encode_for_target(ds: Dataset, target: Target) -> bytes:
+    """The Part 10 bytes of ds in target's syntax, verified. Modifies ds."""
+    source_syntax = UID(ds.file_meta.TransferSyntaxUID)
+    syntax = target.transfer_syntax
+    native = syntax in NATIVE_SYNTAXES
+    codec = None if native else codec_for(syntax)
+    if not native and codec is None:
+        raise RungFailed("no encoder for this syntax")
+    if pixel_keyword(ds) is None:
+        if not native:
+            raise RungFailed("no pixel data to compress")
+        set_transfer_syntax(ds, syntax)
+        return part10_bytes(ds)
+    try:
+        source = decode_pixels(ds)
+    except Exception as error:
+        raise RungFailed(f"source pixels cannot be decoded: {_short(error)}") from None
+    keep_lossy_history(ds, source_syntax)
+    if codec is None:
+        return _native(ds, source, syntax)
+    return _compressed(ds, source, target, codec)
+
+
+def _native(ds: Dataset, source: DecodedPixels, syntax: UID) -> bytes:
+    info = source.info
+    set_native_pixels(ds, info, native_pixel_bytes(source), info.photometric_interpretation)
+    set_transfer_syntax(ds, syntax)
+    encoded = part10_bytes(ds)
+    verify_lossless(encoded, source)
+    return encoded
+
+
+def _compressed(ds: Dataset, source: DecodedPixels, target: Target, codec: Codec) -> bytes:
+    info = source.info
+    problem = first_problem(info, target, codec.checks)
+    if problem:
+        raise RungFailed(problem)
+    fragments = [codec.encode_frame(frame, info, target) for frame in source.frames()]
+    photometric = written_photometric(info, target, fragments[0])
+    set_encapsulated_pixels(ds, info, fragments, photometric)
+    set_transfer_syntax(ds, target.transfer_syntax)
+    if target.lossy and codec.method:
+        ratio = uncompressed_size(info) / max(1, sum(len(f) for f in fragments))
+        mark_lossy(ds, codec.method, ratio)
+    encoded = part10_bytes(ds)
+    if target.lossy:
+        verify_lossy(encoded, source, target)
+    else:
+        verify_lossless(encoded, source)
+    return encoded
+
+
+def written_photometric(info: PixelInfo, target: Target, first_fragment: bytes) -> str:
+    """Photometric Interpretation of the bytes the codec produced (PS3.5 8.2)."""
+    pi = info.photometric_interpretation
+    if info.samples_per_pixel != 3:
+        return pi
+    if target.transfer_syntax.keyword.startswith(("JPEG2000", "HTJ2K")):
+        mct, reversible = j2k_colour_transform(first_fragment)
+        if mct:
+            return "YBR_RCT" if reversible else "YBR_ICT"
+        return pi
+    if target.transfer_syntax.keyword == "JPEGBaseline8Bit":
+        return "YBR_FULL_422"
+    return pi
+
+
+def uncompressed_size(info: PixelInfo) -> int:
+    pixels = info.rows * info.columns * info.samples_per_pixel * info.number_of_frames
+    return pixels * info.bits_allocated // 8
+
+
+def part10_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first}"[:200]
