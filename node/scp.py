@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from threading import Lock
 
 from pydicom.uid import UID
-from pynetdicom import AE, _config, acse, evt
+from pynetdicom import AE, Association, _config, acse, evt
 from pynetdicom.presentation import (
     PresentationContext,
     negotiate_as_acceptor,
@@ -23,8 +23,11 @@ from pynetdicom.presentation import (
 )
 from pynetdicom.sop_class import Verification
 
+from node import admission, metrics
 from node.config import Config
 from node.intake import Intake, Status, StoreRequest, describe_request
+from node.listener import Listeners
+from node.syntaxes import syntax_name
 
 log = logging.getLogger("node.scp")
 
@@ -32,7 +35,7 @@ log = logging.getLogger("node.scp")
 def configure_ae(ae: AE, config: Config) -> None:
     """Apply the settings that may change on a config reload."""
     ae.ae_title = config.node.ae_title
-    ae.maximum_associations = config.node.max_associations
+    admission.configure(ae, config)  # association limits and the calling AE allowlist
     ae.maximum_pdu_size = config.node.max_pdu
     ae.acse_timeout = config.node.acse_timeout
     ae.dimse_timeout = config.node.dimse_timeout
@@ -92,6 +95,37 @@ class AssociationStats:
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     failed: int = 0
+    received_bytes: int = 0
+    contexts: str = "no contexts negotiated"
+    established: bool = False
+
+
+def contexts_summary(assoc: Association) -> str:
+    """'3/5 contexts accepted (ExplicitVRLittleEndian, JPEGLSLossless)': what was negotiated."""
+    accepted = assoc.accepted_contexts
+    proposed = len(accepted) + len(assoc.rejected_contexts)
+    syntaxes = sorted({syntax_name(str(cx.transfer_syntax[0])) for cx in accepted})
+    return f"{len(accepted)}/{proposed} contexts accepted ({', '.join(syntaxes) or 'none'})"
+
+
+def rejection_reason(assoc: Association) -> str:
+    """Why pynetdicom rejected an association, re-derived from the AE's settings (the event
+    does not carry the A-ASSOCIATE-RJ diagnostic)."""
+    refused_by_admission = getattr(assoc, "node_refusal", None)
+    if refused_by_admission:
+        return str(refused_by_admission)
+    ae = assoc.ae
+    calling = str(assoc.requestor.ae_title).strip()
+    allowed = [aet.strip() for aet in ae.require_calling_aet]
+    if allowed and calling not in allowed:
+        return "calling_ae_not_allowed"
+    called = _called_ae_title_of(assoc)
+    if ae.require_called_aet and called != str(ae.ae_title).strip():
+        return "called_ae_unknown"
+    acceptors = [a for a in ae.active_associations if a.is_acceptor]
+    if len(acceptors) > ae.maximum_associations:
+        return "too_many_associations"
+    return "other"
 
 
 class StorageSCP:
@@ -106,7 +140,7 @@ class StorageSCP:
         StorageNegotiation.install()
         self._stats: dict[int, AssociationStats] = {}
         self._stats_lock = Lock()
-        self._server = None
+        self._listeners: Listeners | None = None
 
     @property
     def handlers(self) -> list[tuple]:
@@ -120,14 +154,39 @@ class StorageSCP:
         ]
 
     def start(self) -> None:
-        address = (self.config.node.host, self.config.node.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=self.handlers)
-        log.info("listening on %s:%d as %r", *address, self.config.node.ae_title)
+        self._listeners = Listeners(self.ae, self.handlers)
+        self._listeners.start(self.config)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Close the listening socket, then give open associations `drain_timeout` s to finish.
+
+        pynetdicom's server.shutdown() leaves running associations alone (their
+        threads are daemons that would die with the process), so we wait for
+        them here; the ones still open after the bound are aborted. An abort
+        loses nothing: an instance is acknowledged only once it is durable, and
+        the sender keeps and retries the unacknowledged ones.
+        """
+        if self._listeners is not None:
+            self._listeners.close()
+            self._listeners = None
+        deadline = time.monotonic() + drain_timeout
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = self.active_associations()
+        if remaining:
+            log.warning(
+                "%d associations still open after %.0f s: aborting them (their senders will"
+                " retry what was not acknowledged)",
+                len(remaining),
+                drain_timeout,
+            )
+            for assoc in remaining:
+                assoc.abort()
+            for assoc in remaining:
+                assoc.join(5.0)
+
+    def active_associations(self) -> list[Association]:
+        return [assoc for assoc in self.ae.active_associations if assoc.is_acceptor]
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -139,9 +198,11 @@ class StorageSCP:
     def handle_store(self, event: evt.Event) -> int:
         request = _store_request(event)
         result = self.intake.receive(request)
+        metrics.record_received(result.status.name.lower(), len(request.dataset))
         stats = self._stats_for(event)
         if result.status == Status.SUCCESS:
             stats.received += 1
+            stats.received_bytes += len(request.dataset)
             log.debug("received %s", describe_request(request))
         else:
             stats.failed += 1
@@ -154,44 +215,53 @@ class StorageSCP:
         return int(result.status)
 
     def handle_established(self, event: evt.Event) -> None:
-        with self._stats_lock:
-            self._stats[id(event.assoc)] = AssociationStats()
         assoc = event.assoc
+        stats = AssociationStats(contexts=contexts_summary(assoc), established=True)
+        with self._stats_lock:
+            self._stats[id(assoc)] = stats
+        metrics.record_association_accepted()
         log.debug(
-            "association from %s:%s %r -> %r, %d presentation contexts accepted",
+            "association from %s:%s %r -> %r, %s",
             assoc.requestor.address,
             assoc.requestor.port,
             assoc.requestor.ae_title,
-            assoc.acceptor.ae_title,
-            len(assoc.accepted_contexts),
+            _called_ae_title_of(assoc),
+            stats.contexts,
         )
 
     def handle_closed(self, event: evt.Event) -> None:
         with self._stats_lock:
             stats = self._stats.pop(id(event.assoc), AssociationStats())
         assoc = event.assoc
-        how = "released" if event.event == evt.EVT_RELEASED else "aborted"
+        aborted = event.event != evt.EVT_RELEASED
+        if stats.established:
+            metrics.record_association_closed(aborted)
         log.info(
-            "association %s: %s:%s %r -> %r, %d instances stored, %d refused, %.1f s",
-            how,
+            "association %s: %s:%s %r -> %r, %s, %d instances received (%.1f MB), %d refused, %.1f s",
+            "aborted" if aborted else "released",
             assoc.requestor.address,
             assoc.requestor.port,
             assoc.requestor.ae_title,
-            assoc.acceptor.ae_title,
+            _called_ae_title_of(assoc),
+            stats.contexts,
             stats.received,
+            stats.received_bytes / 1e6,
             stats.failed,
             time.monotonic() - stats.started,
         )
 
     def handle_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
+        reason = rejection_reason(assoc)
+        metrics.record_association_rejected(reason)
         log.warning(
-            "association rejected: %s:%s calling AE %r, called AE %r (check security.allowed_calling_aets,"
-            " node.ae_title and node.max_associations)",
+            "association rejected (%s): %s:%s calling AE %r, called AE %r (%s)",
+            reason,
             assoc.requestor.address,
             assoc.requestor.port,
             assoc.requestor.ae_title,
-            assoc.acceptor.ae_title,
+            _called_ae_title_of(assoc),
+            _REJECTION_ADVICE[reason],
         )
 
     def _stats_for(self, event: evt.Event) -> AssociationStats:
@@ -213,6 +283,22 @@ def _store_request(event: evt.Event) -> StoreRequest:
 
 
 def _called_ae_title(event: evt.Event) -> str:
+    return _called_ae_title_of(event.assoc)
+
+
+def _called_ae_title_of(assoc: Association) -> str:
     # acceptor.ae_title is our own title; the one the peer asked for is in its request.
-    requested = getattr(event.assoc.requestor.primitive, "called_ae_title", None)
-    return str(requested or event.assoc.acceptor.ae_title).strip()
+    requested = getattr(assoc.requestor.primitive, "called_ae_title", None)
+    return str(requested or assoc.acceptor.ae_title).strip()
+
+
+_REJECTION_ADVICE = {
+    "calling_ae_not_allowed": "add the calling AE to security.allowed_calling_aets if it is trusted",
+    "called_ae_unknown": "the sender must call us as node.ae_title, or set"
+    " security.require_called_aet = false",
+    "too_many_associations": "the sender should retry later; raise node.max_associations"
+    " if this is routine",
+    "too_many_for_calling_ae": "the sender should retry later; raise"
+    " security.max_associations_per_calling_aet if this is routine",
+    "other": "see the sender's log; run with node.log_level = \"DEBUG\" for pynetdicom's view",
+}

@@ -18,6 +18,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from node import metrics
 from node.durable import link_or_copy
 from node.queue import Job, JobKind, Queue
 from node.spool import Spool
@@ -115,6 +116,7 @@ class StoreWorkers:
             self.queue.dead_letter(
                 job, f"no [[storage]] named {job.target!r} in the current config"
             )
+            metrics.record_stored(job.target, "failed")
             return
         try:
             placed, staged = self._store(job, target)
@@ -129,6 +131,7 @@ class StoreWorkers:
                 exc,
             )
             self.queue.retry_later(job, str(exc), delay)
+            metrics.record_stored(target.name, "retry")
             return
         self._finish(job, target, placed, staged)
 
@@ -149,6 +152,7 @@ class StoreWorkers:
             target.name, instance.sop_instance_uid, placed.path, staged.transfer_syntax
         )
         spool_file = self.queue.complete(job, str(placed.path))
+        metrics.record_stored(target.name, "stored", _file_size(placed.path))
         if spool_file is not None:
             self.spool.remove(spool_file)
         log.info(
@@ -162,3 +166,10 @@ class StoreWorkers:
             target.name,
             f" ({staged.note})" if staged.note else "",
         )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # moved away already (e.g. by an archiver): the metric is not worth failing for
+        return 0
