@@ -1,0 +1,40 @@
+"""Shared fixtures: nodes started as real subprocesses and always stopped by their PID."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import NodeProcess, base_config, free_port, write_config
+
+# Builds a config (sections as in tests.support.base_config, then edited by the
+# caller) and starts a node on it; the node is killed at teardown if still alive.
+StartNode = Callable[..., NodeProcess]
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[StartNode]:
+    started: list[NodeProcess] = []
+
+    def start(
+        edit: Callable[[dict[str, object]], None] | None = None,
+        *,
+        root: Path | None = None,
+        wait: bool = True,
+        **node: object,
+    ) -> NodeProcess:
+        folder = root or tmp_path
+        port = free_port()
+        sections = base_config(folder, port, **node)
+        if edit is not None:
+            edit(sections)
+        config = write_config(folder / f"config-{port}.toml", sections)
+        process = NodeProcess(config, port)
+        started.append(process)
+        return process.start(wait=wait)
+
+    yield start
+    for process in started:
+        process.kill()

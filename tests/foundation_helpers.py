@@ -1,0 +1,138 @@
+"""Helpers for the foundation tests: pynetdicom as a sender of files and of raw bytes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+
+import imagecodecs
+import pydicom
+from pydicom import uid as _uid
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+
+CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+NO_STATUS = -1
+
+
+def associate(
+    port: int,
+    contexts: list[tuple[str, list[str]]],
+    *,
+    calling: str = "PYSCU",
+    called: str = "DICOMNODE",
+) -> Association:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+@contextmanager
+def raw_sending() -> Iterator[None]:
+    """Make pynetdicom send a file's dataset bytes as they are on disk.
+
+    By default send_c_store(path) reads the file with pydicom and re-encodes it
+    (dropping group lengths, failing on odd files); in chunked mode it streams
+    the bytes after the file meta unchanged, which is what a modality sends.
+    """
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def status_of(response: pydicom.Dataset) -> int:
+    return int(response.Status) if "Status" in response else NO_STATUS
+
+
+def pynetdicom_store(port: int, path: Path, **kwargs: str) -> int:
+    """C-STORE one file in its own transfer syntax; the status, or -1 without one."""
+    ds = pydicom.dcmread(path)
+    assoc = associate(port, [(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])], **kwargs)
+    assert assoc.is_established, "association was not accepted"
+    try:
+        with raw_sending():
+            return status_of(assoc.send_c_store(path))
+    finally:
+        assoc.release()
+
+
+def part10_file(
+    folder: Path, sop_class: str, sop_instance: str, encoded: bytes, syntax: str
+) -> Path:
+    """A file with valid file meta and whatever dataset bytes we crafted after it."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(syntax)
+    buffer = DicomBytesIO()
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    path = folder / f"crafted-{uuid.uuid4().hex}.dcm"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + buffer.getvalue() + encoded)
+    return path
+
+
+def store_raw_bytes(
+    port: int,
+    folder: Path,
+    sop_class: str,
+    sop_instance: str,
+    encoded: bytes,
+    syntax: str = _uid.ExplicitVRLittleEndian,
+) -> int:
+    """C-STORE bytes we crafted as the dataset; return the status (-1: none).
+
+    pynetdicom sends a file given by path without decoding it: the dataset
+    bytes after the file meta go on the wire as they are.
+    """
+    path = part10_file(folder, sop_class, sop_instance, encoded, syntax)
+    assoc = associate(port, [(sop_class, [syntax])])
+    assert assoc.is_established, "association was not accepted"
+    try:
+        with raw_sending():
+            return status_of(assoc.send_c_store(path))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def encoded_dataset(path: Path = CT_SMALL) -> tuple[str, str, bytes]:
+    """(SOP Class UID, SOP Instance UID, Explicit VR Little Endian dataset bytes) of a file."""
+    ds = pydicom.dcmread(path)
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True, enforce_file_format=False)
+    # save_as without file meta writes the dataset only: exactly what goes on the wire.
+    return str(ds.SOPClassUID), str(ds.SOPInstanceUID), buffer.getvalue()
+
+
+def htj2k_copy(folder: Path, syntax: str) -> Path:
+    """CT_small encoded as HTJ2K with OpenJPH (imagecodecs), with a fresh SOP Instance UID."""
+    ds = pydicom.dcmread(CT_SMALL)
+    frame = ds.pixel_array
+    lossless = UID(syntax) != _uid.HTJ2K
+    rpcl = UID(syntax) == _uid.HTJ2KLosslessRPCL
+    stream = imagecodecs.htj2k_encode(
+        frame,
+        reversible=lossless,
+        tlm=rpcl or None,
+        tilepart=imagecodecs.HTJ2K.TILEPART.RESOLUTIONS if rpcl else None,
+    )
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / f"htj2k-{syntax}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
