@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from io import BytesIO
 from pathlib import Path
 
 import imagecodecs
@@ -14,7 +13,7 @@ from pydicom import uid as _uid
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
@@ -111,9 +110,10 @@ def store_raw_bytes(
 def encoded_dataset(path: Path = CT_SMALL) -> tuple[str, str, bytes]:
     """(SOP Class UID, SOP Instance UID, Explicit VR Little Endian dataset bytes) of a file."""
     ds = pydicom.dcmread(path)
-    buffer = BytesIO()
-    ds.save_as(buffer, implicit_vr=False, little_endian=True, enforce_file_format=False)
-    # save_as without file meta writes the dataset only: exactly what goes on the wire.
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    # write_dataset writes the dataset alone (no preamble, no file meta): the wire form.
+    write_dataset(buffer, ds)
     return str(ds.SOPClassUID), str(ds.SOPInstanceUID), buffer.getvalue()
 
 
