@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 
 from node.config import Config
 from node.intake import Intake, free_space_probe
+from node.logs import set_level
+from node.metrics import MetricsEndpoint, start_metrics
 from node.queue import JobKind, JobSpec, Queue
 from node.route import Router
 from node.scp import StorageSCP
@@ -19,6 +19,10 @@ from node.store import StorageTarget
 from node.workers import StoreWorkers
 
 log = logging.getLogger("node.server")
+
+# How long SIGTERM waits for open associations before aborting them; stays well under
+# the unit's TimeoutStopSec so that the jobs and the database are closed cleanly too.
+ASSOCIATION_DRAIN_TIMEOUT = 30.0
 
 
 def duplicate_checker(
@@ -61,6 +65,7 @@ class Node:
         )
         self.scp = StorageSCP(config, self.intake)
         self._stopped = threading.Event()
+        self.metrics: MetricsEndpoint | None = None
 
     def _watched_folders(self) -> list[Path]:
         return [self.config.spool_dir, *(t.root for t in self.targets.values())]
@@ -73,26 +78,45 @@ class Node:
         if requeued:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
+        self.metrics = start_metrics(self.config.metrics.address, self.queue)
         self.scp.start()
+
+    def reload(self, config: Config) -> None:
+        """Apply a reloaded config; associations in progress keep the settings they began with.
+
+        Everything new is built first, then swapped in, so a failure changes nothing.
+        """
+        targets = {s.name: StorageTarget(s) for s in config.storage}
+        for target in targets.values():
+            target.prepare()
+        router = Router(config)
+        folders = [config.spool_dir, *(t.root for t in targets.values())]
+        has_headroom = free_space_probe(folders, config.limits.min_free_space)
+        # self.targets is shared with the duplicate checker: update it in place.
+        self.targets.clear()
+        self.targets.update(targets)
+        self.store_workers.targets = dict(targets)
+        self.router = router
+        self.intake.plan_jobs = router.plan
+        self.intake.has_headroom = has_headroom
+        self.intake.max_instance_size = config.limits.max_instance_size
+        self.scp.reconfigure(config)
+        set_level(config.node.log_level)
+        self.config = config
 
     def stop(self) -> None:
         log.info("stopping: no new associations; finishing work in progress")
-        self.scp.stop()
+        self.scp.stop(ASSOCIATION_DRAIN_TIMEOUT)
         self.store_workers.stop()
+        # Whatever a worker left unfinished is pending again, ready for the next start.
+        self.queue.requeue_running()
+        if self.metrics is not None:
+            self.metrics.close()
         self.queue.close()
         self._stopped.set()
 
     def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT."""
-        stop_requested = threading.Event()
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the config (see node.lifecycle)."""
+        from node.lifecycle import Lifecycle
 
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s", signal.Signals(signum).name)
-            stop_requested.set()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
-        self.start()
-        while not stop_requested.wait(1.0):
-            pass
-        self.stop()
+        Lifecycle(self).run()
