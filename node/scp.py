@@ -237,7 +237,7 @@ class StorageSCP:
         if stats.established:
             metrics.record_association_closed(aborted)
         log.info(
-            "association %s: %s:%s %r -> %r, %s, %d instances received (%.1f MB), %d refused, %.1f s",
+            "association %s: %s:%s %r -> %r, %s, %d instances received (%.2f MB), %d refused, %.1f s",
             "aborted" if aborted else "released",
             assoc.requestor.address,
             assoc.requestor.port,
@@ -261,7 +261,7 @@ class StorageSCP:
             assoc.requestor.port,
             assoc.requestor.ae_title,
             _called_ae_title_of(assoc),
-            _REJECTION_ADVICE[reason],
+            _REJECTION_ADVICE.get(reason, _REJECTION_ADVICE["other"]),
         )
 
     def _stats_for(self, event: evt.Event) -> AssociationStats:
