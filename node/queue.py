@@ -307,6 +307,32 @@ class Queue:
                 (JobState.FAILED, error, time.time(), job.id),
             )
 
+    def open_targets(self, kind: JobKind) -> list[str]:
+        """Targets of this kind that have pending or running jobs."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT DISTINCT target FROM jobs WHERE kind = ? AND state IN (?, ?)",
+                (kind, JobState.PENDING, JobState.RUNNING),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def dead_letter_target(self, kind: JobKind, target: str, error: str) -> int:
+        """Dead-letter every pending or running job of a target (one no longer configured)."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE jobs SET state = ?, last_error = ?, updated_at = ?"
+                " WHERE kind = ? AND target = ? AND state IN (?, ?)",
+                (
+                    JobState.FAILED,
+                    error,
+                    time.time(),
+                    kind,
+                    target,
+                    JobState.PENDING,
+                    JobState.RUNNING,
+                ),
+            ).rowcount
+
     def counts(self) -> list[StateCount]:
         """Jobs per kind, target and state, with the oldest job and the newest error."""
         with self._lock:
@@ -317,3 +343,116 @@ class Queue:
                 " FROM jobs GROUP BY kind, target, state ORDER BY kind, target, state"
             ).fetchall()
         return [StateCount(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class TargetReport:
+    """One line of `dicom-node queue status`: a target's jobs in one state."""
+
+    kind: str
+    target: str
+    state: str
+    count: int
+    oldest_created_at: float | None
+    next_attempt_at: float | None
+    max_attempts: int
+    last_error: str | None
+
+
+def _target_filter(kind: JobKind | None, target: str | None) -> tuple[str, list[object]]:
+    clauses, params = [], []
+    if kind is not None:
+        clauses.append("kind = ?")
+        params.append(kind)
+    if target is not None:
+        clauses.append("target = ?")
+        params.append(target)
+    return (" AND ".join(clauses) or "1"), params
+
+
+class QueueOperations(Queue):
+    """What an operator does to the queue, safely while the daemon runs (WAL, busy timeout)."""
+
+    def report(self) -> list[TargetReport]:
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT kind, target, state, COUNT(*), MIN(created_at), MIN(next_attempt_at),"
+                " MAX(attempts),"
+                " (SELECT last_error FROM jobs AS j WHERE j.kind = jobs.kind AND j.target = jobs.target"
+                "  AND j.state = jobs.state AND j.last_error IS NOT NULL ORDER BY j.updated_at DESC LIMIT 1)"
+                " FROM jobs WHERE state != ? GROUP BY kind, target, state ORDER BY kind, target, state",
+                (JobState.DONE,),
+            ).fetchall()
+        return [TargetReport(*row) for row in rows]
+
+    def retry(
+        self, kind: JobKind | None = None, target: str | None = None, *, failed: bool = False
+    ) -> int:
+        """Make waiting jobs due now; with failed=True also re-queue dead letters (attempts reset)."""
+        where, params = _target_filter(kind, target)
+        now = time.time()
+        with self._transaction() as db:
+            count = db.execute(
+                f"UPDATE jobs SET next_attempt_at = ?, updated_at = ? WHERE state = ? AND {where}",
+                [now, now, JobState.PENDING, *params],
+            ).rowcount
+            if failed:
+                count += db.execute(
+                    "UPDATE jobs SET state = ?, attempts = 0, next_attempt_at = ?, updated_at = ?"
+                    f" WHERE state = ? AND {where}",
+                    [JobState.PENDING, now, now, JobState.FAILED, *params],
+                ).rowcount
+        return count
+
+    def purgeable(
+        self, kind: JobKind | None, target: str | None, states: Sequence[JobState]
+    ) -> int:
+        where, params = _target_filter(kind, target)
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            (count,) = self._connection.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND {where}",
+                [*states, *params],
+            ).fetchone()
+        return int(count)
+
+    def purge(
+        self, kind: JobKind | None, target: str | None, states: Sequence[JobState]
+    ) -> tuple[int, list[Path]]:
+        """Delete jobs in `states` (never running ones). Returns how many, and the spool files
+        of instances left with no open job: those are finished and the caller deletes them."""
+        assert JobState.RUNNING not in states, "a worker holds running jobs"
+        where, params = _target_filter(kind, target)
+        marks = ", ".join("?" for _ in states)
+        with self._transaction() as db:
+            instance_ids = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT DISTINCT instance_id FROM jobs WHERE state IN ({marks}) AND {where}",
+                    [*states, *params],
+                ).fetchall()
+            ]
+            count = db.execute(
+                f"DELETE FROM jobs WHERE state IN ({marks}) AND {where}", [*states, *params]
+            ).rowcount
+            finished = self._delete_finished_instances(db, instance_ids)
+        return count, finished
+
+    @staticmethod
+    def _delete_finished_instances(db: sqlite3.Connection, instance_ids: list[int]) -> list[Path]:
+        finished: list[Path] = []
+        for instance_id in instance_ids:
+            (open_jobs,) = db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE instance_id = ? AND state != ?",
+                (instance_id, JobState.DONE),
+            ).fetchone()
+            if open_jobs:
+                continue  # another target still needs this spool file
+            row = db.execute(
+                "SELECT spool_path FROM instances WHERE id = ?", (instance_id,)
+            ).fetchone()
+            db.execute("DELETE FROM jobs WHERE instance_id = ?", (instance_id,))
+            db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+            if row is not None:
+                finished.append(Path(row[0]))
+        return finished

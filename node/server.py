@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node.config import Config
+from node.derived import DerivedFiles
+from node.forward import Forwarder
 from node.intake import Intake, free_space_probe
 from node.logs import set_level
 from node.metrics import MetricsEndpoint, start_metrics
@@ -16,6 +18,7 @@ from node.route import Router
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.store import StorageTarget
+from node.transcode import TranscodePool
 from node.workers import StoreWorkers
 
 log = logging.getLogger("node.server")
@@ -54,6 +57,15 @@ class Node:
         self.targets = {s.name: StorageTarget(s) for s in config.storage}
         self.router = Router(config)
         self.store_workers = StoreWorkers(self.queue, self.spool, self.targets)
+        # Codec worker processes start on first use: a node that never transcodes has none.
+        self.transcode_pool = TranscodePool(config.node.workers or None)
+        self.forwarder = Forwarder(
+            config.destinations,
+            config.node,
+            self.queue,
+            self.spool,
+            DerivedFiles(config.spool_dir, self.transcode_pool.transcode),
+        )
         self.intake = Intake(
             spool=self.spool,
             queue=self.queue,
@@ -61,11 +73,15 @@ class Node:
             find_duplicate=duplicate_checker(self.queue, self.targets),
             has_headroom=free_space_probe(self._watched_folders(), config.limits.min_free_space),
             max_instance_size=config.limits.max_instance_size,
-            on_recorded=self.store_workers.wake.set,
+            on_recorded=self._wake_workers,
         )
         self.scp = StorageSCP(config, self.intake)
         self._stopped = threading.Event()
         self.metrics: MetricsEndpoint | None = None
+
+    def _wake_workers(self) -> None:
+        self.store_workers.wake.set()
+        self.forwarder.wake()
 
     def _watched_folders(self) -> list[Path]:
         return [self.config.spool_dir, *(t.root for t in self.targets.values())]
@@ -78,6 +94,7 @@ class Node:
         if requeued:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
+        self.forwarder.start()
         self.metrics = start_metrics(self.config.metrics.address, self.queue)
         self.scp.start()
 
@@ -108,6 +125,8 @@ class Node:
         log.info("stopping: no new associations; finishing work in progress")
         self.scp.stop(ASSOCIATION_DRAIN_TIMEOUT)
         self.store_workers.stop()
+        self.forwarder.stop()
+        self.transcode_pool.close()
         # Whatever a worker left unfinished is pending again, ready for the next start.
         self.queue.requeue_running()
         if self.metrics is not None:

@@ -79,3 +79,6 @@ class Spool:
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
+        # Transcoded copies made for destinations (node.derived) go with their source.
+        for derived in (self.root / "derived").glob(f"{path.stem}.*.dcm"):
+            derived.unlink(missing_ok=True)

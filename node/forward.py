@@ -1,0 +1,456 @@
+"""The forwarder: deliver queued instances to remote DICOM destinations by C-STORE.
+
+Every destination has its own worker threads (`max_associations`), each holding at
+most one association, so a destination that is down, slow or refusing never holds
+up another. An association is reused for many instances and released after
+`idle_timeout` seconds without work. For each instance the worker proposes the
+destination's preferred transfer syntaxes, the received syntax and Explicit VR
+Little Endian, each in its own presentation context, then sends in the first
+accepted one in that order, transcoding through the verified engine if needed.
+
+A job is marked done only after the destination answered success or a warning,
+so delivery is at least once: a crash between the answer and the commit sends
+the instance again after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+
+from node.config import DestinationConfig, NodeConfig, RetryPolicy
+from node.derived import DerivedFiles, Untranscodable
+from node.queue import Job, JobKind, Queue
+from node.spool import Spool
+from node.syntaxes import resolve_syntax, syntax_name
+
+log = logging.getLogger("node.forward")
+
+# Send spooled files as they are on disk: no decode, no re-encode, bounded memory.
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are the odd numbers 1..255
+POLL_INTERVAL = 1.0
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REFUSED = "refused"  # permanent: dead letter until an operator retries
+
+
+# PS3.7 C.4 / PS3.4 B.2.3: warnings mean the destination stored the instance.
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+STATUS_NAMES = {
+    0x0000: "success",
+    0x0001: "warning",
+    0x0110: "processing failure",
+    0x0111: "duplicate SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0x0211: "unrecognized operation",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class (warning)",
+    0xC000: "cannot understand",
+}
+
+
+def classify_status(code: int) -> Verdict:
+    """What a C-STORE response status means for the job."""
+    if code == 0x0000 or code in WARNING_STATUSES or 0xB000 <= code <= 0xBFFF:
+        return Verdict.DELIVERED
+    if code == 0x0111:
+        # The destination already holds this SOP Instance UID: it has the instance
+        # (a resend after a crash, with at-least-once delivery, lands here).
+        return Verdict.DELIVERED
+    if 0xA700 <= code <= 0xA7FF or code == 0x0110 or code == 0xFE00:
+        # Out of resources, a generic processing failure, a cancel: may pass later.
+        return Verdict.RETRY
+    return Verdict.REFUSED  # 0x0122, 0x0124, 0xA9xx, 0xCxxx and anything unknown
+
+
+def describe_status(code: int) -> str:
+    name = STATUS_NAMES.get(code) or STATUS_NAMES.get(code & 0xFF00, "")
+    if not name and 0xC000 <= code <= 0xCFFF:
+        name = "cannot understand"
+    return f"status 0x{code:04X}" + (f" ({name})" if name else "")
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    """Exponential backoff with jitter, from a destination's [destination.retry] table."""
+
+    policy: RetryPolicy
+
+    def delay(self, attempts: int) -> float:
+        base = self.policy.initial_delay * 2.0 ** max(0, attempts - 1)
+        # Jitter spreads retries so many jobs (or nodes) do not hit the peer in step.
+        return min(self.policy.max_delay, base) * random.uniform(0.8, 1.0)
+
+    def gives_up(self, attempts: int) -> bool:
+        return 0 < self.policy.max_attempts <= attempts
+
+
+class TransportError(Exception):
+    """No association, or it broke: the destination may be fine again later."""
+
+
+@dataclass
+class Proposal:
+    """Presentation contexts to request: per SOP class, one context per transfer syntax."""
+
+    syntaxes: dict[str, tuple[UID, ...]] = field(default_factory=dict)
+
+    def covers(self, sop_class: str, wanted: Sequence[UID]) -> bool:
+        return set(wanted) <= set(self.syntaxes.get(sop_class, ()))
+
+    def with_class(self, sop_class: str, wanted: Sequence[UID]) -> Proposal:
+        merged = dict(self.syntaxes)
+        merged[sop_class] = tuple(dict.fromkeys([*merged.get(sop_class, ()), *wanted]))
+        if sum(len(s) for s in merged.values()) > MAX_CONTEXTS:
+            merged = {sop_class: tuple(wanted)}  # too many classes: start over with this one
+        return Proposal(merged)
+
+
+def _client_tls(destination: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
+    tls = destination.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_bundle) if tls.ca_bundle else None
+    )
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    if tls.certificate and tls.private_key:
+        context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    return context, destination.host
+
+
+class DestinationLink:
+    """At most one association to a destination: opened on demand, reused, released when idle."""
+
+    def __init__(self, destination: DestinationConfig, node: NodeConfig) -> None:
+        self.destination = destination
+        self.node = node
+        self.proposal = Proposal()
+        self.association: Association | None = None
+        self.last_used = time.monotonic()
+
+    @property
+    def peer(self) -> str:
+        d = self.destination
+        return f"{d.ae_title}@{d.host}:{d.port}"
+
+    def ensure(self, sop_class: str, wanted: Sequence[UID]) -> None:
+        """Have an association whose proposal covers this SOP class and these syntaxes."""
+        if self._usable() and self.proposal.covers(sop_class, wanted):
+            return
+        self.release()
+        self.proposal = self.proposal.with_class(sop_class, wanted)
+        self.association = self._associate(self.proposal)
+
+    def _usable(self) -> bool:
+        return self.association is not None and self.association.is_established
+
+    def _associate(self, proposal: Proposal) -> Association:
+        ae = AE(ae_title=self.node.ae_title)
+        ae.acse_timeout = self.node.acse_timeout
+        ae.dimse_timeout = self.node.dimse_timeout
+        ae.network_timeout = self.node.network_timeout
+        ae.maximum_pdu_size = self.node.max_pdu
+        for sop_class, syntaxes in proposal.syntaxes.items():
+            for syntax in syntaxes:
+                # One syntax per context: the peer says yes or no to each, and we choose.
+                ae.add_requested_context(sop_class, [syntax])
+        d = self.destination
+        try:
+            association = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=_client_tls(d))
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot connect to {self.peer}: {exc}") from None
+        if not association.is_established:
+            raise TransportError(self._why_not_established(association))
+        self.last_used = time.monotonic()
+        log.debug("association to %s established", self.peer)
+        return association
+
+    def _why_not_established(self, association: Association) -> str:
+        if association.is_rejected:
+            return (
+                f"association rejected by {self.peer} (check its AE title and whether it"
+                " knows our calling AE title)"
+            )
+        if association.is_aborted:
+            return f"association aborted by {self.peer}"
+        return f"no association with {self.peer}: connection refused or timed out"
+
+    def accepted(self, sop_class: str) -> set[UID]:
+        assert self.association is not None
+        return {
+            UID(cx.transfer_syntax[0])
+            for cx in self.association.accepted_contexts
+            if cx.abstract_syntax == sop_class
+        }
+
+    def send(self, path: Path) -> int:
+        """C-STORE one Part 10 file; returns the response status or raises TransportError."""
+        assert self.association is not None
+        try:
+            response = self.association.send_c_store(path)
+        except (OSError, RuntimeError) as exc:
+            self.abort()
+            raise TransportError(f"sending to {self.peer} failed: {exc}") from None
+        self.last_used = time.monotonic()
+        if "Status" not in response:
+            self.abort()
+            raise TransportError(
+                f"no C-STORE response from {self.peer} (timeout or association aborted)"
+            )
+        return int(response.Status)
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_used
+
+    def release(self) -> None:
+        if self.association is not None and self.association.is_established:
+            self.association.release()
+            log.debug("association to %s released", self.peer)
+        self.association = None
+
+    def abort(self) -> None:
+        if self.association is not None and self.association.is_established:
+            self.association.abort()
+        self.association = None
+
+
+def proposed_syntaxes(destination: DestinationConfig, received: str) -> list[UID]:
+    """Preferred syntaxes first, then the received one, then Explicit VR Little Endian."""
+    preferred = [resolve_syntax(name) for name in destination.transfer_syntaxes]
+    return list(dict.fromkeys([*preferred, UID(received), ExplicitVRLittleEndian]))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    detail: str
+
+
+class DestinationWorker:
+    """One thread, one association at a time, jobs of one destination."""
+
+    def __init__(
+        self,
+        destination: DestinationConfig,
+        node: NodeConfig,
+        queue: Queue,
+        spool: Spool,
+        derived: DerivedFiles,
+        wake: threading.Event,
+        stopping: threading.Event,
+        index: int,
+    ) -> None:
+        self.destination = destination
+        self.queue = queue
+        self.spool = spool
+        self.derived = derived
+        self.wake = wake
+        self.stopping = stopping
+        self.schedule = RetrySchedule(destination.retry)
+        self.link = DestinationLink(destination, node)
+        self.unreachable_streak = 0
+        self.thread = threading.Thread(
+            target=self._loop, name=f"forward-{destination.name}-{index}", daemon=True
+        )
+
+    def _loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=1)
+                if jobs:
+                    self.run(jobs[0])
+                else:
+                    self._wait_for_work()
+        except Exception:
+            log.exception("forwarder for %r stopped by an unexpected error", self.destination.name)
+        finally:
+            self.link.release()
+
+    def _wait_for_work(self) -> None:
+        if (
+            self.link.association is not None
+            and self.link.idle_for() >= self.destination.idle_timeout
+        ):
+            self.link.release()
+        due = self.queue.next_due_in(JobKind.FORWARD, self.destination.name)
+        timeout = POLL_INTERVAL if due is None else min(POLL_INTERVAL, max(due, 0.01))
+        self.wake.wait(timeout)
+        self.wake.clear()
+
+    def run(self, job: Job) -> None:
+        try:
+            outcome = self._deliver(job)
+        except TransportError as exc:
+            self._unreachable(job, str(exc))
+            return
+        except Exception as exc:  # a bug or an I/O error: keep the job, try again later
+            log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
+            outcome = Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+        self.unreachable_streak = 0
+        self._record(job, outcome)
+
+    def _deliver(self, job: Job) -> Outcome:
+        instance = job.instance
+        wanted = proposed_syntaxes(self.destination, instance.transfer_syntax)
+        self.link.ensure(instance.sop_class_uid, wanted)
+        accepted = self.link.accepted(instance.sop_class_uid)
+        choices = [syntax for syntax in wanted if syntax in accepted]
+        if not choices:
+            return Outcome(
+                Verdict.REFUSED,
+                f"{self.link.peer} accepted no presentation context for SOP class"
+                f" {_class_name(instance.sop_class_uid)} (proposed "
+                + ", ".join(syntax_name(s) for s in wanted)
+                + ")",
+            )
+        path, syntax, notes = self._file_in_first_possible(job, choices)
+        if path is None:
+            return Outcome(Verdict.REFUSED, "; ".join(notes))
+        code = self.link.send(path)
+        verdict = classify_status(code)
+        detail = f"{describe_status(code)} from {self.link.peer} in {syntax_name(syntax)}"
+        if notes and verdict is Verdict.DELIVERED:
+            detail += f" (fallback: {'; '.join(notes)})"
+        return Outcome(verdict, detail)
+
+    def _file_in_first_possible(
+        self, job: Job, choices: Sequence[UID]
+    ) -> tuple[Path | None, UID, list[str]]:
+        instance = job.instance
+        if not instance.spool_path.exists():
+            raise FileNotFoundError(f"spool file {instance.spool_path} is missing")
+        notes: list[str] = []
+        for syntax in choices:
+            try:
+                path = self.derived.get(
+                    instance.spool_path,
+                    instance.transfer_syntax,
+                    syntax,
+                    allow_lossy=self.destination.allow_lossy,
+                )
+                return path, syntax, notes
+            except Untranscodable as exc:
+                notes.append(str(exc))
+        return None, UID(instance.transfer_syntax), notes
+
+    def _unreachable(self, job: Job, error: str) -> None:
+        """Reschedule the job, then leave the destination alone for a while: trying every
+        queued job against a peer that is down would only burn their attempt counts."""
+        self.unreachable_streak += 1
+        self._record(job, Outcome(Verdict.RETRY, error))
+        self.stopping.wait(self.schedule.delay(self.unreachable_streak))
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        uid = job.instance.sop_instance_uid
+        name = self.destination.name
+        if outcome.verdict is Verdict.DELIVERED:
+            spool_file = self.queue.complete(job, outcome.detail)
+            if spool_file is not None:
+                self.spool.remove(spool_file)
+            log.info("forwarded SOP Instance UID %s to %r: %s", uid, name, outcome.detail)
+        elif outcome.verdict is Verdict.REFUSED:
+            self.queue.dead_letter(job, outcome.detail)
+            log.error("dead letter: SOP Instance UID %s for %r: %s", uid, name, outcome.detail)
+        elif self.schedule.gives_up(job.attempts):
+            reason = f"gave up after {job.attempts} attempts: {outcome.detail}"
+            self.queue.dead_letter(job, reason)
+            log.error("dead letter: SOP Instance UID %s for %r: %s", uid, name, reason)
+        else:
+            delay = self.schedule.delay(job.attempts)
+            self.queue.retry_later(job, outcome.detail, delay)
+            log.warning(
+                "SOP Instance UID %s for %r: %s; attempt %d, retrying in %.1f s",
+                uid,
+                name,
+                outcome.detail,
+                job.attempts,
+                delay,
+            )
+
+
+def _class_name(sop_class: str) -> str:
+    name = UID(sop_class).name
+    return f"{name} ({sop_class})" if name and name != sop_class else sop_class
+
+
+class Forwarder:
+    """All destinations' workers. `wake()` is called by intake after each recorded instance."""
+
+    def __init__(
+        self,
+        destinations: Sequence[DestinationConfig],
+        node: NodeConfig,
+        queue: Queue,
+        spool: Spool,
+        derived: DerivedFiles,
+    ) -> None:
+        self.queue = queue
+        self.derived = derived
+        self._stopping = threading.Event()
+        self._wakes: Mapping[str, threading.Event] = {
+            d.name: threading.Event() for d in destinations
+        }
+        self.workers = [
+            DestinationWorker(
+                d, node, queue, spool, derived, self._wakes[d.name], self._stopping, index
+            )
+            for d in destinations
+            for index in range(d.max_associations)
+        ]
+
+    def wake(self) -> None:
+        for event in self._wakes.values():
+            event.set()
+
+    def start(self) -> None:
+        self.derived.prepare()
+        self._dead_letter_unknown_destinations()
+        for worker in self.workers:
+            worker.thread.start()
+
+    def _dead_letter_unknown_destinations(self) -> None:
+        for target in self.queue.open_targets(JobKind.FORWARD):
+            if target not in self._wakes:
+                count = self.queue.dead_letter_target(
+                    JobKind.FORWARD,
+                    target,
+                    f"no [[destination]] named {target!r} in the current config",
+                )
+                log.error(
+                    "%d jobs for destination %r, which is no longer configured, are now dead"
+                    " letters: add it back and run `dicom-node queue retry --failed`, or"
+                    " `dicom-node queue purge`",
+                    count,
+                    target,
+                )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop claiming; a C-STORE in progress finishes. Unfinished jobs are requeued at start."""
+        self._stopping.set()
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,210 @@
+"""Forwarding to real peers: Orthanc and DCMTK storescp as destinations, storescu as modality."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    UltrasoundMultiFrameImageStorage,
+    generate_uid,
+)
+
+from tests.corpus import find
+from tests.forward_support import (
+    RefusingSCP,
+    StoreSCP,
+    destination,
+    forwarding_config,
+    queue_cli,
+    sop_instance_uid,
+)
+from tests.orthanc import Orthanc
+from tests.support import NodeProcess, free_port, storescu, wait_until, write_config
+
+pytestmark = pytest.mark.timeout(180)
+
+# storescu proposes only uncompressed syntaxes unless told: -R plus one of these sends a
+# file in its own compressed syntax.
+SYNTAX_OPTION = {
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.5": "-xr",  # RLE
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+}
+
+
+def send_as_is(port: int, files: list[Path]) -> None:
+    """Send each file in its own transfer syntax (storescu config needs one run per syntax)."""
+    by_syntax: dict[str, list[Path]] = {}
+    for path in files:
+        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        by_syntax.setdefault(str(syntax), []).append(path)
+    for syntax, group in by_syntax.items():
+        option = SYNTAX_OPTION.get(syntax)
+        args = ("-R", option) if option else ()
+        sent = storescu(port, group, *args)
+        assert sent.returncode == 0, sent.stderr
+
+
+def us_multiframe(folder: Path) -> Path:
+    """A 3-frame Ultrasound Multi-frame RGB instance built from US1_UNCR."""
+    ds = pydicom.dcmread(find("US1_UNCR.dcm"))
+    frame = ds.pixel_array
+    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.NumberOfFrames = 3
+    ds.PixelData = np.stack([frame, frame[::-1], frame[:, ::-1]]).tobytes()
+    path = folder / "us_multiframe.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def by_uid(blobs: list[bytes]) -> dict[str, pydicom.Dataset]:
+    datasets = [pydicom.dcmread(io.BytesIO(blob)) for blob in blobs]
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+def test_happy_path_mixed_set_arrives_in_orthanc_in_accepted_syntax(tmp_path: Path) -> None:
+    sources = [
+        find("CT_small.dcm"),  # CT, Explicit VR LE: encoded to JPEG 2000 lossless
+        find("MR_small_RLE.dcm"),  # MR, RLE: decoded once, then encoded
+        find("US1_J2KR.dcm"),  # US RGB as YBR_RCT JPEG 2000: sent as received
+        find("SC_rgb.dcm"),  # RGB native
+        find("emri_small_jpeg_ls_lossless.dcm"),  # Enhanced MR multi-frame, JPEG-LS
+        us_multiframe(tmp_path / "made"),  # US multi-frame RGB
+    ]
+    port = free_port()
+    with Orthanc(tmp_path / "orthanc") as orthanc:
+        config = forwarding_config(
+            tmp_path,
+            port,
+            [
+                destination(
+                    "pacs", "ORTHANC", orthanc.dicom_port, transfer_syntaxes=["JPEG2000Lossless"]
+                )
+            ],
+        )
+        path = write_config(tmp_path / "node.toml", config)
+        with NodeProcess(path, port) as node:
+            send_as_is(port, sources)
+            arrived = wait_until(lambda: orthanc.count() == len(sources), timeout=60)
+            assert arrived, f"Orthanc has {orthanc.count()} of {len(sources)}\n{node.log()}"
+            received = by_uid(orthanc.files())
+    for source_path in sources:
+        source = pydicom.dcmread(source_path)
+        copy = received[str(source.SOPInstanceUID)]  # SOP Instance UID unchanged
+        assert copy.file_meta.TransferSyntaxUID == JPEG2000Lossless, source_path.name
+        assert np.array_equal(copy.pixel_array, source.pixel_array), source_path.name
+        assert copy.SOPClassUID == source.SOPClassUID
+
+
+def test_negotiation_evle_only_destination_gets_decoded_rgb(tmp_path: Path) -> None:
+    source = find("US1_J2KR.dcm")  # YBR_RCT JPEG 2000 lossless
+    port = free_port()
+    scp = StoreSCP(tmp_path / "evle", "EVLEONLY").start()  # accepts uncompressed syntaxes only
+    try:
+        config = forwarding_config(
+            tmp_path,
+            port,
+            [destination("plain", "EVLEONLY", scp.port, transfer_syntaxes=["JPEG2000Lossless"])],
+        )
+        path = write_config(tmp_path / "node.toml", config)
+        with NodeProcess(path, port) as node:
+            send_as_is(port, [source])
+            assert wait_until(lambda: scp.count() == 1, timeout=30), node.log()
+    finally:
+        scp.stop()
+    copy = pydicom.dcmread(scp.files()[0])
+    original = pydicom.dcmread(source)
+    assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert original.PhotometricInterpretation == "YBR_RCT"
+    assert copy.PhotometricInterpretation == "RGB"
+    assert copy.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(copy.pixel_array, original.pixel_array)
+
+
+def test_rules_ct_to_a_mr_to_b_unmatched_kept_and_reported(tmp_path: Path) -> None:
+    port = free_port()
+    a = StoreSCP(tmp_path / "a", "DESTA").start()
+    b = StoreSCP(tmp_path / "b", "DESTB").start()
+    try:
+        config = forwarding_config(
+            tmp_path,
+            port,
+            [destination("a", "DESTA", a.port), destination("b", "DESTB", b.port)],
+            routes=[
+                {"match": {"Modality": "CT"}, "destinations": ["a"]},
+                {"match": {"Modality": "MR", "CallingAETitle": "STORE*"}, "destinations": ["b"]},
+            ],
+            routing={"unrouted_storage": "quarantine"},
+        )
+        config["storage"] = [
+            {"name": "archive", "path": str(tmp_path / "archive")},
+            {"name": "quarantine", "path": str(tmp_path / "quarantine")},
+        ]
+        path = write_config(tmp_path / "node.toml", config)
+        ct, mr, sc = find("CT_small.dcm"), find("MR_small.dcm"), find("SC_rgb.dcm")
+        with NodeProcess(path, port) as node:
+            assert storescu(port, [ct, mr, sc]).returncode == 0
+            assert wait_until(lambda: a.count() == 1 and b.count() == 1, timeout=30), node.log()
+            assert wait_until(lambda: len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1)
+            time.sleep(0.5)  # anything misrouted would have arrived by now
+            log = node.log()
+        assert [sop_instance_uid(p) for p in a.files()] == [sop_instance_uid(ct)]
+        assert [sop_instance_uid(p) for p in b.files()] == [sop_instance_uid(mr)]
+        kept = list((tmp_path / "quarantine").rglob("*.dcm"))
+        assert sop_instance_uid(kept[0]) == sop_instance_uid(sc)
+        assert not (tmp_path / "archive").exists() or not list(
+            (tmp_path / "archive").rglob("*.dcm")
+        )
+        assert "matched no route" in log and sop_instance_uid(sc) in log
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_dead_letter_with_reason_then_queue_retry_requeues(tmp_path: Path) -> None:
+    port = free_port()
+    refuser = RefusingSCP(tmp_path / "refuser").start()
+    try:
+        config = forwarding_config(
+            tmp_path,
+            port,
+            [destination("picky", "REFUSER", refuser.port)],
+            routes=[{"match": {"Modality": "*"}, "destinations": ["picky"]}],
+        )
+        path = write_config(tmp_path / "node.toml", config)
+        ct, mr = find("CT_small.dcm"), find("MR_small.dcm")
+        with NodeProcess(path, port) as node:
+            assert storescu(port, [ct, mr]).returncode == 0
+            assert wait_until(lambda: "dead letter" in node.log(), timeout=30), node.log()
+            assert wait_until(lambda: refuser.count() == 1, timeout=10)
+            status = queue_cli(path, "status")
+            assert status.returncode == 0, status.stderr
+            failed = [line for line in status.stdout.splitlines() if " failed " in line]
+            assert len(failed) == 1 and "picky" in failed[0], status.stdout
+            assert "0x0122" in failed[0] and "SOP class not supported" in failed[0]
+
+            dry = queue_cli(path, "purge", "--destination", "picky")
+            assert dry.returncode == 1 and "would delete 1" in dry.stdout
+
+            refuser.allow_mr()
+            retried = queue_cli(path, "retry", "--destination", "picky", "--failed")
+            assert retried.returncode == 0 and retried.stdout.startswith("1 "), retried.stdout
+            assert wait_until(lambda: refuser.count() == 2, timeout=30), node.log()
+            assert wait_until(lambda: " failed " not in queue_cli(path, "status").stdout)
+        spool = tmp_path / "data" / "spool"
+        assert wait_until(lambda: not list(spool.glob("*.dcm")), timeout=5)
+    finally:
+        refuser.stop()
