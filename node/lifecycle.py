@@ -139,6 +139,11 @@ class Lifecycle:
             self.notifier.stopping()
             with self._watchdog_kept_alive():
                 self.node.stop()
+            log.info(
+                "stopped after %.0f associations and %.0f instances received since start",
+                metrics.total(metrics.ASSOCIATIONS_ACCEPTED),
+                metrics.total(metrics.INSTANCES_RECEIVED, status="success"),
+            )
         finally:
             inbox.close()
             self.notifier.close()

@@ -254,6 +254,8 @@ class StorageSCP:
         assoc = event.assoc
         reason = rejection_reason(assoc)
         metrics.record_association_rejected(reason)
+        if getattr(assoc, "node_refusal", None):
+            return  # node.admission refused it and has logged why, with the setting to change
         log.warning(
             "association rejected (%s): %s:%s calling AE %r, called AE %r (%s)",
             reason,

@@ -230,7 +230,7 @@ def test_sighup_reloads_allowlist_without_dropping_an_open_association(
     log = node.log()
     refusal = next(line for line in log.splitlines() if "reload refused" in line)
     assert f"{node.config_path}: node.max_associations: must be a whole number" in refusal
-    assert "rejected (calling_ae_not_allowed)" in log
+    assert "calling AE 'SENDER' is not in security.allowed_calling_aets" in log
     assert "4 instances received" in log  # the association kept across the reload
 
 
