@@ -339,8 +339,11 @@ def _read_limits(table: _Table) -> LimitsConfig:
 
 def _read_metrics(table: _Table) -> MetricsConfig:
     metrics = MetricsConfig(address=table.text("address", "", allow_empty=True))
-    if metrics.address and ":" not in metrics.address:
-        raise table.error("address", f"must be host:port, got {metrics.address!r}")
+    port = metrics.address.rpartition(":")[2]
+    if metrics.address and not (port.isdigit() and 0 < int(port) < 65536):
+        raise table.error(
+            "address", f'must be host:port such as "127.0.0.1:9110", got {metrics.address!r}'
+        )
     table.finish()
     return metrics
 

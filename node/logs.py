@@ -16,11 +16,17 @@ _SYSLOG_PRIORITY = {
 
 
 class JournalFormatter(logging.Formatter):
-    """journald adds its own timestamps; it reads '<N>' prefixes as syslog priorities."""
+    """journald adds its own timestamps; it reads '<N>' prefixes as syslog priorities.
+
+    journald splits stdout/stderr into entries at newlines, so every line of a
+    multi-line message (a traceback) gets the prefix, or it would land at INFO.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{record.name}: {super().format(record)}"
+        lines = super().format(record).splitlines() or [""]
+        first = f"<{priority}>{record.name}: {lines[0]}"
+        return "\n".join([first, *(f"<{priority}>{record.name}:   {line}" for line in lines[1:])])
 
 
 def under_journald() -> bool:
