@@ -202,13 +202,15 @@ def test_sighup_reloads_allowlist_without_dropping_an_open_association(
         assert in_progress.send_c_store(ct_dataset()).Status == 0x0000
 
         # SENDER is no longer allowed: new associations from it are refused from now on...
-        rewrite_config(node, tmp_path, ["OTHER"])
+        assert "association from" not in node.log()  # a DEBUG line: INFO until the reload
+        rewrite_config(node, tmp_path, ["OTHER"], log_level="DEBUG")
         node.signal(signal.SIGHUP)
         assert notify.wait_for("READY", "1", count=2), node.log()
         reloading = notify.with_key("RELOADING", "1")
         assert len(reloading) == 1 and int(reloading[0][1]["MONOTONIC_USEC"]) > 0
         assert not accepts(node.port, "SENDER")
         assert echo_ok(node.port, "OTHER")
+        assert wait_until(lambda: "'OTHER' -> 'DICOMNODE', 2/2 contexts" in node.log(), timeout=5)
         # ...but the association that was open before the reload carries on.
         for _ in range(3):
             time.sleep(0.3)
