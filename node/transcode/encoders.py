@@ -79,7 +79,7 @@ def encode_j2k_lossless(frame: np.ndarray, info: PixelInfo, _: Target) -> bytes:
 def encode_j2k_lossy(frame: np.ndarray, info: PixelInfo, target: Target) -> bytes:
     # pylibjpeg-openjpeg has rate control by ratio and by PSNR; it is not thread-safe
     # (README §3), which is fine in a single-threaded worker process.
-    from openjpeg import encode_array
+    from openjpeg import encode as encode_array
 
     ratios = [target.j2k_ratio] if target.j2k_ratio else None
     psnrs = [target.j2k_psnr] if target.j2k_psnr else None

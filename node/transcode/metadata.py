@@ -13,7 +13,7 @@ from node.transcode.pixels import PIXEL_KEYWORDS, PixelInfo
 _STALE_ELEMENTS = ("ExtendedOffsetTable", "ExtendedOffsetTableLengths")
 
 # Syntaxes that are lossy whatever their parameters: decoding them is not the original.
-_ALWAYS_LOSSY_SOURCES = (_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit)
+_ALWAYS_LOSSY_SOURCES = (_uid.JPEGBaseline8Bit, _uid.JPEGExtended12Bit, _uid.JPEGLSNearLossless)
 
 _NATIVE_VR = {"PixelData": None, "FloatPixelData": "OF", "DoubleFloatPixelData": "OD"}
 
