@@ -15,7 +15,10 @@ does not load is logged with its file and key and the running one is kept.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import select
 import signal
 import socket
@@ -24,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node import metrics
@@ -120,6 +124,46 @@ def status_text(node: Node) -> str:
     )
 
 
+class DataDirBusy(OSError):
+    pass
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on data_dir for the life of the process.
+
+    Two nodes on one queue would requeue each other's running jobs at start.
+    The lock is released by the kernel when the process ends, however it ends.
+    """
+    fd = os.open(data_dir / "node.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataDirBusy(
+            errno.EBUSY, f"{data_dir} is in use by another dicom-node (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _startup_advice(exc: OSError) -> str:
+    if isinstance(exc, DataDirBusy):
+        return "stop the other node, or give this one its own node.data_dir"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "another process listens there, perhaps another dicom-node: stop it, or change"
+            " node.port or metrics.address"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            "ports below 1024 need CAP_NET_BIND_SERVICE (see AmbientCapabilities in the"
+            " systemd unit), or use a port from 1024 up"
+        )
+    return "check the addresses and folders in the config"
+
+
 class Lifecycle:
     """Runs a Node from start to a clean stop, talking to systemd on the way."""
 
@@ -128,11 +172,12 @@ class Lifecycle:
         self.notifier = notifier or Notifier()
         self.watchdog_every = watchdog_interval()
         self._last_status = ""
+        self._lock: int | None = None
 
     def run(self) -> None:
         inbox = SignalInbox((*STOP_SIGNALS, signal.SIGHUP))
         try:
-            self.node.start()
+            self._start()
             self.notifier.ready(self._refresh_status())
             log.info("ready (%s)", self._last_status)
             self._loop(inbox)
@@ -147,6 +192,23 @@ class Lifecycle:
         finally:
             inbox.close()
             self.notifier.close()
+
+    def _start(self) -> None:
+        """Start the node; a socket that cannot be opened ends the process with a clear line."""
+        try:
+            self._lock = lock_data_dir(self.node.config.node.data_dir)
+        except OSError as exc:
+            self._fail_to_start(exc)
+        try:
+            self.node.start()
+        except OSError as exc:
+            self.node.stop()  # the stages that did start
+            self._fail_to_start(exc)
+
+    def _fail_to_start(self, exc: OSError) -> None:
+        log.error("cannot start: %s (%s)", exc, _startup_advice(exc))
+        self.notifier.status(f"failed to start: {exc}")
+        raise SystemExit(1) from None
 
     def _loop(self, inbox: SignalInbox) -> None:
         next_ping = next_status = time.monotonic()

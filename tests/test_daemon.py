@@ -279,3 +279,23 @@ def test_sigterm_lets_the_transfer_finish_and_exits_zero(
     # Every acknowledged instance is either in the archive or still queued for the next start.
     assert _stored_and_queued(tmp_path) == 6
     assert "association released" in node.log()
+
+
+def test_second_node_on_the_same_data_dir_refuses_to_start(
+    tmp_path: Path, notify: NotifyListener
+) -> None:
+    first = start_node(tmp_path, notify)
+    try:
+        assert notify.wait_for("READY", "1"), first.log()
+        port = free_port()
+        config = write_config(tmp_path / "second.toml", base_config(tmp_path, port))
+        second = NodeProcess(config, port).start(wait=False)
+        assert second.process is not None
+        assert second.process.wait(30) == 1
+        assert f"{tmp_path / 'data'} is in use by another dicom-node (pid {first.pid})" in (
+            second.log()
+        )
+        assert echo_ok(first.port)
+        assert first.stop() == 0, first.log()
+    finally:
+        first.kill()

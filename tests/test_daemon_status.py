@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_status_summarises_queue_errors_and_dead_letters(tmp_path: Path) -> None
     assert rows[("store", "archive")] == ["3", "0", "0"]
     assert rows[("forward", "pacs")] == ["2", "0", "1"]
     assert "spool  3 instances, 6.0 MB waiting" in result.stdout
-    assert "forward pacs (0 s ago): PACS answered 0xA900" in result.stdout
+    assert re.search(r"\n  forward pacs \(\d+ s ago\): PACS answered 0xA900", result.stdout)
     dead = [line for line in lines if uids[1] in line]
     assert len(dead) == 1 and "forward pacs" in dead[0] and "0xA900" in dead[0]
 
