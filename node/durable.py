@@ -17,6 +17,23 @@ def fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
+def make_directories(folder: Path) -> None:
+    """mkdir -p whose new entries survive a power cut: each new folder's parent is fsynced.
+
+    Without this, a file renamed into a fresh Patient/Study/Series folder is on
+    disk, but the folder itself may vanish on power loss, taking the file along
+    after its spool copy has been deleted.
+    """
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        # Another worker may make it first: fsync anyway, our file depends on it too.
+        new.mkdir(exist_ok=True)
+        fsync_directory(new.parent)
+
+
 def write_new_file(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
     """Write chunks to a file that must not exist yet, fsync it, and return its size.
 

@@ -18,7 +18,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, generate_uid
 
 from node import __version__
-from node.durable import fsync_directory, write_new_file
+from node.durable import fsync_directory, make_directories, write_new_file
 
 # Stable across releases: derived from the product name, under pydicom's UID root.
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node"])
@@ -58,7 +58,7 @@ class Spool:
 
     def prepare(self) -> None:
         """Create the folder and drop partial files a crash may have left behind."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_directories(self.root)
         for partial in self.root.glob(f"*{PARTIAL_SUFFIX}"):
             partial.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from node.config import DuplicatePolicy, StorageConfig
-from node.durable import fsync_directory
+from node.durable import fsync_directory, make_directories
 
 PLACEHOLDER = "UNKNOWN"
 MAX_COMPONENT_LENGTH = 64
@@ -134,7 +134,7 @@ class StorageTarget:
     def commit(self, staged: Path, header: Dataset) -> PlacedInstance:
         """Move a fully written, fsynced staged file to its layout path under the policy."""
         final = self.destination_for(header)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_directories(final.parent)
         try:
             placement = self._place(staged, final)
         finally:

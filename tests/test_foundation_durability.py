@@ -1,0 +1,257 @@
+"""Durability: a full disk is refused cleanly, and a kill -9 loses no acknowledged instance."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from tests.conftest import StartNode
+from tests.corpus import corpus_dirs
+from tests.storescu_profiles import send_as_is
+from tests.support import NodeProcess, storescu, wait_until
+
+OUT_OF_RESOURCES = 0xA700
+CT_SMALL = corpus_dirs()[0] / "CT_small.dcm"
+
+
+def large_ct() -> Path:
+    """A ~0.5 MB uncompressed CT (pydicom-data's 693_UNCR), else a 0.5 MB MR from pydicom."""
+    for folder in corpus_dirs():
+        found = folder / "693_UNCR.dcm"
+        if found.exists():
+            return found
+    return corpus_dirs()[0] / "emri_small.dcm"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs, unmounted at teardown (after the node using it has been killed)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the filesystem, then give back `leave` bytes; returns the filler file."""
+    filler = disk / "filler"
+    chunk = b"\0" * (1 << 16)
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def leftovers(disk: Path) -> list[Path]:
+    """Partial or staged files: none may survive a failed write."""
+    spool = disk / "data" / "spool"
+    incoming = disk / "archive" / ".incoming"
+    partial = list(spool.rglob("*.part")) + [p for p in spool.rglob("*") if p.is_file()]
+    staged = [p for p in incoming.rglob("*") if p.is_file()] if incoming.exists() else []
+    return partial + staged
+
+
+def archived(archive: Path) -> list[Path]:
+    return [p for p in archive.rglob("*.dcm") if ".incoming" not in p.parts]
+
+
+def store_status(node: NodeProcess, path: Path, workdir: Path) -> int:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    run = send_as_is(
+        node.port, [path], str(ds.file_meta.TransferSyntaxUID), [str(ds.SOPClassUID)], workdir
+    )
+    assert path in run.statuses, run.output[-2000:]
+    return run.statuses[path]
+
+
+def test_full_disk_answers_out_of_resources_and_recovers(
+    small_disk: Path, start_node: StartNode, tmp_path: Path
+) -> None:
+    def on_small_disk(sections: dict[str, object]) -> None:
+        sections["node"]["data_dir"] = str(small_disk / "data")  # type: ignore[index]
+        sections["storage"][0]["path"] = str(small_disk / "archive")  # type: ignore[index]
+
+    node = start_node(on_small_disk)
+    big = large_ct()
+    assert big.stat().st_size > 400_000
+    # Room for the SQLite WAL to grow a little, but not for the instance: the spool
+    # write fails half-way, which is the case that could leave a partial file.
+    filler = fill(small_disk, leave=200_000)
+    assert store_status(node, big, tmp_path) == OUT_OF_RESOURCES
+    assert leftovers(small_disk) == []
+    # Completely full: even the first bytes fail.
+    fill(small_disk / "data", leave=0)
+    assert store_status(node, CT_SMALL, tmp_path) == OUT_OF_RESOURCES
+    assert leftovers(small_disk) == []
+    assert archived(small_disk / "archive") == []
+    assert "disk is full" in node.log()
+    # Space freed: the same instances are stored normally.
+    filler.unlink()
+    (small_disk / "data" / "filler").unlink()
+    assert store_status(node, big, tmp_path) == 0x0000
+    assert store_status(node, CT_SMALL, tmp_path) == 0x0000
+    assert wait_until(lambda: len(archived(small_disk / "archive")) == 2, timeout=30), node.log()
+    assert wait_until(lambda: leftovers(small_disk) == [], timeout=10)
+    assert node.alive()
+
+
+def test_headroom_limit_refuses_before_the_disk_is_full(
+    small_disk: Path, start_node: StartNode, tmp_path: Path
+) -> None:
+    def on_small_disk(sections: dict[str, object]) -> None:
+        sections["node"]["data_dir"] = str(small_disk / "data")  # type: ignore[index]
+        sections["storage"][0]["path"] = str(small_disk / "archive")  # type: ignore[index]
+        sections["limits"] = {"min_free_space": 3 * 1024 * 1024}
+
+    node = start_node(on_small_disk)
+    assert store_status(node, CT_SMALL, tmp_path) == 0x0000
+    filler = fill(small_disk, leave=2 * 1024 * 1024)
+    assert store_status(node, large_ct(), tmp_path) == OUT_OF_RESOURCES
+    assert "min_free_space" in node.log()
+    filler.unlink()
+    assert store_status(node, large_ct(), tmp_path) == 0x0000
+
+
+def fresh_copies(folder: Path, count: int) -> dict[str, Path]:
+    """`count` copies of CT_small, each with its own SOP Instance UID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(CT_SMALL)
+    copies = {}
+    for index in range(count):
+        uid = generate_uid()
+        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = uid
+        path = folder / f"ct{index:04d}.dcm"
+        template.save_as(path, enforce_file_format=True)
+        copies[uid] = path
+    return copies
+
+
+def acknowledged_uids(run_output: str, copies: dict[str, Path]) -> set[str]:
+    from tests.storescu_profiles import parse_output
+
+    statuses, _ = parse_output(run_output, list(copies.values()))
+    by_path = {path: uid for uid, path in copies.items()}
+    return {by_path[path] for path, status in statuses.items() if status == 0x0000}
+
+
+def archived_uids(archive: Path) -> list[str]:
+    return [
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in archived(archive)
+    ]
+
+
+def queue_duplicates(data_dir: Path) -> list[tuple[str, int]]:
+    """SOP Instance UIDs with more than one open job per storage in the queue."""
+    with sqlite3.connect(data_dir / "queue.sqlite3") as db:
+        return db.execute(
+            "SELECT instances.sop_instance_uid, COUNT(*) FROM jobs"
+            " JOIN instances ON instances.id = jobs.instance_id"
+            " WHERE jobs.kind = 'store' GROUP BY instances.sop_instance_uid, jobs.target"
+            " HAVING COUNT(*) > 1"
+        ).fetchall()
+
+
+def restart_and_drain(node: NodeProcess, tmp_path: Path, expected: set[str]) -> list[str]:
+    node.start()
+    archive = tmp_path / "archive"
+    wait_until(lambda: expected <= set(archived_uids(archive)), timeout=60)
+    uids = archived_uids(archive)
+    assert node.stop() == 0, node.log()
+    return uids
+
+
+def test_kill_9_right_after_acknowledgement_loses_nothing(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    copies = fresh_copies(tmp_path / "outgoing", 40)
+    node = start_node()
+    sent = storescu(node.port, list(copies.values()), "-d", "-nh")
+    node.kill()  # SIGKILL the moment storescu returns
+    acked = acknowledged_uids(sent.stdout + sent.stderr, copies)
+    assert len(acked) == len(copies), sent.stderr[-2000:]
+    assert queue_duplicates(tmp_path / "data") == []
+    uids = restart_and_drain(node, tmp_path, acked)
+    assert acked <= set(uids)
+    assert len(uids) == len(set(uids)), "an instance was stored twice"
+
+
+def test_kill_9_while_store_workers_are_busy_loses_nothing(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    copies = fresh_copies(tmp_path / "outgoing", 150)
+    node = start_node()
+    archive = tmp_path / "archive"
+    # storescu -d writes a lot: into a file, so a full pipe never stalls it.
+    transcript = (tmp_path / "storescu.txt").open("w+")
+    sender = subprocess.Popen(
+        [
+            "storescu",
+            "-d",
+            "-nh",
+            "-aec",
+            "DICOMNODE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, copies.values()),
+        ],
+        stdout=transcript,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    # Kill once the workers have stored some instances but not all of them.
+    wait_until(lambda: len(archived(archive)) >= 20, timeout=60, interval=0.01)
+    node.signal(signal.SIGKILL)
+    sender.wait(timeout=60)
+    transcript.close()
+    output = (tmp_path / "storescu.txt").read_text()
+    node.process.wait(10)  # type: ignore[union-attr]
+    acked = acknowledged_uids(output, copies)
+    assert len(acked) >= 20, output[-2000:]
+    stored_before = len(archived(archive))
+    assert queue_duplicates(tmp_path / "data") == []
+    time.sleep(0.1)
+    uids = restart_and_drain(node, tmp_path, acked)
+    missing = acked - set(uids)
+    assert not missing, f"{len(missing)} acknowledged instances lost; log:\n{node.log()[-3000:]}"
+    assert len(uids) == len(set(uids)), "an instance was stored twice"
+    print(f"\nkill -9 mid-way: {len(acked)} acknowledged, {stored_before} stored before the kill")
+
+
+def test_stored_file_is_complete_after_kill(start_node: StartNode, tmp_path: Path) -> None:
+    """No half-written file in the archive or the spool after a kill -9 and a restart."""
+    copies = fresh_copies(tmp_path / "outgoing", 30)
+    node = start_node()
+    storescu(node.port, list(copies.values()), "-nh")
+    node.kill()
+    restart_and_drain(node, tmp_path, set(copies))
+    for path in archived(tmp_path / "archive"):
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert len(ds.PixelData) == 128 * 128 * 2
+    assert list((tmp_path / "data" / "spool").glob("*.part")) == []
+    assert [p for p in (tmp_path / "archive" / ".incoming").iterdir() if p.is_file()] == []
