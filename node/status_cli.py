@@ -7,6 +7,8 @@ is opened read-only, so it is safe next to a running node.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -61,6 +63,22 @@ def run(args: argparse.Namespace) -> int:
     with closing(open_read_only(config.queue_path)) as db:
         print(render(config, read_targets(db, config), read_failures(db), read_spool(db)))
     return 0
+
+
+def running_pid(data_dir: Path) -> int | None:
+    """The PID of the node holding data_dir's lock (see node.lifecycle), or None."""
+    try:
+        fd = os.open(data_dir / "node.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
+    finally:
+        os.close(fd)  # also drops the shared lock if we got it
+    return None
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
@@ -137,9 +155,11 @@ def render(
     spool: tuple[int, int, float | None],
 ) -> str:
     count, size, oldest = spool
+    pid = running_pid(config.node.data_dir)
+    state = "not running" if pid is None else f"running (pid {pid})"
     lines = [
-        f"dicom-node {config.node.ae_title} on {config.node.host}:{config.node.port}"
-        f"  (config {config.source})",
+        f"dicom-node {config.node.ae_title} on {config.node.host}:{config.node.port}: {state}",
+        f"config {config.source}",
         f"queue  {config.queue_path}",
         f"spool  {count} instances, {size / 1e6:.1f} MB waiting; oldest received {ago(oldest)}",
         "",

@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -296,6 +298,13 @@ def test_second_node_on_the_same_data_dir_refuses_to_start(
             second.log()
         )
         assert echo_ok(first.port)
+        status = subprocess.run(
+            [sys.executable, "-m", "node", "status", "-c", str(first.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert f": running (pid {first.pid})" in status.stdout.splitlines()[0]
         assert first.stop() == 0, first.log()
     finally:
         first.kill()

@@ -58,6 +58,7 @@ def test_status_summarises_queue_errors_and_dead_letters(tmp_path: Path) -> None
     rows = {tuple(line.split()[:2]): line.split()[2:5] for line in lines if line[:1] in "sf"}
     assert rows[("store", "archive")] == ["3", "0", "0"]
     assert rows[("forward", "pacs")] == ["2", "0", "1"]
+    assert lines[0].endswith(": not running")
     assert "spool  3 instances, 6.0 MB waiting" in result.stdout
     assert re.search(r"\n  forward pacs \(\d+ s ago\): PACS answered 0xA900", result.stdout)
     dead = [line for line in lines if uids[1] in line]
