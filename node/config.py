@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydicom.uid import UID
 
 from node.syntaxes import ALL_DECODABLE, resolve_syntax
+from node.transcode.targets import Target, parse_target
 
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -91,7 +92,7 @@ class StorageConfig:
     path: Path
     layout: str = DEFAULT_LAYOUT
     duplicates: DuplicatePolicy = "overwrite"
-    transfer_syntax: tuple[str, ...] = ()
+    transfer_syntax: tuple[Target, ...] = ()
     allow_lossy: bool = False
 
 
@@ -361,12 +362,33 @@ def _read_storage(table: _Table) -> StorageConfig:
         path=table.path("path"),
         layout=table.text("layout", DEFAULT_LAYOUT),
         duplicates=table.choice("duplicates", "overwrite", ("overwrite", "keep", "reject")),
-        transfer_syntax=_syntax_or_list(table, "transfer_syntax"),
+        transfer_syntax=_ladder(table, "transfer_syntax"),
         allow_lossy=table.flag("allow_lossy", False),
     )
     table.finish()
     _check_layout(table, storage.layout)
+    _check_lossy_opt_in(table, storage.transfer_syntax, storage.allow_lossy)
     return storage
+
+
+def _ladder(table: _Table, key: str) -> tuple[Target, ...]:
+    """A fallback ladder: one syntax, or a list of syntaxes and {syntax = ..., near = 2} tables."""
+    table.used.add(key)
+    value = table.data.get(key, [])
+    items = value if isinstance(value, list) else [value]
+    try:
+        return tuple(parse_target(item) for item in items)
+    except ValueError as exc:
+        raise table.error(key, str(exc)) from None
+
+
+def _check_lossy_opt_in(table: _Table, ladder: tuple[Target, ...], allow_lossy: bool) -> None:
+    lossy = [rung.name for rung in ladder if rung.lossy]
+    if lossy and not allow_lossy:
+        raise table.error(
+            "transfer_syntax",
+            f"{', '.join(lossy)} is lossy: set allow_lossy = true to opt in explicitly",
+        )
 
 
 def _check_layout(table: _Table, layout: str) -> None:

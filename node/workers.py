@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from node.queue import Job, JobKind, Queue
 from node.spool import Spool
 from node.store import PlacedInstance, StorageTarget
 from node.syntaxes import syntax_name
+from node.transcode import Outcome
 
 log = logging.getLogger("node.workers")
 
@@ -46,6 +48,30 @@ Stager = Callable[[Job, StorageTarget, Path], StagedFile]
 def stage_as_received(job: Job, target: StorageTarget, staged: Path) -> StagedFile:
     link_or_copy(job.instance.spool_path, staged)
     return StagedFile(staged, job.instance.transfer_syntax)
+
+
+# (source, destination, ladder, allow_lossy=) -> Outcome; TranscodePool.transcode fits.
+Transcoder = Callable[..., Outcome]
+
+
+def transcoding_stager(transcode: Transcoder) -> Stager:
+    """Stage in the target's configured ladder; a target without one stores as received."""
+
+    def stage(job: Job, target: StorageTarget, staged: Path) -> StagedFile:
+        ladder = target.config.transfer_syntax
+        if not ladder:
+            return stage_as_received(job, target, staged)
+        started = time.monotonic()
+        outcome = transcode(
+            job.instance.spool_path, staged, ladder, allow_lossy=target.config.allow_lossy
+        )
+        metrics.record_transcode(
+            ladder[0].name, time.monotonic() - started, outcome.fallback, outcome.reasons
+        )
+        note = f"fell back: {'; '.join(outcome.reasons)}" if outcome.fallback else ""
+        return StagedFile(staged, outcome.transfer_syntax, note)
+
+    return stage
 
 
 def read_file_header(path: Path) -> Dataset:
