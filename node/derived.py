@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from node import metrics
 from node.syntaxes import NATIVE, syntax_name
 from node.transcode import Outcome, Target, parse_target
 
@@ -78,7 +80,14 @@ class DerivedFiles:
                 return path
             self._raise_if_failed_before(source, syntax)
             origin = self._decoded_origin(source, source_syntax, syntax)
+            started = time.monotonic()
             outcome = self.transcode(origin, path, [rung], allow_lossy=allow_lossy)
+            metrics.record_transcode(
+                syntax_name(syntax),
+                time.monotonic() - started,
+                fallback=outcome.transfer_syntax != syntax,
+                reasons=outcome.reasons,
+            )
             if outcome.transfer_syntax != syntax:
                 # The ladder's last rung copied the file as received: not what was asked.
                 path.unlink(missing_ok=True)

@@ -234,7 +234,8 @@ class Lifecycle:
         try:
             loaded = load_config(source)
             config, pending = restart_only_changes(self.node.config, loaded)
-            self.node.reload(config)
+            with self._watchdog_kept_alive():  # new forward workers wait for C-STOREs to end
+                self.node.reload(config)
         except ConfigError as exc:
             log.error(
                 "reload refused, still running the previous config: %s (fix the file, then"

@@ -26,6 +26,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.notify import Notifier, watchdog_interval
+from tests.forward_support import StoreSCP
 from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
@@ -308,3 +309,29 @@ def test_second_node_on_the_same_data_dir_refuses_to_start(
         assert first.stop() == 0, first.log()
     finally:
         first.kill()
+
+
+def test_sighup_adds_a_destination_and_forwards_to_it(
+    tmp_path: Path, notify: NotifyListener
+) -> None:
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    node = start_node(tmp_path, notify)
+    try:
+        assert notify.wait_for("READY", "1"), node.log()
+        config = base_config(tmp_path, node.port)
+        config["destination"] = [
+            {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs.port}
+        ]
+        write_config(node.config_path, config)
+        node.signal(signal.SIGHUP)
+        assert notify.wait_for("READY", "1", count=2), node.log()
+        assoc = associate(node.port, "SENDER")
+        dataset = ct_dataset()
+        assert assoc.send_c_store(dataset).Status == 0x0000
+        assoc.release()
+        assert wait_until(lambda: pacs.count() == 1, timeout=30), node.log()
+        assert pydicom.dcmread(pacs.files()[0]).SOPInstanceUID == dataset.SOPInstanceUID
+        assert node.stop() == 0, node.log()
+    finally:
+        node.kill()
+        pacs.stop()
