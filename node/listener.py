@@ -26,6 +26,7 @@ from collections.abc import Callable
 from socketserver import ThreadingMixIn
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -113,6 +114,10 @@ class Lobby:
     def _hand_over(self, sock: socket.socket) -> None:
         _, on_ready = self._waiting.pop(sock)
         self._selector.unregister(sock)
+        if _closed_by_peer(sock):
+            # A port probe or health check: no association thread for it.
+            sock.close()
+            return
         try:
             on_ready()
         except Exception:
@@ -141,6 +146,18 @@ class Lobby:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
         sock.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True if the peer closed without sending a byte (readable, but at end of stream)."""
+    try:
+        # socket.socket.recv on purpose: an SSLSocket refuses flags, and before
+        # the handshake the raw bytes are what we want to peek at.
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def default_capacity() -> int:
@@ -198,6 +215,18 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return True
 
 
+def end_wait_for_request(event: evt.Event) -> None:
+    """The connection closed before an A-ASSOCIATE-RQ: let the association thread end now.
+
+    pynetdicom would otherwise keep the thread waiting for the request until
+    the ACSE timeout, and hold up a shutdown that long. A None on its queue
+    is what it reads as "no request came".
+    """
+    assoc = event.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
+
+
 def start_guarded_server(
     ae: ApplicationEntity,
     address: Address,
@@ -227,7 +256,7 @@ class Listeners:
 
     def __init__(self, ae: ApplicationEntity, evt_handlers: list) -> None:
         self.ae = ae
-        self.evt_handlers = evt_handlers
+        self.evt_handlers = [*evt_handlers, (evt.EVT_CONN_CLOSE, end_wait_for_request)]
         self.lobby = Lobby(timeout=lambda: ae.acse_timeout)
         self.servers: list[GuardedAssociationServer] = []
 

@@ -1,0 +1,373 @@
+"""Security: DICOM TLS against DCMTK, association admission and limits, silent and hostile sockets.
+
+Every test runs the node as a subprocess on free loopback ports and talks to it
+with DCMTK, pynetdicom or raw sockets, as a peer on the network would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.certs import Certificates, make_certificates
+from tests.support import (
+    NodeProcess,
+    base_config,
+    free_port,
+    require_tool,
+    storescu,
+    wait_for_port,
+    wait_until,
+    write_config,
+)
+
+CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("pki"))
+
+
+def stored_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "archive").rglob("*.dcm"))
+
+
+def tls_section(certs: Certificates, port: int, require_client_cert: bool) -> dict[str, object]:
+    return {
+        "tls": {
+            "enabled": True,
+            "certificate": str(certs.server_cert),
+            "private_key": str(certs.server_key),
+            "ca_bundle": str(certs.ca),
+            "require_client_cert": require_client_cert,
+            "port": port,
+        }
+    }
+
+
+def client_tls_args(certs: Certificates) -> tuple[str, ...]:
+    """storescu options for TLS with the client certificate, trusting the test CA."""
+    return ("+tls", str(certs.client_key), str(certs.client_cert), "+cf", str(certs.ca))
+
+
+def start_node(tmp_path: Path, sections: dict[str, object]) -> NodeProcess:
+    config = write_config(tmp_path / "config.toml", sections)
+    port = int(sections["node"]["port"])  # type: ignore[index]
+    return NodeProcess(config, port).start()
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def start_tls_node(tmp_path: Path, certs: Certificates) -> tuple[NodeProcess, int, int]:
+    """A node with a plain and a TLS listener that requires client certificates."""
+    port, tls_port = free_port(), free_port()
+    sections = base_config(tmp_path, port)
+    sections["security"] = tls_section(certs, tls_port, require_client_cert=True)
+    node = start_node(tmp_path, sections)
+    wait_for_port(tls_port)
+    return node, port, tls_port
+
+
+def test_tls_store_with_client_certificate_and_plain_tcp_refused(
+    tmp_path: Path, certs: Certificates
+) -> None:
+    node, port, tls_port = start_tls_node(tmp_path, certs)
+    try:
+        secure = storescu(tls_port, [CT_SMALL], *client_tls_args(certs))
+        assert secure.returncode == 0, secure.stderr + node.log()
+        assert wait_until(lambda: len(stored_files(tmp_path)) == 1, timeout=15)
+
+        plain_on_tls_port = storescu(tls_port, [MR_SMALL], timeout=60)
+        assert plain_on_tls_port.returncode != 0
+        # The plain listener still serves beside the TLS one.
+        plain = storescu(port, [MR_SMALL])
+        assert plain.returncode == 0, plain.stderr
+        assert wait_until(lambda: len(stored_files(tmp_path)) == 2, timeout=15)
+        assert "TLS handshake with 127.0.0.1" in node.log()
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def test_tls_client_without_certificate_is_refused(tmp_path: Path, certs: Certificates) -> None:
+    node, _, tls_port = start_tls_node(tmp_path, certs)
+    try:
+        anonymous = storescu(tls_port, [CT_SMALL], "+tla", "+cf", str(certs.ca), timeout=60)
+        assert anonymous.returncode != 0
+        time.sleep(1.0)
+        assert stored_files(tmp_path) == []
+        assert "TLS handshake with 127.0.0.1" in node.log()
+        # The same client with its certificate gets in: the refusal was about the certificate.
+        with_cert = storescu(tls_port, [CT_SMALL], *client_tls_args(certs))
+        assert with_cert.returncode == 0, with_cert.stderr + node.log()
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def test_forward_over_tls_to_storescp(tmp_path: Path, certs: Certificates) -> None:
+    storescp = require_tool("storescp")
+    port, remote_port = free_port(), free_port()
+    received = tmp_path / "remote"
+    received.mkdir()
+    remote = subprocess.Popen(
+        [
+            storescp,
+            "--aetitle",
+            "REMOTE",
+            "-od",
+            str(received),
+            "+tls",
+            str(certs.server_key),
+            str(certs.server_cert),
+            "+cf",
+            str(certs.ca),
+            str(remote_port),
+        ],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    sections = base_config(tmp_path, port)
+    sections["destination"] = [
+        {
+            "name": "remote",
+            "ae_title": "REMOTE",
+            "host": "127.0.0.1",
+            "port": remote_port,
+            "tls": {
+                "enabled": True,
+                "certificate": str(certs.client_cert),
+                "private_key": str(certs.client_key),
+                "ca_bundle": str(certs.ca),
+            },
+        }
+    ]
+    sections["route"] = [{"match": {"Modality": "*"}, "destinations": ["remote"]}]
+    try:
+        wait_for_port(remote_port)
+        node = start_node(tmp_path, sections)
+        try:
+            sent = storescu(port, [CT_SMALL])
+            assert sent.returncode == 0, sent.stderr
+            assert wait_until(lambda: list(received.iterdir()), timeout=30), node.log()
+            copy = pydicom.dcmread(next(received.iterdir()))
+            assert copy.SOPInstanceUID == pydicom.dcmread(CT_SMALL).SOPInstanceUID
+        finally:
+            assert node.stop() == 0, node.log()
+    finally:
+        remote.kill()
+        remote.wait(10)
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+def associate(port: int, calling: str) -> object:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+
+
+def rejection(assoc: object) -> tuple[int, int, int]:
+    primitive = assoc.acceptor.primitive  # type: ignore[attr-defined]
+    return (primitive.result, primitive.result_source, primitive.diagnostic)
+
+
+def test_unknown_calling_ae_is_refused_logged_and_counted(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    sections = base_config(tmp_path, port)
+    sections["security"] = {"allowed_calling_aets": ["GOODSCU"]}
+    sections["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
+    node = start_node(tmp_path, sections)
+    try:
+        refused = storescu(port, [CT_SMALL], aet="EVILSCU")
+        assert refused.returncode != 0
+        assoc = associate(port, "EVILSCU")
+        assert assoc.is_rejected  # type: ignore[attr-defined]
+        assert rejection(assoc) == (0x01, 0x01, 0x03)
+        allowed = storescu(port, [CT_SMALL], aet="GOODSCU")
+        assert allowed.returncode == 0, allowed.stderr
+        assert wait_until(lambda: len(stored_files(tmp_path)) == 1, timeout=15)
+        log = node.log()
+        assert log.count("refused association from 127.0.0.1 calling AE 'EVILSCU'") == 2, log
+        assert "not in security.allowed_calling_aets" in log
+        assert rejected_count(metrics_port, "calling_ae_not_allowed") == 2.0
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def rejected_count(metrics_port: int, reason: str) -> float:
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = f'dicom_node_associations_rejected_total{{reason="{reason}"}} '
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix) :]) if lines else 0.0
+
+
+def test_association_limits_total_and_per_calling_ae(tmp_path: Path) -> None:
+    port = free_port()
+    sections = base_config(tmp_path, port, max_associations=2)
+    sections["security"] = {"max_associations_per_calling_aet": 1}
+    node = start_node(tmp_path, sections)
+    held: list[object] = []
+    try:
+        held.append(associate(port, "FIRST"))
+        assert held[0].is_established  # type: ignore[attr-defined]
+        second_from_first = associate(port, "FIRST")
+        assert second_from_first.is_rejected  # type: ignore[attr-defined]
+        assert rejection(second_from_first) == (0x02, 0x03, 0x02)
+
+        held.append(associate(port, "SECOND"))
+        assert held[1].is_established  # type: ignore[attr-defined]
+        third = associate(port, "THIRD")
+        assert third.is_rejected  # type: ignore[attr-defined]
+        assert rejection(third) == (0x02, 0x03, 0x02)
+
+        held.pop(0).release()  # type: ignore[attr-defined]
+        assert wait_until(lambda: _established(associate(port, "THIRD")), timeout=10)
+        log = node.log()
+        assert "security.max_associations_per_calling_aet=1" in log
+        assert "node.max_associations=2" in log
+    finally:
+        for assoc in held:
+            assoc.release()  # type: ignore[attr-defined]
+        assert node.stop() == 0, node.log()
+
+
+def _established(assoc: object) -> bool:
+    ok = bool(assoc.is_established)  # type: ignore[attr-defined]
+    if ok:
+        assoc.release()  # type: ignore[attr-defined]
+    return ok
+
+
+# --- silent, slow and hostile sockets ----------------------------------------------------------
+
+
+def closed_after(sock: socket.socket, start: float, limit: float = 15.0) -> float:
+    """Seconds from `start` until the server closes `sock` (EOF or reset); inf after `limit`."""
+    sock.settimeout(limit)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return float("inf")
+    return time.monotonic() - start
+
+
+def associate_rq_header(length: int) -> bytes:
+    return struct.pack(">BBL", 0x01, 0x00, length)
+
+
+def test_silent_and_partial_pdu_sockets_are_dropped_after_the_timeout(tmp_path: Path) -> None:
+    port = free_port()
+    sections = base_config(tmp_path, port, acse_timeout=2.0, network_timeout=3.0)
+    node = start_node(tmp_path, sections)
+    try:
+        start = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", port))
+        partial = socket.create_connection(("127.0.0.1", port))
+        partial.sendall(associate_rq_header(500) + b"\x00\x01" + b"\x00" * 20)
+        silent_for = closed_after(silent, start)
+        partial_for = closed_after(partial, start)
+        # Silent: dropped by the lobby at acse_timeout. Partial PDU: by the network timeout.
+        assert 1.5 <= silent_for <= 2.0 + 3.0, silent_for
+        assert 2.0 <= partial_for <= 3.0 + 3.0, partial_for
+        assert node.alive()
+        assert storescu(port, [CT_SMALL]).returncode == 0
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def garbage_bursts(port: int, count: int, seed: int = 6) -> None:
+    rng = random.Random(seed)
+    for index in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            if index % 3 == 0:  # a PDU header that claims 4 GB, then a trickle
+                payload = associate_rq_header(0xFFFFFFF0) + rng.randbytes(100)
+            elif index % 3 == 1:  # an unknown PDU type
+                payload = bytes([rng.randrange(8, 256)]) + rng.randbytes(rng.randrange(1, 2000))
+            else:  # a P-DATA-TF before any association
+                payload = struct.pack(">BBL", 0x04, 0, 50) + rng.randbytes(50)
+            with contextlib.suppress(OSError):
+                sock.sendall(payload)
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process and its children (codec workers), in KiB."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for each in pids:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.fixture
+def flood_sockets() -> Iterator[list[socket.socket]]:
+    sockets: list[socket.socket] = []
+    yield sockets
+    for sock in sockets:
+        sock.close()
+
+
+def test_flood_of_silent_sockets_and_garbage_leaves_the_node_serving(
+    tmp_path: Path, flood_sockets: list[socket.socket]
+) -> None:
+    port = free_port()
+    # A long ACSE timeout: the legitimate peer must get in while the flood is still open.
+    sections = base_config(tmp_path, port, max_associations=8, acse_timeout=60.0)
+    node = start_node(tmp_path, sections)
+    try:
+        time.sleep(0.5)
+        rss_before = rss_kib(node.pid)
+        for _ in range(200):
+            flood_sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        garbage_bursts(port, 30)
+        time.sleep(1.0)
+        rss_flood = rss_kib(node.pid)
+
+        started = time.monotonic()
+        sent = storescu(port, [CT_SMALL], timeout=30)
+        served_in = time.monotonic() - started
+        assert sent.returncode == 0, sent.stderr + node.log()[-3000:]
+        assert served_in < 10.0, served_in
+        assert wait_until(lambda: len(stored_files(tmp_path)) == 1, timeout=15)
+        rss_after = rss_kib(node.pid)
+        print(
+            f"\nRSS KiB before flood {rss_before}, during 200 silent sockets + 30 garbage"
+            f" bursts {rss_flood}, after a store during the flood {rss_after};"
+            f" store served in {served_in:.2f} s"
+        )
+        assert rss_flood - rss_before < 64 * 1024, (rss_before, rss_flood)
+        # Every silent socket is still open: the peer was served during the flood, not after.
+        assert all(sock.fileno() >= 0 for sock in flood_sockets)
+        flood_sockets[0].settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            flood_sockets[0].recv(1)
+        assert node.alive()
+    finally:
+        assert node.stop() == 0, node.log()
