@@ -19,7 +19,7 @@ from node.scp import StorageSCP
 from node.spool import Spool
 from node.store import StorageTarget
 from node.transcode import TranscodePool
-from node.workers import StoreWorkers
+from node.workers import StoreWorkers, transcoding_stager
 
 log = logging.getLogger("node.server")
 
@@ -56,9 +56,11 @@ class Node:
         self.spool = Spool(config.spool_dir)
         self.targets = {s.name: StorageTarget(s) for s in config.storage}
         self.router = Router(config)
-        self.store_workers = StoreWorkers(self.queue, self.spool, self.targets)
         # Codec worker processes start on first use: a node that never transcodes has none.
         self.transcode_pool = TranscodePool(config.node.workers or None)
+        self.store_workers = StoreWorkers(
+            self.queue, self.spool, self.targets, transcoding_stager(self.transcode_pool.transcode)
+        )
         self.forwarder = Forwarder(
             config.destinations,
             config.node,
