@@ -34,6 +34,7 @@ from node.derived import DerivedFiles, Untranscodable
 from node.queue import Job, JobKind, Queue
 from node.spool import Spool
 from node.syntaxes import resolve_syntax, syntax_name
+from node.tls import client_context
 
 log = logging.getLogger("node.forward")
 
@@ -127,18 +128,9 @@ class Proposal:
 
 
 def _client_tls(destination: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
-    tls = destination.tls
-    if not tls.enabled:
+    if not destination.tls.enabled:
         return None
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_bundle) if tls.ca_bundle else None
-    )
-    context.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    )
-    if tls.certificate and tls.private_key:
-        context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    return context, destination.host
+    return client_context(destination.tls), destination.host
 
 
 class DestinationLink:

@@ -17,8 +17,8 @@ from node.config import TLSConfig
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-class TLSSetupError(ValueError):
-    """A certificate, key or CA bundle that cannot be loaded."""
+class TLSSetupError(OSError):
+    """A certificate, key or CA bundle that cannot be loaded (an OSError, like a missing file)."""
 
 
 class DeferredHandshakeContext(ssl.SSLContext):
