@@ -6,13 +6,14 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from tqdm import tqdm
@@ -172,12 +173,37 @@ def _send_batch(
             assoc.release()
 
 
+def _own_syntax_accepted(assoc: Association, item: OutgoingFile) -> bool:
+    return any(
+        cx.abstract_syntax == item.sop_class_uid and cx.transfer_syntax[0] == item.transfer_syntax
+        for cx in assoc.accepted_contexts
+    )
+
+
+@contextmanager
+def _bytes_as_on_disk(enabled: bool) -> Iterator[None]:
+    """Send the file's dataset bytes untouched when the peer takes the file's own syntax.
+
+    Otherwise pynetdicom decodes the file with pydicom and re-encodes it, which
+    drops group lengths and trailing padding, and sends a truncated file as if
+    it were whole; the receiver could not tell. Re-encoding is only needed to
+    convert between uncompressed syntaxes when the peer refused the file's own.
+    """
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = enabled
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
 def _send_one(assoc: Association, item: OutgoingFile, summary: SendSummary) -> None:
     if not assoc.is_established:
         summary.fail("association lost", item.path)
         return
     try:
-        status = assoc.send_c_store(item.path)
+        with _bytes_as_on_disk(_own_syntax_accepted(assoc, item)):
+            status = assoc.send_c_store(item.path)
     except Exception as exc:
         summary.fail(f"could not send: {exc}", item.path)
         return

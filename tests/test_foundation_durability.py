@@ -67,6 +67,12 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+def put_on(disk: Path, sections: dict[str, object]) -> None:
+    """Spool, queue and storage root all on the small filesystem."""
+    sections["node"]["data_dir"] = str(disk / "data")  # type: ignore[index]
+    sections["storage"][0]["path"] = str(disk / "archive")  # type: ignore[index]
+
+
 def leftovers(disk: Path) -> list[Path]:
     """Partial or staged files: none may survive a failed write."""
     spool = disk / "data" / "spool"
@@ -92,11 +98,7 @@ def store_status(node: NodeProcess, path: Path, workdir: Path) -> int:
 def test_full_disk_answers_out_of_resources_and_recovers(
     small_disk: Path, start_node: StartNode, tmp_path: Path
 ) -> None:
-    def on_small_disk(sections: dict[str, object]) -> None:
-        sections["node"]["data_dir"] = str(small_disk / "data")  # type: ignore[index]
-        sections["storage"][0]["path"] = str(small_disk / "archive")  # type: ignore[index]
-
-    node = start_node(on_small_disk)
+    node = start_node(lambda sections: put_on(small_disk, sections))
     big = large_ct()
     assert big.stat().st_size > 400_000
     # Room for the SQLite WAL to grow a little, but not for the instance: the spool
@@ -123,12 +125,11 @@ def test_full_disk_answers_out_of_resources_and_recovers(
 def test_headroom_limit_refuses_before_the_disk_is_full(
     small_disk: Path, start_node: StartNode, tmp_path: Path
 ) -> None:
-    def on_small_disk(sections: dict[str, object]) -> None:
-        sections["node"]["data_dir"] = str(small_disk / "data")  # type: ignore[index]
-        sections["storage"][0]["path"] = str(small_disk / "archive")  # type: ignore[index]
+    def with_headroom(sections: dict[str, object]) -> None:
+        put_on(small_disk, sections)
         sections["limits"] = {"min_free_space": 3 * 1024 * 1024}
 
-    node = start_node(on_small_disk)
+    node = start_node(with_headroom)
     assert store_status(node, CT_SMALL, tmp_path) == 0x0000
     filler = fill(small_disk, leave=2 * 1024 * 1024)
     assert store_status(node, large_ct(), tmp_path) == OUT_OF_RESOURCES
