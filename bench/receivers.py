@@ -217,6 +217,8 @@ class Node(Receiver):
 
     ae_title = NODE_AE
     label = "node"
+    # [node] keys every node in this benchmark run gets (run.py --node KEY=VALUE).
+    extra_options: dict[str, object] = {}  # noqa: RUF012
 
     def __init__(
         self,
@@ -243,6 +245,7 @@ class Node(Receiver):
             "host": "127.0.0.1",
             "port": self.port,
             "data_dir": str(self.workdir / "data"),
+            **self.extra_options,
             **self.node_options,
         }
         lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in node.items())]

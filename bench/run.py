@@ -355,7 +355,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--multiframe-mb", type=int, default=1024, help="size of the synthetic multi-frame instance"
     )
+    parser.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [node] config key for every node started, e.g. --node max_pdu=0 (repeatable)",
+    )
     return parser.parse_args(argv)
+
+
+def node_options(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs, each value read as TOML (so 0 is a number and "x" a string)."""
+    import tomllib
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options.update(tomllib.loads(f"{key.strip()} = {value.strip()}"))
+    return options
 
 
 def plan(args: argparse.Namespace, workloads: list[Workload]) -> list[Case]:
@@ -377,6 +395,7 @@ def plan(args: argparse.Namespace, workloads: list[Workload]) -> list[Case]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    Node.extra_options = node_options(args.node)
     runs = args.runs or (1 if args.quick or args.smoke else 3)
     started = time.monotonic()
     print(

@@ -3,6 +3,13 @@
 An instance and all of its jobs are recorded in one transaction, and the node
 answers the sender only after that commit. With synchronous=FULL the commit is
 on disk, so a kill -9 or a power cut right after the answer loses nothing.
+
+Concurrent associations share commits (group commit): whoever finds no commit
+in flight records every instance waiting so far in one transaction, so N
+associations cost one WAL fsync, not N. Each caller still returns only after
+the commit that holds its own instance. Workers' bookkeeping (claiming a job,
+indexing a stored file, rescheduling) is not fsynced on its own: losing it in a
+power cut only makes a job run again, and the next durable commit persists it.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -145,6 +152,23 @@ def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
     return connection
 
 
+@dataclass
+class _PendingRecord:
+    """An instance waiting for the group commit that will record it."""
+
+    instance: ReceivedInstance
+    jobs: Sequence[JobSpec]
+    done: threading.Event = field(default_factory=threading.Event)
+    instance_id: int = 0
+    error: BaseException | None = None
+
+    def result(self) -> int:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.instance_id
+
+
 class Queue:
     """All access to the job database. Safe to share between threads."""
 
@@ -153,6 +177,9 @@ class Queue:
         self.path = path
         self._connection = connect(path)
         self._lock = threading.Lock()
+        self._pending: list[_PendingRecord] = []
+        self._pending_lock = threading.Lock()
+        self._committer = threading.Lock()  # held by the thread committing a batch
         # executescript manages its own transaction; CREATE ... IF NOT EXISTS is idempotent.
         self._connection.executescript(SCHEMA)
 
@@ -161,45 +188,80 @@ class Queue:
             self._connection.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; durable=False skips the fsync (see the module docstring)."""
         with self._lock:
             db = self._connection
-            db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                if not durable:
+                    db.execute("PRAGMA synchronous=FULL")
 
     def record_instance(self, instance: ReceivedInstance, jobs: Sequence[JobSpec]) -> int:
-        """Record a spooled instance and its jobs atomically; return the instance id."""
+        """Record a spooled instance and its jobs durably; return the instance id.
+
+        Returns only after the commit that holds this instance is on disk.
+        """
+        record = _PendingRecord(instance, tuple(jobs))
+        with self._pending_lock:
+            self._pending.append(record)
+        with self._committer:
+            if not record.done.is_set():
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit_batch(batch)
+        return record.result()
+
+    def _commit_batch(self, batch: list[_PendingRecord]) -> None:
+        try:
+            with self._transaction() as db:
+                for record in batch:
+                    record.instance_id = self._insert_instance(db, record.instance, record.jobs)
+        except Exception as exc:
+            if len(batch) > 1:
+                # One bad instance must not fail the others: record them one by one.
+                for record in batch:
+                    self._commit_batch([record])
+                return
+            batch[0].error = exc
+        for record in batch:
+            record.done.set()
+
+    @staticmethod
+    def _insert_instance(
+        db: sqlite3.Connection, instance: ReceivedInstance, jobs: Sequence[JobSpec]
+    ) -> int:
         now = time.time()
-        with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax,"
-                " calling_ae_title, called_ae_title, spool_path, size, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    instance.sop_instance_uid,
-                    instance.sop_class_uid,
-                    instance.transfer_syntax,
-                    instance.calling_ae_title,
-                    instance.called_ae_title,
-                    str(instance.spool_path),
-                    instance.size,
-                    now,
-                ),
-            )
-            instance_id = int(cursor.lastrowid or 0)
-            db.executemany(
-                "INSERT INTO jobs (instance_id, kind, target, state, next_attempt_at,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (instance_id, job.kind, job.target, JobState.PENDING, now, now, now)
-                    for job in jobs
-                ],
-            )
+        cursor = db.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax,"
+            " calling_ae_title, called_ae_title, spool_path, size, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                instance.sop_instance_uid,
+                instance.sop_class_uid,
+                instance.transfer_syntax,
+                instance.calling_ae_title,
+                instance.called_ae_title,
+                str(instance.spool_path),
+                instance.size,
+                now,
+            ),
+        )
+        instance_id = int(cursor.lastrowid or 0)
+        db.executemany(
+            "INSERT INTO jobs (instance_id, kind, target, state, next_attempt_at,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(instance_id, job.kind, job.target, JobState.PENDING, now, now, now) for job in jobs],
+        )
         return instance_id
 
     def requeue_running(self) -> int:
@@ -219,7 +281,8 @@ class Queue:
         if target is not None:
             where += " AND jobs.target = ?"
             params.append(target)
-        with self._transaction() as db:
+        # Not fsynced: a claim lost in a power cut leaves the job pending, as requeue_running would.
+        with self._transaction(durable=False) as db:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs JOIN instances ON instances.id = jobs.instance_id"
                 f" WHERE {where} ORDER BY jobs.next_attempt_at, jobs.id LIMIT ?",
@@ -266,7 +329,8 @@ class Queue:
     def record_stored(
         self, storage: str, sop_instance_uid: str, path: Path, transfer_syntax: str
     ) -> None:
-        with self._transaction() as db:
+        # Not fsynced on its own: complete(), which follows, is durable and persists it too.
+        with self._transaction(durable=False) as db:
             db.execute(
                 "INSERT OR REPLACE INTO stored (storage, sop_instance_uid, path, transfer_syntax, stored_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -294,7 +358,8 @@ class Queue:
         return row is not None
 
     def retry_later(self, job: Job, error: str, delay: float) -> None:
-        with self._transaction() as db:
+        # Not fsynced: if lost, the job is simply retried sooner.
+        with self._transaction(durable=False) as db:
             db.execute(
                 "UPDATE jobs SET state = ?, last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
                 (JobState.PENDING, error, time.time() + delay, time.time(), job.id),

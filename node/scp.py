@@ -27,6 +27,7 @@ from node import admission, metrics
 from node.config import Config
 from node.intake import Intake, Status, StoreRequest, describe_request
 from node.listener import Listeners
+from node.netio import install_fast_reads
 from node.syntaxes import syntax_name
 
 log = logging.getLogger("node.scp")
@@ -138,6 +139,7 @@ class StorageSCP:
         self.ae.add_supported_context(Verification)
         configure_ae(self.ae, config)
         StorageNegotiation.install()
+        install_fast_reads()
         self._stats: dict[int, AssociationStats] = {}
         self._stats_lock = Lock()
         self._listeners: Listeners | None = None
