@@ -16,13 +16,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node.queue import JobState, Queue
 
 log = logging.getLogger("node.metrics")
+
+# One series per counter: the *_created timestamps only double the scrape.
+disable_created_metrics()
 
 ASSOCIATIONS_ACCEPTED = Counter(
     "dicom_node_associations_accepted", "Associations accepted from peers"

@@ -178,19 +178,21 @@ class StoreWorkers:
             target.name, instance.sop_instance_uid, placed.path, staged.transfer_syntax
         )
         spool_file = self.queue.complete(job, str(placed.path))
-        metrics.record_stored(target.name, "stored", _file_size(placed.path))
+        stored_size = _file_size(placed.path)
+        metrics.record_stored(target.name, "stored", stored_size)
         if spool_file is not None:
             self.spool.remove(spool_file)
         log.info(
-            "stored SOP Instance UID %s from %r: %s -> %s, %d bytes, %s in %r%s",
+            "stored SOP Instance UID %s from %r: %s -> %s, %d -> %d bytes, %s in %r, %s",
             instance.sop_instance_uid,
             instance.calling_ae_title,
             syntax_name(instance.transfer_syntax),
             syntax_name(staged.transfer_syntax),
             instance.size,
+            stored_size,
             placed.placement,
             target.name,
-            f" ({staged.note})" if staged.note else "",
+            staged.note or "no fallback",
         )
 
 

@@ -329,7 +329,7 @@ def test_sighup_adds_a_destination_and_forwards_to_it(
         dataset = ct_dataset()
         assert assoc.send_c_store(dataset).Status == 0x0000
         assoc.release()
-        assert wait_until(lambda: pacs.count() == 1, timeout=30), node.log()
+        assert wait_until(lambda: pacs.count() == 1, timeout=60), node.log()
         assert pydicom.dcmread(pacs.files()[0]).SOPInstanceUID == dataset.SOPInstanceUID
         assert node.stop() == 0, node.log()
     finally:
