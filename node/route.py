@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
-from node.config import Config, RouteConfig
+from node.config import Config, ConfigError, RouteConfig
 from node.intake import StoreRequest
 from node.queue import JobKind, JobSpec
 
@@ -47,6 +47,15 @@ class Router:
         ]
         fallback = config.unrouted_storage or (config.storage[0].name if config.storage else None)
         self.unrouted_jobs = [JobSpec(JobKind.STORE, fallback)] if fallback else []
+        catch_all = any(not route.match for route in self.routes)
+        if self.routes and not fallback and not catch_all:
+            # An unmatched instance would have no job at all: acknowledged, then never seen again.
+            raise ConfigError(
+                config.source,
+                "routing.unrouted_storage",
+                "routes are configured but there is no [[storage]] to keep instances that match"
+                " none of them: add a storage target, or a catch-all route (match = {})",
+            )
 
     def plan(self, header: Dataset, request: StoreRequest) -> Sequence[JobSpec]:
         if not self.routes:

@@ -208,3 +208,17 @@ def test_dead_letter_with_reason_then_queue_retry_requeues(tmp_path: Path) -> No
         assert wait_until(lambda: not list(spool.glob("*.dcm")), timeout=5)
     finally:
         refuser.stop()
+
+
+def test_max_attempts_turns_an_unreachable_destination_into_dead_letters(tmp_path: Path) -> None:
+    port = free_port()
+    nobody = free_port()  # nothing listens here
+    retry = {"initial_delay": 0.2, "max_delay": 0.5, "max_attempts": 2}
+    config = forwarding_config(tmp_path, port, [destination("gone", "GONE", nobody, retry=retry)])
+    path = write_config(tmp_path / "node.toml", config)
+    with NodeProcess(path, port) as node:
+        assert storescu(port, [find("CT_small.dcm")]).returncode == 0
+        assert wait_until(lambda: " failed " in queue_cli(path, "status").stdout, timeout=20)
+        status = queue_cli(path, "status").stdout
+        assert "gave up after 2 attempts: cannot connect to GONE@127.0.0.1" in status, status
+        assert "dead letter" in node.log()
