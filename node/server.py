@@ -111,6 +111,11 @@ class Node:
         router = Router(config)
         folders = [config.spool_dir, *(t.root for t in targets.values())]
         has_headroom = free_space_probe(folders, config.limits.min_free_space)
+        forwarder = None
+        if config.destinations != self.config.destinations:
+            forwarder = Forwarder(
+                config.destinations, config.node, self.queue, self.spool, self.forwarder.derived
+            )
         # self.targets is shared with the duplicate checker: update it in place.
         self.targets.clear()
         self.targets.update(targets)
@@ -119,17 +124,14 @@ class Node:
         self.intake.plan_jobs = router.plan
         self.intake.has_headroom = has_headroom
         self.intake.max_instance_size = config.limits.max_instance_size
-        if config.destinations != self.config.destinations:
-            self._replace_forwarder(config)
+        if forwarder is not None:
+            self._switch_forwarder(forwarder)
         self.scp.reconfigure(config)
         set_level(config.node.log_level)
         self.config = config
 
-    def _replace_forwarder(self, config: Config) -> None:
+    def _switch_forwarder(self, forwarder: Forwarder) -> None:
         """New workers for the new destinations; C-STOREs in progress on the old ones finish."""
-        forwarder = Forwarder(
-            config.destinations, config.node, self.queue, self.spool, self.forwarder.derived
-        )
         self.forwarder.stop()
         self.forwarder = forwarder
         forwarder.start()
