@@ -10,8 +10,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from node.notify import Notifier, watchdog_interval
 from tests.forward_support import StoreSCP
 from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
+from tests.test_daemon_status import status
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 
@@ -299,13 +298,8 @@ def test_second_node_on_the_same_data_dir_refuses_to_start(
             second.log()
         )
         assert echo_ok(first.port)
-        status = subprocess.run(
-            [sys.executable, "-m", "node", "status", "-c", str(first.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert f": running (pid {first.pid})" in status.stdout.splitlines()[0]
+        summary = status(first.config_path).stdout
+        assert f": running (pid {first.pid})" in summary.splitlines()[0]
         assert first.stop() == 0, first.log()
     finally:
         first.kill()

@@ -13,7 +13,8 @@ from node.queue import JobKind, JobSpec, Queue, ReceivedInstance
 from tests.support import REPO, base_config, free_port, write_config
 
 
-def _instance(folder: Path, uid: str) -> ReceivedInstance:
+def queued_instance(folder: Path, uid: str, size: int = 2_000_000) -> ReceivedInstance:
+    """A CT instance as intake records it (the spool file itself is not needed here)."""
     return ReceivedInstance(
         sop_instance_uid=uid,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
@@ -21,7 +22,7 @@ def _instance(folder: Path, uid: str) -> ReceivedInstance:
         calling_ae_title="MODALITY",
         called_ae_title="DICOMNODE",
         spool_path=folder / uid,
-        size=2_000_000,
+        size=size,
     )
 
 
@@ -45,7 +46,7 @@ def test_status_summarises_queue_errors_and_dead_letters(tmp_path: Path) -> None
     jobs = [JobSpec(JobKind.STORE, "archive"), JobSpec(JobKind.FORWARD, "pacs")]
     uids = [generate_uid() for _ in range(3)]
     for uid in uids:
-        queue.record_instance(_instance(tmp_path, uid), jobs)
+        queue.record_instance(queued_instance(tmp_path, uid), jobs)
     first, second = queue.claim(JobKind.FORWARD, target="pacs", limit=2)
     queue.retry_later(first, "association to PACS@127.0.0.1 refused: connection refused", 60)
     queue.dead_letter(second, "PACS answered 0xA900: dataset does not match SOP class")

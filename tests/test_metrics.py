@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from node import metrics
-from node.queue import JobKind, JobSpec, Queue, ReceivedInstance
+from node.queue import JobKind, JobSpec, Queue
 from tests.support import (
     NodeProcess,
     base_config,
@@ -22,6 +22,7 @@ from tests.support import (
     wait_until,
     write_config,
 )
+from tests.test_daemon_status import queued_instance
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 N = 3
@@ -113,23 +114,11 @@ def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -
     assert len(rejections) == 1 and rejections[0].startswith("<4>"), rejections
 
 
-def _instance(folder: Path, name: str) -> ReceivedInstance:
-    return ReceivedInstance(
-        sop_instance_uid=generate_uid(),
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        calling_ae_title="TEST",
-        called_ae_title="DICOMNODE",
-        spool_path=folder / name,
-        size=100,
-    )
-
-
 def test_queue_collector_reports_depth_by_state_and_oldest_age(tmp_path: Path) -> None:
     queue = Queue(tmp_path / "queue.sqlite3")
     jobs = [JobSpec(JobKind.STORE, "archive"), JobSpec(JobKind.FORWARD, "pacs")]
-    for name in ("a", "b", "c"):
-        queue.record_instance(_instance(tmp_path, name), jobs)
+    for _ in range(3):
+        queue.record_instance(queued_instance(tmp_path, generate_uid(), 100), jobs)
     time.sleep(0.2)
     queue.claim(JobKind.FORWARD, target="pacs", limit=1)
     endpoint = metrics.start_metrics("", queue)
