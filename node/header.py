@@ -27,18 +27,25 @@ LONG_VRS = frozenset(
 )
 MAX_DEPTH = 32
 HEADER_SPAN = 16 * 1024 * 1024
+# Deflate reaches ratios near 1000:1, so a 1 MB C-STORE could inflate to 1 GB.
+# Without limits.max_instance_size, inflating stops here.
+DEFAULT_INFLATE_LIMIT = 256 * 1024 * 1024
 
 
 class DatasetError(ValueError):
     """The received bytes are not a well-formed dataset in the negotiated transfer syntax."""
 
 
-def inflate(data: bytes | memoryview) -> bytes:
-    """Undo Deflated Explicit VR Little Endian (raw deflate, no zlib header)."""
+def inflate(data: bytes | memoryview, limit: int = DEFAULT_INFLATE_LIMIT) -> bytes:
+    """Undo Deflated Explicit VR Little Endian (raw deflate, no zlib header), up to `limit` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        return zlib.decompress(data, -zlib.MAX_WBITS)
+        inflated = inflater.decompress(data, limit + 1)
     except zlib.error as exc:
         raise DatasetError(f"deflated dataset does not inflate: {exc}") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise DatasetError(f"deflated dataset inflates to more than {limit} bytes")
+    return inflated
 
 
 class _Walker:
@@ -151,9 +158,12 @@ def read_header(data: bytes | memoryview, transfer_syntax: UID) -> Dataset:
 
 
 def decode_received(
-    data: bytes | memoryview, transfer_syntax: UID
+    data: bytes | memoryview, transfer_syntax: UID, max_size: int = 0
 ) -> tuple[bytes | memoryview, UID]:
-    """The bytes to walk and parse: inflated for the deflated syntax, else as received."""
+    """The bytes to walk and parse: inflated for the deflated syntax, else as received.
+
+    max_size (limits.max_instance_size; 0 for none) also bounds the inflated size.
+    """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        return inflate(data), transfer_syntax
+        return inflate(data, max_size or DEFAULT_INFLATE_LIMIT), transfer_syntax
     return data, transfer_syntax

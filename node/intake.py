@@ -117,7 +117,9 @@ class Intake:
         return None
 
     def _read_checked_header(self, request: StoreRequest) -> Dataset:
-        data, syntax = decode_received(request.dataset, request.transfer_syntax)
+        data, syntax = decode_received(
+            request.dataset, request.transfer_syntax, self.max_instance_size
+        )
         check_structure(data, syntax)
         return read_header(data, syntax)
 
