@@ -143,6 +143,48 @@ def _client_tls(destination: DestinationConfig) -> tuple[ssl.SSLContext, str] | 
     return client_context(destination.tls), destination.host
 
 
+class DestinationHold:
+    """Backoff shared by a destination's workers while its peer is unreachable.
+
+    Trying every queued job against a peer that is down would only burn their attempt
+    counts and flood the log, so after a transport failure the destination's pending jobs
+    are deferred and no worker claims one until the hold ends, or until an operator runs
+    `dicom-node queue retry`, which the workers notice within a second."""
+
+    def __init__(self, queue: Queue, name: str, schedule: RetrySchedule) -> None:
+        self.queue = queue
+        self.name = name
+        self.schedule = schedule
+        self._lock = threading.Lock()
+        self.streak = 0
+        self.until = 0.0
+        self.started = 0.0
+
+    def begin(self) -> float:
+        with self._lock:
+            self.streak += 1
+            delay = self.schedule.delay(self.streak)
+            self.until = time.time() + delay
+            self.queue.defer_target(JobKind.FORWARD, self.name, self.until)
+            self.started = time.time()
+            return delay
+
+    def end(self) -> None:
+        with self._lock:
+            self.streak = 0
+            self.until = 0.0
+
+    def active(self) -> bool:
+        with self._lock:
+            if time.time() >= self.until:
+                return False
+            if self.queue.made_due_since(JobKind.FORWARD, self.name, self.started):
+                log.info("retry requested for %r: ending its backoff early", self.name)
+                self.until = 0.0
+                return False
+            return True
+
+
 class DestinationLink:
     """At most one association to a destination: opened on demand, reused, released when idle."""
 
@@ -277,6 +319,7 @@ class DestinationWorker:
         derived: DerivedFiles,
         wake: threading.Event,
         stopping: threading.Event,
+        hold: DestinationHold,
         index: int,
     ) -> None:
         self.destination = destination
@@ -287,7 +330,7 @@ class DestinationWorker:
         self.stopping = stopping
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
-        self.unreachable_streak = 0
+        self.hold = hold
         self.thread = threading.Thread(
             target=self._loop, name=f"forward-{destination.name}-{index}", daemon=True
         )
@@ -295,6 +338,10 @@ class DestinationWorker:
     def _loop(self) -> None:
         try:
             while not self.stopping.is_set():
+                if self.hold.active():
+                    self.link.release()
+                    self.stopping.wait(POLL_INTERVAL)
+                    continue
                 jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=1)
                 if jobs:
                     self.run(jobs[0])
@@ -325,7 +372,7 @@ class DestinationWorker:
         except Exception as exc:  # a bug or an I/O error: keep the job, try again later
             log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
             outcome = Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
-        self.unreachable_streak = 0
+        self.hold.end()
         self._record(job, outcome)
 
     def _deliver(self, job: Job) -> Outcome:
@@ -357,7 +404,11 @@ class DestinationWorker:
     ) -> tuple[Path | None, UID, list[str]]:
         instance = job.instance
         if not instance.spool_path.exists():
-            raise FileNotFoundError(f"spool file {instance.spool_path} is missing")
+            return (
+                None,
+                UID(instance.transfer_syntax),
+                [f"spool file {instance.spool_path} is missing (removed by hand?)"],
+            )
         notes: list[str] = []
         for syntax in choices:
             try:
@@ -373,11 +424,11 @@ class DestinationWorker:
         return None, UID(instance.transfer_syntax), notes
 
     def _unreachable(self, job: Job, error: str) -> None:
-        """Reschedule the job, then leave the destination alone for a while: trying every
-        queued job against a peer that is down would only burn their attempt counts."""
-        self.unreachable_streak += 1
         self._record(job, Outcome(Verdict.RETRY, error))
-        self.stopping.wait(self.schedule.delay(self.unreachable_streak))
+        delay = self.hold.begin()
+        log.warning(
+            "destination %r unreachable: holding its jobs for %.1f s", self.destination.name, delay
+        )
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         uid = job.instance.sop_instance_uid
@@ -439,11 +490,17 @@ class Forwarder:
         }
         self.workers = [
             DestinationWorker(
-                d, node, queue, spool, derived, self._wakes[d.name], self._stopping, index
+                d, node, queue, spool, derived, self._wakes[d.name], self._stopping, hold, index
             )
-            for d in destinations
+            for d, hold in self._holds(queue, destinations)
             for index in range(d.max_associations)
         ]
+
+    @staticmethod
+    def _holds(
+        queue: Queue, destinations: Sequence[DestinationConfig]
+    ) -> list[tuple[DestinationConfig, DestinationHold]]:
+        return [(d, DestinationHold(queue, d.name, RetrySchedule(d.retry))) for d in destinations]
 
     def wake(self) -> None:
         for event in self._wakes.values():

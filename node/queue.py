@@ -398,6 +398,28 @@ class Queue:
                 ),
             ).rowcount
 
+    def defer_target(self, kind: JobKind, target: str, until: float) -> None:
+        """Hold a target's pending jobs until `until` (its peer is unreachable).
+
+        Attempts are unchanged: the jobs were not tried. Not fsynced: if lost, they are
+        simply tried sooner."""
+        with self._transaction(durable=False) as db:
+            db.execute(
+                "UPDATE jobs SET next_attempt_at = MAX(next_attempt_at, ?), updated_at = ?"
+                " WHERE kind = ? AND target = ? AND state = ?",
+                (until, time.time(), kind, target, JobState.PENDING),
+            )
+
+    def made_due_since(self, kind: JobKind, target: str, since: float) -> bool:
+        """Whether a job that existed at `since` was made due after it (`queue retry`)."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT 1 FROM jobs WHERE kind = ? AND target = ? AND state = ?"
+                " AND next_attempt_at <= ? AND updated_at > ? AND created_at <= ? LIMIT 1",
+                (kind, target, JobState.PENDING, time.time(), since, since),
+            ).fetchone()
+        return row is not None
+
     def counts(self) -> list[StateCount]:
         """Jobs per kind, target and state, with the oldest job and the newest error."""
         with self._lock:

@@ -222,3 +222,26 @@ def test_max_attempts_turns_an_unreachable_destination_into_dead_letters(tmp_pat
         status = queue_cli(path, "status").stdout
         assert "gave up after 2 attempts: cannot connect to GONE@127.0.0.1" in status, status
         assert "dead letter" in node.log()
+
+
+def test_queue_retry_ends_a_long_backoff_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    late = StoreSCP(tmp_path / "late", "LATE")  # port chosen, not started yet
+    retry = {"initial_delay": 120, "max_delay": 600}
+    config = forwarding_config(
+        tmp_path, port, [destination("late", "LATE", late.port, retry=retry)]
+    )
+    path = write_config(tmp_path / "node.toml", config)
+    try:
+        with NodeProcess(path, port) as node:
+            assert storescu(port, [find("CT_small.dcm")]).returncode == 0
+            assert wait_until(lambda: "holding its jobs" in node.log(), timeout=20), node.log()
+            status = queue_cli(path, "status").stdout
+            assert " in 1m" in status or " in 2m" in status, status  # the long backoff shows
+            late.start()
+            time.sleep(2)
+            assert late.count() == 0  # still in its backoff
+            assert queue_cli(path, "retry", "--destination", "late").returncode == 0
+            assert wait_until(lambda: late.count() == 1, timeout=10), node.log()
+    finally:
+        late.stop()

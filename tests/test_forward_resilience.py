@@ -44,26 +44,27 @@ def orthanc_uids(orthanc: Orthanc) -> set[str]:
     return {sop_instance_uid(blob) for blob in orthanc.files()}
 
 
+def start_node(
+    tmp_path: Path, orthanc: Orthanc, scp: StoreSCP, **pacs: object
+) -> tuple[Path, NodeProcess]:
+    """The node forwarding everything to Orthanc ('pacs') and to a storescp ('second')."""
+    port = free_port()
+    destinations = [
+        destination("pacs", "ORTHANC", orthanc.dicom_port, **pacs),
+        destination("second", "SECOND", scp.port),
+    ]
+    config = write_config(tmp_path / "node.toml", forwarding_config(tmp_path, port, destinations))
+    return config, NodeProcess(config, port).start()
+
+
 def test_outage_orthanc_down_30s_other_destination_on_time(tmp_path: Path) -> None:
     files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 100)
     uids = {sop_instance_uid(p) for p in files}
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started: the destination is down
     scp = StoreSCP(tmp_path / "scp", "SECOND").start()
-    port = free_port()
-    config = write_config(
-        tmp_path / "node.toml",
-        forwarding_config(
-            tmp_path,
-            port,
-            [
-                destination("pacs", "ORTHANC", orthanc.dicom_port, max_associations=2),
-                destination("second", "SECOND", scp.port),
-            ],
-        ),
-    )
-    node = NodeProcess(config, port).start()
+    config, node = start_node(tmp_path, orthanc, scp, max_associations=2)
     try:
-        sent = storescu(port, files, "-v")
+        sent = storescu(node.port, files, "-v")
         assert sent.returncode == 0, sent.stderr
         assert acknowledged(sent.stderr) == 100, sent.stderr[-2000:]
         arrived_at = time.monotonic()
@@ -94,28 +95,16 @@ def test_kill_9_with_backlog_then_restart_delivers_everything(tmp_path: Path) ->
     uids = {sop_instance_uid(p) for p in files}
     orthanc = Orthanc(tmp_path / "orthanc")  # down during the send: a guaranteed backlog
     scp = StoreSCP(tmp_path / "scp", "SECOND").start()
-    port = free_port()
-    config = write_config(
-        tmp_path / "node.toml",
-        forwarding_config(
-            tmp_path,
-            port,
-            [
-                destination("pacs", "ORTHANC", orthanc.dicom_port),
-                destination("second", "SECOND", scp.port),
-            ],
-        ),
-    )
-    node = NodeProcess(config, port).start()
+    config, node = start_node(tmp_path, orthanc, scp)
     try:
-        sent = storescu(port, files, "-v")
+        sent = storescu(node.port, files, "-v")
         assert acknowledged(sent.stderr) == count, sent.stderr[-2000:]
         node.kill()  # SIGKILL while delivering to 'second' and storing into 'archive'
         backlog = pending_jobs(config)
         assert sum(backlog.values()) >= count, backlog
 
         orthanc.start()
-        node = NodeProcess(config, port).start()
+        node = NodeProcess(config, node.port).start()
         assert wait_until(lambda: orthanc.count() == count, timeout=90), node.log()[-3000:]
         assert wait_until(lambda: scp.count() == count, timeout=30)
         assert wait_until(lambda: not pending_jobs(config), timeout=30), pending_jobs(config)
