@@ -69,6 +69,14 @@ def not_palette_for_lossy(info: PixelInfo, _: Target) -> str | None:
     return None
 
 
+def not_ybr_for_lossless_jpeg(info: PixelInfo, _: Target) -> str | None:
+    # libjpeg-turbo labels three components 'R','G','B' in the frame header; with a YBR
+    # Photometric Interpretation decoders such as dcmdjpeg then disagree on colour.
+    if info.samples_per_pixel == 3 and info.photometric_interpretation.startswith("YBR"):
+        return f"{info.photometric_interpretation} unsupported (the stream would be labelled RGB)"
+    return None
+
+
 NATIVE_CHECKS: tuple[Check, ...] = ()
 RLE_CHECKS: tuple[Check, ...] = (integer_samples, not_one_bit, rle_segment_limit)
 JPEG_FAMILY_CHECKS: tuple[Check, ...] = (
@@ -80,3 +88,4 @@ JPEG_FAMILY_CHECKS: tuple[Check, ...] = (
 NEAR_LOSSLESS_CHECKS = (*JPEG_FAMILY_CHECKS, unsigned_only, not_palette_for_lossy)
 J2K_LOSSY_CHECKS = (*JPEG_FAMILY_CHECKS, not_palette_for_lossy)
 BASELINE_CHECKS = (*JPEG_FAMILY_CHECKS, unsigned_only, eight_bit_grey_or_rgb)
+LOSSLESS_JPEG_CHECKS = (*JPEG_FAMILY_CHECKS, not_ybr_for_lossless_jpeg)

@@ -53,7 +53,7 @@ _CODECS: dict[UID, Codec] = {
         "imagecodecs OpenJPH", can.JPEG_FAMILY_CHECKS, enc.encode_htj2k_rpcl
     ),
     _uid.JPEGLosslessSV1: Codec(
-        "imagecodecs libjpeg-turbo", can.JPEG_FAMILY_CHECKS, enc.encode_jpeg_sv1
+        "imagecodecs libjpeg-turbo", can.LOSSLESS_JPEG_CHECKS, enc.encode_jpeg_sv1
     ),
     _uid.JPEGLSNearLossless: Codec(
         "imagecodecs CharLS", can.NEAR_LOSSLESS_CHECKS, enc.encode_jpegls, "ISO_14495_1"
