@@ -30,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
+from node import metrics
 from node.config import DestinationConfig, NodeConfig, RetryPolicy
 from node.derived import DerivedFiles, Untranscodable
 from node.queue import Job, JobKind, Queue
@@ -305,6 +306,8 @@ def proposed_syntaxes(destination: DestinationConfig, received: str) -> list[UID
 class Outcome:
     verdict: Verdict
     detail: str
+    warning: bool = False  # delivered with a warning status
+    size: int = 0  # bytes sent
 
 
 class DestinationWorker:
@@ -397,7 +400,7 @@ class DestinationWorker:
         detail = f"{describe_status(code)} from {self.link.peer} in {syntax_name(syntax)}"
         if notes and verdict is Verdict.DELIVERED:
             detail += f" (fallback: {'; '.join(notes)})"
-        return Outcome(verdict, detail)
+        return Outcome(verdict, detail, warning=code != 0x0000, size=path.stat().st_size)
 
     def _file_in_first_possible(
         self, job: Job, choices: Sequence[UID]
@@ -437,9 +440,13 @@ class DestinationWorker:
             spool_file = self.queue.complete(job, outcome.detail)
             if spool_file is not None:
                 self.spool.remove(spool_file)
+            metrics.record_forwarded(
+                name, "warning" if outcome.warning else "success", outcome.size
+            )
             log.info("forwarded SOP Instance UID %s to %r: %s", uid, name, outcome.detail)
         elif outcome.verdict is Verdict.REFUSED:
             self.queue.dead_letter(job, outcome.detail)
+            metrics.record_forwarded(name, "failed")
             log.error("dead letter: SOP Instance UID %s for %r: %s", uid, name, outcome.detail)
         else:
             self._retry_or_give_up(job, outcome.detail)
@@ -452,10 +459,12 @@ class DestinationWorker:
         if self.schedule.gives_up(attempt):
             reason = f"gave up after {attempt} attempts: {error}"
             self.queue.dead_letter(job, reason)
+            metrics.record_forwarded(name, "failed")
             log.error("dead letter: SOP Instance UID %s for %r: %s", uid, name, reason)
             return
         delay = self.schedule.delay(attempt)
         self.queue.retry_later(job, error, delay)
+        metrics.record_forwarded(name, "retry")
         log.warning(
             "SOP Instance UID %s for %r: %s; attempt %d, retrying in %.1f s",
             uid,
