@@ -28,9 +28,11 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.ae import ApplicationEntity
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import Config
+from node.pduguard import ReceiveLimits, watch
 from node.tls import server_context
 
 log = logging.getLogger("node.listener")
@@ -182,11 +184,24 @@ def _peer(sock: socket.socket) -> str:
         return "a closed socket"
 
 
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler, with the receive limits watching the new association's reads."""
+
+    server: GuardedAssociationServer
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        host, port = self.client_address[:2]
+        watch(assoc.dul.socket, self.server.receive_limits, f"{host}:{port}")
+        return assoc
+
+
 class GuardedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's server, with the lobby in front and the TLS handshake off the accept thread."""
 
     lobby: Lobby
     tls_failures: Counter[str]
+    receive_limits: ReceiveLimits
 
     def process_request(self, request: Any, client_address: Any) -> None:
         start_thread = ThreadingMixIn.process_request
@@ -231,6 +246,7 @@ def start_guarded_server(
     ae: ApplicationEntity,
     address: Address,
     lobby: Lobby,
+    receive_limits: ReceiveLimits,
     evt_handlers: list,
     ssl_context: ssl.SSLContext | None = None,
 ) -> GuardedAssociationServer:
@@ -240,8 +256,10 @@ def start_guarded_server(
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
         server_class=GuardedAssociationServer,
+        request_handler=GuardedRequestHandler,
     )
     server.lobby = lobby
+    server.receive_limits = receive_limits
     server.tls_failures = Counter()
     thread = threading.Thread(
         target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True
@@ -258,20 +276,31 @@ class Listeners:
         self.ae = ae
         self.evt_handlers = [*evt_handlers, (evt.EVT_CONN_CLOSE, end_wait_for_request)]
         self.lobby = Lobby(timeout=lambda: ae.acse_timeout)
+        self.receive_limits = ReceiveLimits()
         self.servers: list[GuardedAssociationServer] = []
 
+    def reconfigure(self, config: Config) -> None:
+        """Apply reloadable limits; new associations get them."""
+        self.receive_limits.max_pdu = config.node.max_pdu
+        self.receive_limits.max_instance_size = config.limits.max_instance_size
+
     def start(self, config: Config) -> None:
+        self.reconfigure(config)
         raise_file_limit()
         self.lobby.start()
         plain = (config.node.host, config.node.port)
-        self.servers.append(start_guarded_server(self.ae, plain, self.lobby, self.evt_handlers))
+        self.servers.append(
+            start_guarded_server(self.ae, plain, self.lobby, self.receive_limits, self.evt_handlers)
+        )
         log.info("listening on %s:%d as %r", *plain, config.node.ae_title)
         tls = config.security.tls
         if tls.enabled:
             secure = (config.node.host, tls.port)
             context = server_context(tls)
             self.servers.append(
-                start_guarded_server(self.ae, secure, self.lobby, self.evt_handlers, context)
+                start_guarded_server(
+                    self.ae, secure, self.lobby, self.receive_limits, self.evt_handlers, context
+                )
             )
             log.info(
                 "listening with TLS %s+ on %s:%d%s",

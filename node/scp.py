@@ -193,6 +193,8 @@ class StorageSCP:
     def reconfigure(self, config: Config) -> None:
         self.config = config
         configure_ae(self.ae, config)
+        if self._listeners is not None:
+            self._listeners.reconfigure(config)
 
     def handle_echo(self, event: evt.Event) -> int:
         return 0x0000

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import PropertyMock, patch
 
 import pydicom
 import pytest
@@ -369,5 +370,65 @@ def test_flood_of_silent_sockets_and_garbage_leaves_the_node_serving(
         with pytest.raises(TimeoutError):
             flood_sockets[0].recv(1)
         assert node.alive()
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+# --- receive limits ----------------------------------------------------------------------------
+
+
+def padded_ct(size: int) -> pydicom.Dataset:
+    """CT_small with a private element that makes its dataset about `size` bytes larger."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.add_new(0x00091010, "OB", b"\0" * size)
+    return ds
+
+
+def storage_association(port: int) -> object:
+    ae = AE(ae_title="BIGSCU")
+    ae.add_requested_context(pydicom.dcmread(CT_SMALL).SOPClassUID, "1.2.840.10008.1.2.1")
+    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+
+
+def test_oversized_pdus_and_messages_are_cut_off_while_receiving(tmp_path: Path) -> None:
+    port = free_port()
+    sections = base_config(tmp_path, port, max_pdu=16384, network_timeout=60.0)
+    sections["limits"] = {"min_free_space": 0, "max_instance_size": 100_000}
+    node = start_node(tmp_path, sections)
+    try:
+        # A header claiming a 2 MB A-ASSOCIATE-RQ: dropped at once, not after the network timeout.
+        start = time.monotonic()
+        claim = socket.create_connection(("127.0.0.1", port))
+        claim.sendall(associate_rq_header(2 * 1024 * 1024) + b"\0" * 100)
+        assert closed_after(claim, start) < 5.0
+
+        # One P-DATA PDU far over the advertised 16 KiB: the association is dropped.
+        assoc = storage_association(port)
+        acceptor = type(assoc.acceptor)  # type: ignore[attr-defined]
+        # Ignore the maximum the node advertised: send the dataset in one PDU.
+        with patch.object(acceptor, "maximum_length", new_callable=PropertyMock, return_value=0):
+            status = assoc.send_c_store(padded_ct(60_000))  # type: ignore[attr-defined]
+        assert "Status" not in status
+        assert wait_until(lambda: assoc.is_aborted, timeout=10)  # type: ignore[attr-defined]
+
+        # Well-fragmented, but a dataset past twice max_instance_size: cut off mid-transfer.
+        assoc = storage_association(port)
+        status = assoc.send_c_store(padded_ct(300_000))  # type: ignore[attr-defined]
+        assert "Status" not in status
+        assert wait_until(lambda: assoc.is_aborted, timeout=10)  # type: ignore[attr-defined]
+
+        # Over the limit but under twice it: received and refused with a status that says why.
+        assoc = storage_association(port)
+        status = assoc.send_c_store(padded_ct(120_000))  # type: ignore[attr-defined]
+        assert status.Status == 0xA700
+        # Within the limits: stored.
+        assert assoc.send_c_store(padded_ct(10_000)).Status == 0x0000  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        log = node.log()
+        assert "claims 2097152 bytes (limit 1048576)" in log
+        assert "(limit 17408)" in log
+        assert "(twice limits.max_instance_size: 200000)" in log
+        assert wait_until(lambda: len(stored_files(tmp_path)) == 1, timeout=15)
     finally:
         assert node.stop() == 0, node.log()
