@@ -45,6 +45,7 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are the odd numbers 1..255
 POLL_INTERVAL = 1.0
+ERROR_PAUSE = 5.0
 
 
 class Verdict(StrEnum):
@@ -341,19 +342,27 @@ class DestinationWorker:
     def _loop(self) -> None:
         try:
             while not self.stopping.is_set():
-                if self.hold.active():
-                    self.link.release()
-                    self.stopping.wait(POLL_INTERVAL)
-                    continue
-                jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=1)
-                if jobs:
-                    self.run(jobs[0])
-                else:
-                    self._wait_for_work()
-        except Exception:
-            log.exception("forwarder for %r stopped by an unexpected error", self.destination.name)
+                try:
+                    self._step()
+                except Exception:
+                    # The queue's database busy past its timeout, a bug: the destination
+                    # must not stop for good. Unfinished jobs are requeued at restart.
+                    log.exception("forwarder for %r: unexpected error", self.destination.name)
+                    self.link.abort()
+                    self.stopping.wait(ERROR_PAUSE)
         finally:
             self.link.release()
+
+    def _step(self) -> None:
+        if self.hold.active():
+            self.link.release()
+            self.stopping.wait(POLL_INTERVAL)
+            return
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=1)
+        if jobs:
+            self.run(jobs[0])
+        else:
+            self._wait_for_work()
 
     def _wait_for_work(self) -> None:
         if (

@@ -26,8 +26,15 @@ class StoreSCP:
         self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def log_path(self) -> Path:
+        return self.folder.parent / f"{self.folder.name}.storescp.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def start(self) -> StoreSCP:
-        log = (self.folder.parent / f"{self.folder.name}.storescp.log").open("ab")
+        log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
                 require_tool("storescp"),

@@ -61,7 +61,7 @@ def test_outage_orthanc_down_30s_other_destination_on_time(tmp_path: Path) -> No
     files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 100)
     uids = {sop_instance_uid(p) for p in files}
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started: the destination is down
-    scp = StoreSCP(tmp_path / "scp", "SECOND").start()
+    scp = StoreSCP(tmp_path / "scp", "SECOND", "-v").start()
     config, node = start_node(tmp_path, orthanc, scp, max_associations=2)
     try:
         sent = storescu(node.port, files, "-v")
@@ -72,6 +72,9 @@ def test_outage_orthanc_down_30s_other_destination_on_time(tmp_path: Path) -> No
         # The other destination is not held up by the dead one.
         assert wait_until(lambda: scp.count() == 100, timeout=20), node.log()[-3000:]
         assert {sop_instance_uid(p) for p in scp.files()} == uids
+        # Associations are reused for many instances, then released when idle (2 s here).
+        assert wait_until(lambda: "Association Release" in scp.log(), timeout=10), scp.log()
+        assert scp.log().count("Association Received") <= 3, scp.log()[-3000:]
         assert pending_jobs(config).get("pacs") == 100
         status = queue_cli(config, "status").stdout
         assert "pacs" in status and "connection refused" in status.lower(), status
