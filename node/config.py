@@ -45,6 +45,8 @@ class TLSConfig:
     require_client_cert: bool = False
     min_version: Literal["1.2", "1.3"] = "1.2"
     port: int = 2762
+    # Listener only: false leaves node.port closed, so every peer must use TLS.
+    plain_listener: bool = True
 
 
 @dataclass(frozen=True)
@@ -307,8 +309,11 @@ def _read_tls(table: _Table, *, server: bool) -> TLSConfig:
         require_client_cert=table.flag("require_client_cert", False) if server else False,
         min_version=table.choice("min_version", "1.2", ("1.2", "1.3")),
         port=table.integer("port", 2762, minimum=1, maximum=65535) if server else 2762,
+        plain_listener=table.flag("plain_listener", True) if server else True,
     )
     table.finish()
+    if not tls.plain_listener and not tls.enabled:
+        raise table.error("plain_listener", "false needs enabled = true: nothing would listen")
     if tls.enabled and server and not (tls.certificate and tls.private_key):
         raise table.error("certificate", "TLS is enabled: certificate and private_key are required")
     if tls.require_client_cert and not tls.ca_bundle:

@@ -31,7 +31,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from node.config import Config
+from node.config import Config, TLSConfig
 from node.pduguard import ReceiveLimits, watch
 from node.tls import server_context
 
@@ -230,6 +230,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return True
 
 
+def _tls_summary(tls: TLSConfig) -> str:
+    client = "client certificate required" if tls.require_client_cert else "no client certificate"
+    return f"TLS {tls.min_version}+, {client}"
+
+
 def end_wait_for_request(event: evt.Event) -> None:
     """The connection closed before an A-ASSOCIATE-RQ: let the association thread end now.
 
@@ -286,28 +291,25 @@ class Listeners:
 
     def start(self, config: Config) -> None:
         self.reconfigure(config)
+        tls = config.security.tls
+        # Load the certificates first: a bad file stops the node before anything listens.
+        context = server_context(tls) if tls.enabled else None
         raise_file_limit()
         self.lobby.start()
-        plain = (config.node.host, config.node.port)
+        if context is None or tls.plain_listener:
+            self._listen(config, config.node.port, None)
+        if context is not None:
+            self._listen(config, tls.port, context)
+
+    def _listen(self, config: Config, port: int, context: ssl.SSLContext | None) -> None:
+        address = (config.node.host, port)
         self.servers.append(
-            start_guarded_server(self.ae, plain, self.lobby, self.receive_limits, self.evt_handlers)
+            start_guarded_server(
+                self.ae, address, self.lobby, self.receive_limits, self.evt_handlers, context
+            )
         )
-        log.info("listening on %s:%d as %r", *plain, config.node.ae_title)
-        tls = config.security.tls
-        if tls.enabled:
-            secure = (config.node.host, tls.port)
-            context = server_context(tls)
-            self.servers.append(
-                start_guarded_server(
-                    self.ae, secure, self.lobby, self.receive_limits, self.evt_handlers, context
-                )
-            )
-            log.info(
-                "listening with TLS %s+ on %s:%d%s",
-                tls.min_version,
-                *secure,
-                ", client certificate required" if tls.require_client_cert else "",
-            )
+        how = _tls_summary(config.security.tls) if context else "without TLS"
+        log.info("listening on %s:%d as %r, %s", *address, config.node.ae_title, how)
 
     def close(self) -> None:
         """Stop accepting; silent sockets are closed. Running associations are left alone."""

@@ -123,6 +123,22 @@ def test_tls_client_without_certificate_is_refused(tmp_path: Path, certs: Certif
         assert node.stop() == 0, node.log()
 
 
+def test_tls_only_node_leaves_the_plain_port_closed(tmp_path: Path, certs: Certificates) -> None:
+    plain_port, tls_port = free_port(), free_port()
+    sections = base_config(tmp_path, plain_port)
+    sections["security"] = tls_section(certs, tls_port, require_client_cert=False)
+    sections["security"]["tls"]["plain_listener"] = False  # type: ignore[index]
+    config = write_config(tmp_path / "config.toml", sections)
+    with NodeProcess(config, tls_port) as node:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", plain_port), timeout=5)
+        # No client certificate needed here; the server is still verified against the CA.
+        sent = storescu(tls_port, [CT_SMALL], "+tla", "+cf", str(certs.ca))
+        assert sent.returncode == 0, sent.stderr + node.log()
+        assert wait_until(lambda: len(stored_files(tmp_path)) == 1, timeout=15)
+        assert "without TLS" not in node.log()
+
+
 def test_forward_over_tls_to_storescp(tmp_path: Path, certs: Certificates) -> None:
     storescp = require_tool("storescp")
     port, remote_port = free_port(), free_port()
@@ -436,3 +452,12 @@ def test_oversized_pdus_and_messages_are_cut_off_while_receiving(tmp_path: Path)
         assert wait_until(lambda: len(stored_files(tmp_path)) == 1, timeout=15)
     finally:
         assert node.stop() == 0, node.log()
+
+
+def test_tls_settings_are_checked_when_the_config_is_read(tmp_path: Path) -> None:
+    from node.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"security\.tls\.plain_listener: false needs enabled"):
+        parse_config({"security": {"tls": {"plain_listener": False}}}, tmp_path / "c.toml")
+    with pytest.raises(ConfigError, match=r"security\.tls\.certificate: TLS is enabled"):
+        parse_config({"security": {"tls": {"enabled": True}}}, tmp_path / "c.toml")
