@@ -59,6 +59,11 @@ INSTANCES_FORWARDED = Counter(
     "Forward jobs finished, by destination and status (success, warning, retry, failed)",
     ["destination", "status"],
 )
+INSTANCES_UNROUTED = Counter(
+    "dicom_node_instances_unrouted",
+    "Instances that matched no [[route]], by the storage that keeps them",
+    ["storage"],
+)
 RECEIVED_BYTES = Counter("dicom_node_received_bytes", "Dataset bytes accepted from peers")
 STORED_BYTES = Counter("dicom_node_stored_bytes", "File bytes written to storage", ["storage"])
 SENT_BYTES = Counter("dicom_node_sent_bytes", "Dataset bytes forwarded", ["destination"])
@@ -117,6 +122,11 @@ def record_forwarded(destination: str, status: str, size: int = 0) -> None:
     INSTANCES_FORWARDED.labels(destination, status).inc()
     if size:
         SENT_BYTES.labels(destination).inc(size)
+
+
+def record_unrouted(storage: str) -> None:
+    """One instance that matched no route, kept in `storage` (routing.unrouted_storage)."""
+    INSTANCES_UNROUTED.labels(storage).inc()
 
 
 def record_transcode(target: str, seconds: float, fallback: bool, reasons: Sequence[str]) -> None:

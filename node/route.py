@@ -12,7 +12,9 @@ import logging
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
+from node import metrics
 from node.config import Config, ConfigError, RouteConfig
 from node.intake import StoreRequest
 from node.queue import JobKind, JobSpec
@@ -69,10 +71,13 @@ class Router:
                 )
         if jobs:
             return list(jobs)
+        if self.unrouted_jobs:
+            metrics.record_unrouted(self.unrouted_jobs[0].target)
         log.warning(
-            "SOP Instance UID %s (%s from %r) matched no route: kept in storage %r",
+            "SOP Instance UID %s (%s, Modality %s, from %r) matched no route: kept in storage %r",
             request.sop_instance_uid,
-            header.get("Modality", "no Modality"),
+            UID(request.sop_class_uid).name,
+            header.get("Modality", "none"),
             request.calling_ae_title,
             self.unrouted_jobs[0].target if self.unrouted_jobs else None,
         )

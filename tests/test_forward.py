@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
+    CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     UltrasoundMultiFrameImageStorage,
@@ -144,7 +145,7 @@ def test_rules_ct_to_a_mr_to_b_unmatched_kept_and_reported(tmp_path: Path) -> No
             port,
             [destination("a", "DESTA", a.port), destination("b", "DESTB", b.port)],
             routes=[
-                {"match": {"Modality": "CT"}, "destinations": ["a"]},
+                {"match": {"SOPClassUID": CTImageStorage}, "destinations": ["a"]},
                 {"match": {"Modality": "MR", "CallingAETitle": "STORE*"}, "destinations": ["b"]},
             ],
             routing={"unrouted_storage": "quarantine"},

@@ -9,6 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
+from node import metrics
 from node.config import ConfigError, parse_config
 from node.intake import StoreRequest
 from node.queue import JobKind, JobSpec
@@ -88,9 +89,11 @@ def test_unmatched_goes_to_unrouted_storage_and_is_reported(
         [{"match": {"Modality": "CT"}, "destinations": ["pacs"]}],
         unrouted_storage="quarantine",
     )
+    before = metrics.total(metrics.INSTANCES_UNROUTED, storage="quarantine")
     with caplog.at_level("WARNING", logger="node.route"):
         assert plan(rules, Modality="SR") == [JobSpec(STORE, "quarantine")]
     assert "matched no route" in caplog.text and "quarantine" in caplog.text
+    assert metrics.total(metrics.INSTANCES_UNROUTED, storage="quarantine") == before + 1
 
 
 def test_a_missing_attribute_matches_only_a_match_all_glob(tmp_path: Path) -> None:
