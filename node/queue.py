@@ -337,6 +337,15 @@ class Queue:
                 (storage, sop_instance_uid, str(path), transfer_syntax, time.time()),
             )
 
+    def stored_path(self, storage: str, sop_instance_uid: str) -> Path | None:
+        """Where a storage target last put this SOP Instance UID, if it has it."""
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT path FROM stored WHERE storage = ? AND sop_instance_uid = ?",
+                (storage, sop_instance_uid),
+            ).fetchone()
+        return Path(row[0]) if row else None
+
     def is_known(self, storage: str, sop_instance_uid: str) -> bool:
         """Whether the SOP Instance UID is stored in, or on its way to, a storage target."""
         with self._lock:

@@ -131,16 +131,37 @@ class StorageTarget:
             raise LayoutError(f"rendered path {relative} escapes storage root {self.root}")
         return final
 
-    def commit(self, staged: Path, header: Dataset) -> PlacedInstance:
-        """Move a fully written, fsynced staged file to its layout path under the policy."""
+    def commit(self, staged: Path, header: Dataset, previous: Path | None = None) -> PlacedInstance:
+        """Move a fully written, fsynced staged file to its layout path under the policy.
+
+        `previous` is where this SOP Instance UID was stored before. The policy is
+        about the instance, not the path: when a corrected Patient ID moves it to
+        another folder, 'overwrite' removes the old file and 'keep' keeps it.
+        """
         final = self.destination_for(header)
+        elsewhere = self._stored_elsewhere(previous, final)
+        if elsewhere is not None and self.duplicates != "overwrite":
+            staged.unlink(missing_ok=True)
+            return PlacedInstance(path=elsewhere, placement=Placement.KEPT_EXISTING)
         make_directories(final.parent)
         try:
             placement = self._place(staged, final)
         finally:
             staged.unlink(missing_ok=True)
         fsync_directory(final.parent)
+        if elsewhere is not None:
+            # Only once the new file is durable: a crash in between leaves two, never none.
+            elsewhere.unlink(missing_ok=True)
+            fsync_directory(elsewhere.parent)
+            placement = Placement.OVERWRITTEN
         return PlacedInstance(path=final, placement=placement)
+
+    def _stored_elsewhere(self, previous: Path | None, final: Path) -> Path | None:
+        """The earlier file of this instance if it is at another path inside our root."""
+        if previous is None or previous == final or not previous.is_file():
+            return None
+        # An index entry from an older config may point outside today's root: leave it.
+        return previous if previous.resolve().is_relative_to(self.root.resolve()) else None
 
     def _place(self, staged: Path, final: Path) -> Placement:
         if self.duplicates == "overwrite":

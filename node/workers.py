@@ -165,7 +165,8 @@ class StoreWorkers:
         staging_path = target.staging_path()
         try:
             staged = self.stage(job, target, staging_path)
-            placed = target.commit(staged.path, read_file_header(staged.path))
+            previous = self.queue.stored_path(target.name, job.instance.sop_instance_uid)
+            placed = target.commit(staged.path, read_file_header(staged.path), previous)
         finally:
             staging_path.unlink(missing_ok=True)
         return placed, staged

@@ -115,3 +115,41 @@ def test_duplicates_reject_answers_0111(start_node: StartNode, tmp_path: Path) -
     status, kept = stored_institution(start_node, tmp_path, "reject")
     assert status == DUPLICATE_SOP_INSTANCE
     assert kept == str(pydicom.dcmread(CT_SMALL).InstitutionName)
+
+
+def stored_after_patient_id_correction(
+    start_node: StartNode, tmp_path: Path, policy: str
+) -> list[str]:
+    """Send CT_small, then the same SOP Instance UID with a corrected Patient ID.
+
+    The layout puts the two versions in different folders; the policy is about
+    the SOP Instance UID, so one file must remain. Returns the stored Patient IDs.
+    """
+
+    def with_policy(sections: dict[str, object]) -> None:
+        sections["storage"][0]["duplicates"] = policy  # type: ignore[index]
+
+    node = start_node(with_policy)
+    archive = tmp_path / "archive"
+    assert pynetdicom_store(node.port, CT_SMALL) == 0x0000
+    assert wait_until(lambda: len(archived(archive)) == 1, timeout=30)
+    corrected = pydicom.dcmread(CT_SMALL)
+    corrected.PatientID = "CORRECTED"
+    path = tmp_path / "corrected.dcm"
+    corrected.save_as(path, enforce_file_format=True)
+    assert pynetdicom_store(node.port, path) == 0x0000
+    assert wait_until(lambda: not list((tmp_path / "data" / "spool").glob("*.dcm")), timeout=30)
+    return sorted(str(pydicom.dcmread(p).PatientID) for p in archived(archive))
+
+
+def test_overwrite_replaces_the_instance_even_in_another_folder(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    assert stored_after_patient_id_correction(start_node, tmp_path, "overwrite") == ["CORRECTED"]
+
+
+def test_keep_keeps_the_instance_even_if_it_would_land_elsewhere(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    original = str(pydicom.dcmread(CT_SMALL).PatientID)
+    assert stored_after_patient_id_correction(start_node, tmp_path, "keep") == [original]
