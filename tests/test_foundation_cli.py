@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -75,6 +76,13 @@ def test_send_to_nobody_fails(tmp_path: Path) -> None:
     assert "1 x association rejected or peer unreachable" in result.stdout
 
 
+def duplicates_policy(policy: str) -> Callable[[dict[str, object]], None]:
+    def edit(sections: dict[str, object]) -> None:
+        sections["storage"][0]["duplicates"] = policy  # type: ignore[index]
+
+    return edit
+
+
 def second_version(tmp_path: Path) -> Path:
     """CT_small again: same SOP Instance UID (and so same path), other content."""
     ds = pydicom.dcmread(CT_SMALL)
@@ -87,10 +95,7 @@ def second_version(tmp_path: Path) -> Path:
 def stored_institution(start_node: StartNode, tmp_path: Path, policy: str) -> tuple[int, str]:
     """Send CT_small then its second version under a policy: (second status, kept version)."""
 
-    def with_policy(sections: dict[str, object]) -> None:
-        sections["storage"][0]["duplicates"] = policy  # type: ignore[index]
-
-    node = start_node(with_policy)
+    node = start_node(duplicates_policy(policy))
     archive = tmp_path / "archive"
     assert pynetdicom_store(node.port, CT_SMALL) == 0x0000
     assert wait_until(lambda: len(archived(archive)) == 1, timeout=30)
@@ -126,10 +131,7 @@ def stored_after_patient_id_correction(
     the SOP Instance UID, so one file must remain. Returns the stored Patient IDs.
     """
 
-    def with_policy(sections: dict[str, object]) -> None:
-        sections["storage"][0]["duplicates"] = policy  # type: ignore[index]
-
-    node = start_node(with_policy)
+    node = start_node(duplicates_policy(policy))
     archive = tmp_path / "archive"
     assert pynetdicom_store(node.port, CT_SMALL) == 0x0000
     assert wait_until(lambda: len(archived(archive)) == 1, timeout=30)
