@@ -337,6 +337,12 @@ class Queue:
                 (storage, sop_instance_uid, str(path), transfer_syntax, time.time()),
             )
 
+    def spool_paths(self) -> set[Path]:
+        """The spool files of every recorded instance (the others were never acknowledged)."""
+        with self._lock:
+            rows = self._connection.execute("SELECT spool_path FROM instances").fetchall()
+        return {Path(row[0]) for row in rows}
+
     def stored_path(self, storage: str, sop_instance_uid: str) -> Path | None:
         """Where a storage target last put this SOP Instance UID, if it has it."""
         with self._lock:

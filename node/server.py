@@ -89,7 +89,7 @@ class Node:
         return [self.config.spool_dir, *(t.root for t in self.targets.values())]
 
     def start(self) -> None:
-        self.spool.prepare()
+        self.spool.prepare(recorded=self.queue.spool_paths())
         for target in self.targets.values():
             target.prepare()
         requeued = self.queue.requeue_running()
@@ -107,7 +107,7 @@ class Node:
         """
         targets = {s.name: StorageTarget(s) for s in config.storage}
         for target in targets.values():
-            target.prepare()
+            target.prepare(clean=False)
         router = Router(config)
         folders = [config.spool_dir, *(t.root for t in targets.values())]
         has_headroom = free_space_probe(folders, config.limits.min_free_space)

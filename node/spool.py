@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node"])
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 PREAMBLE = b"\x00" * 128 + b"DICM"
 PARTIAL_SUFFIX = ".part"
+SPOOLED_SUFFIX = ".dcm"
 
 
 @dataclass(frozen=True)
@@ -56,17 +58,28 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def prepare(self) -> None:
-        """Create the folder and drop partial files a crash may have left behind."""
+    def prepare(self, recorded: Collection[Path] | None = None) -> None:
+        """Create the folder and drop what a crash may have left behind.
+
+        That is partial files, and, given the spool files the queue has recorded,
+        complete files that were never recorded: a crash between the rename and
+        the queue commit. Their sender never got Success, so it sends them again.
+        """
         make_directories(self.root)
         for partial in self.root.glob(f"*{PARTIAL_SUFFIX}"):
             partial.unlink(missing_ok=True)
+        if recorded is None:
+            return
+        names = {path.name for path in recorded}
+        for unrecorded in self.root.glob(f"*{SPOOLED_SUFFIX}"):
+            if unrecorded.name not in names:
+                unrecorded.unlink(missing_ok=True)
 
     def write(self, header: bytes, dataset: bytes | memoryview) -> SpooledFile:
         """Write header + dataset to a new file: temp file, fsync, rename, fsync folder."""
         name = uuid.uuid4().hex
         partial = self.root / f"{name}{PARTIAL_SUFFIX}"
-        final = self.root / f"{name}.dcm"
+        final = self.root / f"{name}{SPOOLED_SUFFIX}"
         size = write_new_file(partial, (header, dataset))
         try:
             os.rename(partial, final)

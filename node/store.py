@@ -113,8 +113,14 @@ class StorageTarget:
     def duplicates(self) -> DuplicatePolicy:
         return self.config.duplicates
 
-    def prepare(self) -> None:
-        self.staging.mkdir(parents=True, exist_ok=True)
+    def prepare(self, clean: bool = True) -> None:
+        """Create the staging folder; at start-up, empty it of a crashed run's files.
+
+        Not on a reload (clean=False): workers may be staging into it right now.
+        """
+        make_directories(self.staging)
+        if not clean:
+            return
         for stale in self.staging.iterdir():
             stale.unlink(missing_ok=True)
 

@@ -256,3 +256,17 @@ def test_stored_file_is_complete_after_kill(start_node: StartNode, tmp_path: Pat
         assert len(ds.PixelData) == 128 * 128 * 2
     assert list((tmp_path / "data" / "spool").glob("*.part")) == []
     assert [p for p in (tmp_path / "archive" / ".incoming").iterdir() if p.is_file()] == []
+
+
+def test_leftovers_of_a_crash_are_dropped_at_start(start_node: StartNode, tmp_path: Path) -> None:
+    """A partial spool file, and a complete one the queue never recorded (so never acknowledged),
+    are removed at start-up; neither reaches the archive."""
+    node = start_node()
+    assert node.stop() == 0
+    spool = tmp_path / "data" / "spool"
+    (spool / "0123abcd.part").write_bytes(CT_SMALL.read_bytes()[:1000])
+    (spool / "4567cdef.dcm").write_bytes(CT_SMALL.read_bytes())
+    node.start()
+    assert wait_until(lambda: [p for p in spool.iterdir() if p.is_file()] == [], timeout=10)
+    assert archived(tmp_path / "archive") == []
+    assert node.stop() == 0
