@@ -146,6 +146,9 @@ class StoreWorkers:
             return
         try:
             placed, staged = self._store(job, target)
+            # Bookkeeping too: if the queue cannot record it (e.g. a full disk), the job
+            # must be retried, not left 'running' until the next restart.
+            self._finish(job, target, placed, staged)
         except Exception as exc:
             delay = retry_delay(job.attempts)
             log.error(
@@ -158,8 +161,6 @@ class StoreWorkers:
             )
             self.queue.retry_later(job, str(exc), delay)
             metrics.record_stored(target.name, "retry")
-            return
-        self._finish(job, target, placed, staged)
 
     def _store(self, job: Job, target: StorageTarget) -> tuple[PlacedInstance, StagedFile]:
         staging_path = target.staging_path()
