@@ -25,10 +25,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 
 from node import metrics
 from node.config import DestinationConfig, NodeConfig, RetryPolicy
@@ -139,6 +141,24 @@ def _disable_nagle(association: Association) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _keep_stray_responses(association: Association) -> None:
+    """Work around a race in pynetdicom 3.0's requestor: send_c_store pauses the association's
+    reactor thread with an Event plus a flag, and between the two the reactor can still take
+    the C-STORE response off the DIMSE queue, log "Received unexpected C-STORE service
+    message" and drop it; send_c_store then waits the whole DIMSE timeout for nothing. It
+    happens under CPU load (seen 7 times in 600 C-STOREs with busy threads). Here the
+    reactor hands a response back to the queue, where send_c_store is waiting for it."""
+    serve_request = association._serve_request
+
+    def serve(message: Any, context_id: int) -> None:
+        if isinstance(message, C_STORE) and not message.is_valid_request:
+            association.dimse.msg_queue.put((context_id, message))
+            return
+        serve_request(message, context_id)
+
+    association._serve_request = serve  # type: ignore[method-assign]
+
+
 def _client_tls(destination: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
     if not destination.tls.enabled:
         return None
@@ -231,6 +251,7 @@ class DestinationLink:
         if not association.is_established:
             raise TransportError(self._why_not_established(association))
         _disable_nagle(association)
+        _keep_stray_responses(association)
         self.last_used = time.monotonic()
         log.debug("association to %s established", self.peer)
         return association

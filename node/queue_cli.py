@@ -152,6 +152,7 @@ def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False
         table.append((JobKind.STORE, name, "idle", "0", "-", "-", "-", ""))
     for name in [d.name for d in config.destinations if (JobKind.FORWARD, d.name) not in busy]:
         table.append((JobKind.FORWARD, name, "idle", "0", "-", "-", "-", ""))
+    table[1:] = sorted(table[1:], key=lambda line: (line[1], line[0], line[2]))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
