@@ -204,6 +204,8 @@ class DestinationHold:
                 log.info("retry requested for %r: ending its backoff early", self.name)
                 self.until = 0.0
                 return False
+            # Instances that arrived during the hold wait for its end too (and say so).
+            self.queue.defer_target(JobKind.FORWARD, self.name, self.until, new_only=True)
             return True
 
 

@@ -413,16 +413,20 @@ class Queue:
                 ),
             ).rowcount
 
-    def defer_target(self, kind: JobKind, target: str, until: float) -> None:
+    def defer_target(
+        self, kind: JobKind, target: str, until: float, *, new_only: bool = False
+    ) -> None:
         """Hold a target's pending jobs until `until` (its peer is unreachable).
 
-        Attempts are unchanged: the jobs were not tried. Not fsynced: if lost, they are
-        simply tried sooner."""
+        Attempts are unchanged: the jobs were not tried. new_only: only jobs nobody has
+        touched since intake (not ones an operator just made due). Not fsynced: if lost,
+        they are simply tried sooner."""
+        only_new = " AND updated_at = created_at" if new_only else ""
         with self._transaction(durable=False) as db:
             db.execute(
-                "UPDATE jobs SET next_attempt_at = MAX(next_attempt_at, ?), updated_at = ?"
-                " WHERE kind = ? AND target = ? AND state = ?",
-                (until, time.time(), kind, target, JobState.PENDING),
+                "UPDATE jobs SET next_attempt_at = ?, updated_at = ?"
+                " WHERE kind = ? AND target = ? AND state = ? AND next_attempt_at < ?" + only_new,
+                (until, time.time(), kind, target, JobState.PENDING, until),
             )
 
     def made_due_since(self, kind: JobKind, target: str, since: float) -> bool:
