@@ -37,7 +37,7 @@ from node.config import DestinationConfig, NodeConfig, RetryPolicy
 from node.derived import DerivedFiles, Untranscodable
 from node.queue import Job, JobKind, Queue
 from node.spool import Spool
-from node.syntaxes import resolve_syntax, syntax_name
+from node.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.tls import client_context
 
 log = logging.getLogger("node.forward")
@@ -48,6 +48,7 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are the odd numbers 1..255
 POLL_INTERVAL = 1.0
 ERROR_PAUSE = 5.0
+STOP_GRACE = 5.0  # seconds a C-STORE in progress may take to finish at stop
 
 
 class Verdict(StrEnum):
@@ -319,11 +320,29 @@ class DestinationLink:
             self.association.abort()
         self.association = None
 
+    def interrupt(self) -> None:
+        """From another thread: abort, and wake a send_c_store waiting for its response
+        (pynetdicom would wait the whole DIMSE timeout; an empty answer ends the wait)."""
+        association = self.association
+        if association is not None:
+            association.abort()
+            association.dimse.msg_queue.put((None, None))
+
 
 def proposed_syntaxes(destination: DestinationConfig, received: str) -> list[UID]:
     """Preferred syntaxes first, then the received one, then Explicit VR Little Endian."""
     preferred = [resolve_syntax(name) for name in destination.transfer_syntaxes]
     return list(dict.fromkeys([*preferred, UID(received), ExplicitVRLittleEndian]))
+
+
+def sending_order(wanted: Sequence[UID], accepted: set[UID], received: UID) -> list[UID]:
+    """Accepted syntaxes in the order to try them. A lossy instance goes as received when
+    it can: decoding it only to re-encode it would inflate it and gain nothing."""
+    choices = [syntax for syntax in wanted if syntax in accepted]
+    if received in LOSSY_OR_MIXED and received in choices:
+        choices.remove(received)
+        choices.insert(0, received)
+    return choices
 
 
 @dataclass(frozen=True)
@@ -415,7 +434,7 @@ class DestinationWorker:
         wanted = proposed_syntaxes(self.destination, instance.transfer_syntax)
         self.link.ensure(instance.sop_class_uid, wanted)
         accepted = self.link.accepted(instance.sop_class_uid)
-        choices = [syntax for syntax in wanted if syntax in accepted]
+        choices = sending_order(wanted, accepted, UID(instance.transfer_syntax))
         if not choices:
             return Outcome(
                 Verdict.REFUSED,
@@ -570,9 +589,18 @@ class Forwarder:
                 )
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop claiming; a C-STORE in progress finishes. Unfinished jobs are requeued at start."""
+        """Stop claiming; a C-STORE in progress gets a few seconds to finish, then its
+        association is aborted: at-least-once delivery sends it again after the restart."""
         self._stopping.set()
         self.wake()
+        self._join(min(STOP_GRACE, timeout / 2))
+        for worker in self.workers:
+            if worker.thread.is_alive():
+                log.warning("aborting the association of %s to stop", worker.thread.name)
+                worker.link.interrupt()
+        self._join(timeout / 2)
+
+    def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for worker in self.workers:
             worker.thread.join(max(0.0, deadline - time.monotonic()))

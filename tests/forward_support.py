@@ -67,13 +67,17 @@ class StoreSCP:
 REFUSING_SCP = textwrap.dedent(
     """
     import sys
+    import time
     from pathlib import Path
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
     from pynetdicom.sop_class import MRImageStorage
 
     port, out, allow_flag = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    hang = sys.argv[4:] == ["hang"]
 
     def on_store(event):
+        if hang:  # never answer: a destination stuck mid C-STORE
+            time.sleep(3600)
         # Permanently refuse MR (0x0122 SOP class not supported) until the flag file exists.
         if event.request.AffectedSOPClassUID == MRImageStorage and not allow_flag.exists():
             return 0x0122
@@ -89,10 +93,12 @@ REFUSING_SCP = textwrap.dedent(
 
 
 class RefusingSCP:
-    """A pynetdicom SCP that answers 0x0122 for MR Image Storage until `allow_mr()`."""
+    """A pynetdicom SCP that answers 0x0122 for MR Image Storage until `allow_mr()`, or,
+    with hang=True, never answers a C-STORE at all."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, hang: bool = False) -> None:
         self.folder = folder
+        self.hang = hang
         self.port = free_port()
         self.flag = folder.parent / f"{folder.name}.allow-mr"
         self.process: subprocess.Popen[bytes] | None = None
@@ -103,7 +109,8 @@ class RefusingSCP:
         script.write_text(REFUSING_SCP)
         log = (self.folder.parent / "refusing_scp.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(script), str(self.port), str(self.folder), str(self.flag)],
+            [sys.executable, str(script), str(self.port), str(self.folder), str(self.flag)]
+            + (["hang"] if self.hang else []),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

@@ -270,3 +270,24 @@ def test_a_c_store_response_taken_by_the_reactor_goes_back_to_the_waiting_sender
     finally:
         link.release()
         scp.stop()
+
+
+def test_stop_does_not_wait_for_a_destination_that_never_answers(tmp_path: Path) -> None:
+    port = free_port()
+    stuck = RefusingSCP(tmp_path / "stuck", hang=True).start()
+    config = forwarding_config(tmp_path, port, [destination("stuck", "REFUSER", stuck.port)])
+    path = write_config(tmp_path / "node.toml", config)
+    node = NodeProcess(path, port).start()
+    try:
+        assert storescu(port, [find("CT_small.dcm")]).returncode == 0
+        time.sleep(2)  # the C-STORE to 'stuck' is now waiting for an answer (DIMSE timeout 60 s)
+        started = time.monotonic()
+        assert node.stop() == 0, node.log()
+        assert time.monotonic() - started < 15, node.log()
+        assert "aborting the association of forward-stuck-0" in node.log()
+    finally:
+        node.kill()
+        stuck.stop()
+    status = queue_cli(path, "status").stdout
+    stuck_jobs = [line.split() for line in status.splitlines() if line.startswith("forward")]
+    assert stuck_jobs[0][1:4] == ["stuck", "pending", "1"], status  # kept for the next start

@@ -14,6 +14,7 @@ from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
 )
@@ -28,6 +29,7 @@ from node.forward import (
     classify_status,
     describe_status,
     proposed_syntaxes,
+    sending_order,
 )
 from node.queue import JobKind, JobSpec, JobState, QueueOperations, ReceivedInstance
 from node.spool import Spool
@@ -92,6 +94,21 @@ def test_proposal_is_preferred_then_received_then_explicit_little_endian() -> No
         RLELossless,
         ExplicitVRLittleEndian,
     ]
+
+
+def test_lossy_instances_go_as_received_when_accepted_others_by_preference() -> None:
+    wanted = [JPEGLSLossless, JPEGBaseline8Bit, ExplicitVRLittleEndian]
+    everything = set(wanted)
+    assert sending_order(wanted, everything, JPEGBaseline8Bit) == [
+        JPEGBaseline8Bit,
+        JPEGLSLossless,
+        ExplicitVRLittleEndian,
+    ]
+    assert sending_order(wanted, {ExplicitVRLittleEndian}, JPEGBaseline8Bit) == [
+        ExplicitVRLittleEndian
+    ]
+    native = [JPEGLSLossless, ExplicitVRLittleEndian]
+    assert sending_order(native, set(native), ExplicitVRLittleEndian) == native
 
 
 def test_proposal_grows_per_sop_class_and_starts_over_past_128_contexts() -> None:
