@@ -23,15 +23,17 @@ STATES = {
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     queue = subparsers.add_parser("queue", help="show the job queue, retry or purge jobs")
-    queue.add_argument("-c", "--config", type=Path, default=Path("config.toml"))
+    _add_config_option(queue, Path("config.toml"))
     actions = queue.add_subparsers(dest="queue_action", required=True, metavar="ACTION")
 
     status = actions.add_parser("status", help="jobs per target and state, oldest, last error")
+    _add_config_option(status, argparse.SUPPRESS)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     retry = actions.add_parser(
         "retry", help="make waiting jobs due now; --failed also re-queues dead letters"
     )
+    _add_config_option(retry, argparse.SUPPRESS)
     _add_target_options(retry)
     retry.add_argument(
         "--failed", action="store_true", help="also re-queue dead-lettered (failed) jobs"
@@ -40,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     purge = actions.add_parser(
         "purge", help="delete jobs for good (dead letters by default); needs --yes"
     )
+    _add_config_option(purge, argparse.SUPPRESS)
     _add_target_options(purge)
     purge.add_argument(
         "--state",
@@ -48,6 +51,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which jobs: failed (default), pending, or all (never running ones)",
     )
     purge.add_argument("--yes", action="store_true", help="really delete (else: dry run)")
+
+
+def _add_config_option(parser: argparse.ArgumentParser, default: object) -> None:
+    # Accepted before or after the action: `queue -c X status` and `queue status -c X`.
+    parser.add_argument(
+        "-c", "--config", type=Path, default=default, help="config file (default: ./config.toml)"
+    )
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from node.cli import main as cli_main
 from node.config import DestinationConfig, RetryPolicy
 from node.derived import DerivedFiles, Untranscodable
 from node.forward import (
@@ -234,3 +235,30 @@ def test_retry_makes_waiting_jobs_due_and_requeues_dead_letters(tmp_path: Path) 
     assert report[("pacs", "running")].count == 2
     assert time.time() - report[("pacs", "running")].oldest_created_at < 60
     queue.close()
+
+
+def test_queue_purge_cli_deletes_dead_letters_and_their_unneeded_spool_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[[destination]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+    )
+    spool = tmp_path / "data" / "spool"
+    spool.mkdir(parents=True)
+    queue = QueueOperations(tmp_path / "data" / "queue.sqlite3")
+    spooled = record(queue, spool, "1", [JobSpec(JobKind.FORWARD, "pacs")])
+    (job,) = queue.claim(JobKind.FORWARD, target="pacs")
+    queue.dead_letter(job, "status 0xA900 (data set does not match SOP class)")
+    queue.close()
+
+    assert cli_main(["queue", "status", "-c", str(config)]) == 0
+    assert "status 0xA900" in capsys.readouterr().out
+    assert cli_main(["queue", "purge", "-c", str(config), "--destination", "pacs"]) == 1
+    assert spooled.exists()  # a dry run
+    assert cli_main(["queue", "purge", "-c", str(config), "--destination", "pacs", "--yes"]) == 0
+    assert "deleted 1 failed jobs" in capsys.readouterr().out
+    assert not spooled.exists()
+    assert cli_main(["queue", "status", "-c", str(config)]) == 0
+    assert "forward  pacs    idle" in capsys.readouterr().out
