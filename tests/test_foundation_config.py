@@ -103,4 +103,4 @@ def test_shipped_config_is_valid_and_relative_paths_follow_the_file() -> None:
     # data_dir = "./data" resolves against the config file's folder, not the cwd.
     assert str(REPO / "data") in result.stdout
     assert 'ae_title = "DICOMNODE"' in result.stdout
-    assert "'port': 11112" in result.stdout
+    assert "\nport = 11112\n" in result.stdout
