@@ -351,6 +351,7 @@ class Outcome:
     detail: str
     warning: bool = False  # delivered with a warning status
     size: int = 0  # bytes sent
+    peer_busy: bool = False  # out of resources: back off the whole destination
 
 
 class DestinationWorker:
@@ -426,6 +427,9 @@ class DestinationWorker:
         except Exception as exc:  # a bug or an I/O error: keep the job, try again later
             log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
             outcome = Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+        if outcome.peer_busy:
+            self._unreachable(job, outcome.detail)  # a full disk there refuses every instance
+            return
         self.hold.end()
         self._record(job, outcome)
 
@@ -451,7 +455,13 @@ class DestinationWorker:
         detail = f"{describe_status(code)} from {self.link.peer} in {syntax_name(syntax)}"
         if notes and verdict is Verdict.DELIVERED:
             detail += f" (fallback: {'; '.join(notes)})"
-        return Outcome(verdict, detail, warning=code != 0x0000, size=path.stat().st_size)
+        return Outcome(
+            verdict,
+            detail,
+            warning=code != 0x0000,
+            size=path.stat().st_size,
+            peer_busy=0xA700 <= code <= 0xA7FF,
+        )
 
     def _file_in_first_possible(
         self, job: Job, choices: Sequence[UID]
@@ -481,7 +491,9 @@ class DestinationWorker:
         self._record(job, Outcome(Verdict.RETRY, error))
         delay = self.hold.begin()
         log.warning(
-            "destination %r unreachable: holding its jobs for %.1f s", self.destination.name, delay
+            "destination %r unreachable or out of resources: holding its jobs for %.1f s",
+            self.destination.name,
+            delay,
         )
 
     def _record(self, job: Job, outcome: Outcome) -> None:

@@ -73,11 +73,13 @@ REFUSING_SCP = textwrap.dedent(
     from pynetdicom.sop_class import MRImageStorage
 
     port, out, allow_flag = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    hang = sys.argv[4:] == ["hang"]
+    mode = sys.argv[4] if len(sys.argv) > 4 else "refuse-mr"
 
     def on_store(event):
-        if hang:  # never answer: a destination stuck mid C-STORE
+        if mode == "hang":  # never answer: a destination stuck mid C-STORE
             time.sleep(3600)
+        if mode == "full" and not allow_flag.exists():
+            return 0xA700  # out of resources, until the flag file exists
         # Permanently refuse MR (0x0122 SOP class not supported) until the flag file exists.
         if event.request.AffectedSOPClassUID == MRImageStorage and not allow_flag.exists():
             return 0x0122
@@ -93,12 +95,12 @@ REFUSING_SCP = textwrap.dedent(
 
 
 class RefusingSCP:
-    """A pynetdicom SCP that answers 0x0122 for MR Image Storage until `allow_mr()`, or,
-    with hang=True, never answers a C-STORE at all."""
+    """A pynetdicom SCP. Modes: "refuse-mr" answers 0x0122 for MR Image Storage, "full"
+    answers 0xA700 for everything, both until `allow_mr()`; "hang" never answers."""
 
-    def __init__(self, folder: Path, *, hang: bool = False) -> None:
+    def __init__(self, folder: Path, mode: str = "refuse-mr") -> None:
         self.folder = folder
-        self.hang = hang
+        self.mode = mode
         self.port = free_port()
         self.flag = folder.parent / f"{folder.name}.allow-mr"
         self.process: subprocess.Popen[bytes] | None = None
@@ -109,8 +111,14 @@ class RefusingSCP:
         script.write_text(REFUSING_SCP)
         log = (self.folder.parent / "refusing_scp.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(script), str(self.port), str(self.folder), str(self.flag)]
-            + (["hang"] if self.hang else []),
+            [
+                sys.executable,
+                str(script),
+                str(self.port),
+                str(self.folder),
+                str(self.flag),
+                self.mode,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

@@ -24,6 +24,7 @@ from tests.corpus import find
 from tests.forward_support import (
     RefusingSCP,
     StoreSCP,
+    copies_with_new_uids,
     destination,
     forwarding_config,
     queue_cli,
@@ -274,7 +275,7 @@ def test_a_c_store_response_taken_by_the_reactor_goes_back_to_the_waiting_sender
 
 def test_stop_does_not_wait_for_a_destination_that_never_answers(tmp_path: Path) -> None:
     port = free_port()
-    stuck = RefusingSCP(tmp_path / "stuck", hang=True).start()
+    stuck = RefusingSCP(tmp_path / "stuck", "hang").start()
     config = forwarding_config(tmp_path, port, [destination("stuck", "REFUSER", stuck.port)])
     path = write_config(tmp_path / "node.toml", config)
     node = NodeProcess(path, port).start()
@@ -291,3 +292,23 @@ def test_stop_does_not_wait_for_a_destination_that_never_answers(tmp_path: Path)
     status = queue_cli(path, "status").stdout
     stuck_jobs = [line.split() for line in status.splitlines() if line.startswith("forward")]
     assert stuck_jobs[0][1:4] == ["stuck", "pending", "1"], status  # kept for the next start
+
+
+def test_out_of_resources_backs_off_the_destination_then_delivers(tmp_path: Path) -> None:
+    port = free_port()
+    full = RefusingSCP(tmp_path / "full", "full").start()
+    config = forwarding_config(tmp_path, port, [destination("full", "REFUSER", full.port)])
+    path = write_config(tmp_path / "node.toml", config)
+    try:
+        with NodeProcess(path, port) as node:
+            files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 3)
+            assert storescu(port, files).returncode == 0
+            assert wait_until(lambda: "holding its jobs" in node.log(), timeout=20), node.log()
+            status = queue_cli(path, "status").stdout
+            assert "status 0xA700 (out of resources)" in status, status
+            rows = [line.split()[:4] for line in status.splitlines()]
+            assert ["forward", "full", "pending", "3"] in rows, status  # none dead-lettered
+            full.allow_mr()  # the disk over there has room again
+            assert wait_until(lambda: full.count() == 3, timeout=20), node.log()
+    finally:
+        full.stop()
