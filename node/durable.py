@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+COPY_STEP = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileRegion:
+    """Bytes already on disk: `length` bytes of `path` from `offset`.
+
+    Written by a kernel copy (copy_file_range), so a multi-GB instance never
+    passes through the process's memory.
+    """
+
+    path: Path
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def fsync_directory(folder: Path) -> None:
@@ -34,7 +54,7 @@ def make_directories(folder: Path) -> None:
         fsync_directory(new.parent)
 
 
-def write_new_file(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
+def write_new_file(path: Path, chunks: Iterable[bytes | memoryview | FileRegion]) -> int:
     """Write chunks to a file that must not exist yet, fsync it, and return its size.
 
     On any error the partial file is removed before the error propagates.
@@ -43,6 +63,9 @@ def write_new_file(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
     size = 0
     try:
         for chunk in chunks:
+            if isinstance(chunk, FileRegion):
+                size += _copy_region(chunk, descriptor)
+                continue
             view = memoryview(chunk)
             while view:
                 written = os.write(descriptor, view)
@@ -55,6 +78,38 @@ def write_new_file(path: Path, chunks: Iterable[bytes | memoryview]) -> int:
         raise
     os.close(descriptor)
     return size
+
+
+def _copy_region(region: FileRegion, descriptor: int) -> int:
+    with region.path.open("rb") as source:
+        offset, left = region.offset, region.length
+        while left:
+            step = min(left, COPY_STEP)
+            try:
+                copied = os.copy_file_range(source.fileno(), descriptor, step, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                copied = _copy_through_memory(source.fileno(), descriptor, step, offset)
+            if not copied:
+                raise OSError(f"{region.path} ended {left} bytes before the expected end")
+            offset += copied
+            left -= copied
+    return region.length
+
+
+def _copy_through_memory(source: int, descriptor: int, length: int, offset: int) -> int:
+    """The fallback where the kernel cannot copy between these files: 8 MiB at a time."""
+    done = 0
+    while done < length:
+        data = os.pread(source, min(length - done, 8 * 1024 * 1024), offset + done)
+        if not data:
+            break
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view) :]
+        done += len(data)
+    return done
 
 
 def link_or_copy(source: Path, target: Path) -> None:

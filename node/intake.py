@@ -19,6 +19,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from node.durable import FileRegion
 from node.header import DatasetError, check_structure, decode_received, read_header
 from node.queue import JobSpec, Queue, ReceivedInstance
 from node.spool import Spool, part10_header
@@ -47,6 +48,9 @@ class StoreRequest:
     calling_ae_title: str
     called_ae_title: str
     dataset: bytes | memoryview
+    # The same bytes on disk, when the SCP received them into a file (node.netio):
+    # spooled by a kernel copy, so a multi-GB instance never passes through memory.
+    dataset_file: FileRegion | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class Intake:
             request.calling_ae_title,
         )
         try:
-            spooled = self.spool.write(header, request.dataset)
+            spooled = self.spool.write(header, request.dataset_file or request.dataset)
         except OSError as exc:
             return IntakeResult(
                 Status.OUT_OF_RESOURCES, f"cannot write to the spool: {_describe(exc)}"

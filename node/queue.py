@@ -4,10 +4,12 @@ An instance and all of its jobs are recorded in one transaction, and the node
 answers the sender only after that commit. With synchronous=FULL the commit is
 on disk, so a kill -9 or a power cut right after the answer loses nothing.
 
-Concurrent associations share commits (group commit): whoever finds no commit
-in flight records every instance waiting so far in one transaction, so N
-associations cost one WAL fsync, not N. Each caller still returns only after
-the commit that holds its own instance. Workers' bookkeeping (claiming a job,
+Durable writes are shared (group commit): whoever finds no commit in flight
+runs every durable write waiting so far (received instances from concurrent
+associations, jobs completed by concurrent workers) in one transaction, so N
+of them cost one WAL fsync, not N. Each caller still returns only after the
+commit that holds its own write. Lookups use a second connection, so they
+never wait behind a commit's fsync. Workers' bookkeeping (claiming a job,
 indexing a stored file, rescheduling) is not fsynced on its own: losing it in a
 power cut only makes a job run again, and the next durable commit persists it.
 """
@@ -17,11 +19,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -140,6 +143,23 @@ def _job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
+def _complete_job(db: sqlite3.Connection, job: Job, result: str) -> int:
+    """Mark a job done; delete its instance's rows when none is left open. Returns the open count."""
+    now = time.time()
+    db.execute(
+        "UPDATE jobs SET state = ?, result = ?, last_error = NULL, updated_at = ? WHERE id = ?",
+        (JobState.DONE, result, now, job.id),
+    )
+    (open_jobs,) = db.execute(
+        "SELECT COUNT(*) FROM jobs WHERE instance_id = ? AND state != ?",
+        (job.instance_id, JobState.DONE),
+    ).fetchone()
+    if not open_jobs:
+        db.execute("DELETE FROM jobs WHERE instance_id = ?", (job.instance_id,))
+        db.execute("DELETE FROM instances WHERE id = ?", (job.instance_id,))
+    return int(open_jobs)
+
+
 def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
     """Open the queue database with the settings every user of it must share."""
     connection = sqlite3.connect(
@@ -153,20 +173,19 @@ def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
 
 
 @dataclass
-class _PendingRecord:
-    """An instance waiting for the group commit that will record it."""
+class _PendingWrite:
+    """A durable write waiting for the group commit that will run it."""
 
-    instance: ReceivedInstance
-    jobs: Sequence[JobSpec]
+    work: Callable[[sqlite3.Connection], Any]
     done: threading.Event = field(default_factory=threading.Event)
-    instance_id: int = 0
+    value: Any = None
     error: BaseException | None = None
 
-    def result(self) -> int:
+    def result(self) -> Any:
         self.done.wait()
         if self.error is not None:
             raise self.error
-        return self.instance_id
+        return self.value
 
 
 class Queue:
@@ -177,7 +196,9 @@ class Queue:
         self.path = path
         self._connection = connect(path)
         self._lock = threading.Lock()
-        self._pending: list[_PendingRecord] = []
+        self._reader = connect(path)
+        self._read_lock = threading.Lock()
+        self._pending: list[_PendingWrite] = []
         self._pending_lock = threading.Lock()
         self._committer = threading.Lock()  # held by the thread committing a batch
         # executescript manages its own transaction; CREATE ... IF NOT EXISTS is idempotent.
@@ -186,6 +207,8 @@ class Queue:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+        with self._read_lock:
+            self._reader.close()
 
     @contextmanager
     def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -211,30 +234,35 @@ class Queue:
 
         Returns only after the commit that holds this instance is on disk.
         """
-        record = _PendingRecord(instance, tuple(jobs))
+        jobs = tuple(jobs)
+        return int(self._write_durably(lambda db: self._insert_instance(db, instance, jobs)))
+
+    def _write_durably(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run work in a durable transaction, shared with the writes waiting beside it."""
+        write = _PendingWrite(work)
         with self._pending_lock:
-            self._pending.append(record)
+            self._pending.append(write)
         with self._committer:
-            if not record.done.is_set():
+            if not write.done.is_set():
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 self._commit_batch(batch)
-        return record.result()
+        return write.result()
 
-    def _commit_batch(self, batch: list[_PendingRecord]) -> None:
+    def _commit_batch(self, batch: list[_PendingWrite]) -> None:
         try:
             with self._transaction() as db:
-                for record in batch:
-                    record.instance_id = self._insert_instance(db, record.instance, record.jobs)
+                for write in batch:
+                    write.value = write.work(db)
         except Exception as exc:
             if len(batch) > 1:
-                # One bad instance must not fail the others: record them one by one.
-                for record in batch:
-                    self._commit_batch([record])
+                # One failing write must not fail the others: run them one by one.
+                for write in batch:
+                    self._commit_batch([write])
                 return
             batch[0].error = exc
-        for record in batch:
-            record.done.set()
+        for write in batch:
+            write.done.set()
 
     @staticmethod
     def _insert_instance(
@@ -301,8 +329,8 @@ class Queue:
         if target is not None:
             query += " AND target = ?"
             params.append(target)
-        with self._lock:
-            (due,) = self._connection.execute(query, params).fetchone()
+        with self._read_lock:
+            (due,) = self._reader.execute(query, params).fetchone()
         return None if due is None else max(0.0, due - time.time())
 
     def complete(self, job: Job, result: str) -> Path | None:
@@ -311,19 +339,8 @@ class Queue:
         A finished instance's rows are deleted, so a node that runs for years keeps
         a small database; the `stored` index and the metrics keep the history.
         """
-        now = time.time()
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, result = ?, last_error = NULL, updated_at = ? WHERE id = ?",
-                (JobState.DONE, result, now, job.id),
-            )
-            (open_jobs,) = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE instance_id = ? AND state != ?",
-                (job.instance_id, JobState.DONE),
-            ).fetchone()
-            if not open_jobs:
-                db.execute("DELETE FROM jobs WHERE instance_id = ?", (job.instance_id,))
-                db.execute("DELETE FROM instances WHERE id = ?", (job.instance_id,))
+        # Durable: the caller deletes the spool file when this says the instance is finished.
+        open_jobs = self._write_durably(lambda db: _complete_job(db, job, result))
         return None if open_jobs else job.instance.spool_path
 
     def record_stored(
@@ -345,8 +362,8 @@ class Queue:
 
     def stored_path(self, storage: str, sop_instance_uid: str) -> Path | None:
         """Where a storage target last put this SOP Instance UID, if it has it."""
-        with self._lock:
-            row = self._connection.execute(
+        with self._read_lock:
+            row = self._reader.execute(
                 "SELECT path FROM stored WHERE storage = ? AND sop_instance_uid = ?",
                 (storage, sop_instance_uid),
             ).fetchone()
@@ -354,8 +371,8 @@ class Queue:
 
     def is_known(self, storage: str, sop_instance_uid: str) -> bool:
         """Whether the SOP Instance UID is stored in, or on its way to, a storage target."""
-        with self._lock:
-            row = self._connection.execute(
+        with self._read_lock:
+            row = self._reader.execute(
                 "SELECT 1 FROM stored WHERE storage = ? AND sop_instance_uid = ?"
                 " UNION ALL SELECT 1 FROM jobs JOIN instances ON instances.id = jobs.instance_id"
                 " WHERE jobs.kind = ? AND jobs.target = ? AND jobs.state IN (?, ?)"

@@ -25,12 +25,16 @@ from pynetdicom.sop_class import Verification
 
 from node import admission, metrics
 from node.config import Config
+from node.durable import FileRegion
 from node.intake import Intake, Status, StoreRequest, describe_request
 from node.listener import Listeners
-from node.netio import install_fast_reads
+from node.netio import ReceiveFailed, install_fast_reads, receive_to_disk, received_dataset
 from node.syntaxes import syntax_name
 
 log = logging.getLogger("node.scp")
+
+# Inside the spool folder: where pynetdicom writes datasets while they arrive.
+RECEIVING_DIR = ".receiving"
 
 
 def configure_ae(ae: AE, config: Config) -> None:
@@ -140,6 +144,7 @@ class StorageSCP:
         configure_ae(self.ae, config)
         StorageNegotiation.install()
         install_fast_reads()
+        receive_to_disk(config.spool_dir / RECEIVING_DIR)
         self._stats: dict[int, AssociationStats] = {}
         self._stats_lock = Lock()
         self._listeners: Listeners | None = None
@@ -200,7 +205,14 @@ class StorageSCP:
         return 0x0000
 
     def handle_store(self, event: evt.Event) -> int:
-        request = _store_request(event)
+        try:
+            with received_dataset(event.request) as (dataset, on_disk):
+                return self._answer_store(event, _store_request(event, dataset, on_disk))
+        except ReceiveFailed as exc:
+            log.warning("refused a C-STORE: cannot write the arriving dataset: %s", exc.strerror)
+            return int(Status.OUT_OF_RESOURCES)
+
+    def _answer_store(self, event: evt.Event, request: StoreRequest) -> int:
         result = self.intake.receive(request)
         metrics.record_received(result.status.name.lower(), len(request.dataset))
         stats = self._stats_for(event)
@@ -275,7 +287,9 @@ class StorageSCP:
             return self._stats.setdefault(id(event.assoc), AssociationStats())
 
 
-def _store_request(event: evt.Event) -> StoreRequest:
+def _store_request(
+    event: evt.Event, dataset: bytes | memoryview, on_disk: FileRegion | None
+) -> StoreRequest:
     request = event.request
     return StoreRequest(
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -284,7 +298,8 @@ def _store_request(event: evt.Event) -> StoreRequest:
         calling_ae_title=event.assoc.requestor.ae_title,
         called_ae_title=_called_ae_title(event),
         # A view, not a copy: the bytes go straight from pynetdicom's buffer to the spool.
-        dataset=request.DataSet.getbuffer(),
+        dataset=dataset,
+        dataset_file=on_disk,
     )
 
 

@@ -19,7 +19,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, generate_uid
 
 from node import __version__
-from node.durable import fsync_directory, make_directories, write_new_file
+from node.durable import FileRegion, fsync_directory, make_directories, write_new_file
 
 # Stable across releases: derived from the product name, under pydicom's UID root.
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node"])
@@ -75,7 +75,7 @@ class Spool:
             if unrecorded.name not in names:
                 unrecorded.unlink(missing_ok=True)
 
-    def write(self, header: bytes, dataset: bytes | memoryview) -> SpooledFile:
+    def write(self, header: bytes, dataset: bytes | memoryview | FileRegion) -> SpooledFile:
         """Write header + dataset to a new file: temp file, fsync, rename, fsync folder."""
         name = uuid.uuid4().hex
         partial = self.root / f"{name}{PARTIAL_SUFFIX}"
