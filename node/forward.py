@@ -6,7 +6,9 @@ up another. An association is reused for many instances and released after
 `idle_timeout` seconds without work. For each instance the worker proposes the
 destination's preferred transfer syntaxes, the received syntax and Explicit VR
 Little Endian, each in its own presentation context, then sends in the first
-accepted one in that order, transcoding through the verified engine if needed.
+accepted one in that order (a lossy instance as received, if accepted), transcoding
+through the verified engine if needed. A destination that is unreachable or out of
+resources is held (its jobs deferred) with exponential backoff; others go on.
 
 A job is marked done only after the destination answered success or a warning,
 so delivery is at least once: a crash between the answer and the commit sends
