@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,56 @@ class FileRegion:
 
     def __len__(self) -> int:
         return self.length
+
+
+class SharedDirectorySync:
+    """fsync a folder on behalf of many threads: one fsync covers every entry made before it.
+
+    Concurrent intakes each need their new spool file's directory entry on disk;
+    an fsync that starts after a caller's rename covers that rename, so callers
+    that arrive while one is running share the next one instead of each queueing
+    its own journal commit. Each caller returns only once such an fsync has
+    finished; if the latest one failed, the caller gets its error (any later
+    fsync would cover it too, so only the latest outcome matters).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._changed = threading.Condition()
+        self._started = 0  # generations of fsyncs begun
+        self._finished = 0  # and ended
+        self._running = False
+        self._last_error: OSError | None = None  # outcome of the latest finished fsync
+
+    def sync(self) -> None:
+        with self._changed:
+            # A running fsync may have begun before our change: only the next one counts.
+            needed = self._started + 1
+            while self._finished < needed:
+                if self._running:
+                    self._changed.wait()
+                    continue
+                self._run_one()
+            error = self._last_error
+        if error is not None:
+            raise error
+
+    def _run_one(self) -> None:
+        self._running = True
+        self._started += 1
+        generation = self._started
+        self._changed.release()
+        error: OSError | None = None
+        try:
+            fsync_directory(self.folder)
+        except OSError as exc:
+            error = exc
+        finally:
+            self._changed.acquire()
+            self._running = False
+            self._finished = generation
+            self._last_error = error
+            self._changed.notify_all()
 
 
 def fsync_directory(folder: Path) -> None:

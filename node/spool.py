@@ -19,7 +19,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, generate_uid
 
 from node import __version__
-from node.durable import FileRegion, fsync_directory, make_directories, write_new_file
+from node.durable import FileRegion, SharedDirectorySync, make_directories, write_new_file
 
 # Stable across releases: derived from the product name, under pydicom's UID root.
 IMPLEMENTATION_CLASS_UID = generate_uid(entropy_srcs=["dicom-node"])
@@ -57,6 +57,7 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._directory = SharedDirectorySync(root)
 
     def prepare(self, recorded: Collection[Path] | None = None) -> None:
         """Create the folder and drop what a crash may have left behind.
@@ -83,7 +84,7 @@ class Spool:
         size = write_new_file(partial, (header, dataset))
         try:
             os.rename(partial, final)
-            fsync_directory(self.root)
+            self._directory.sync()
         except BaseException:
             partial.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
