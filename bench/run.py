@@ -1,6 +1,6 @@
 """dicom-node benchmark: ingest, ingest + transcode, forwarding and resources, against DCMTK and Orthanc.
 
-    python bench/run.py            # full: 200 CT, 50 MR, 30 CR, 3 runs each (about 15 minutes)
+    python bench/run.py            # full: 200 CT, 50 MR, 30 CR, 3 runs each (about 8 minutes on 2 cores)
     python bench/run.py --quick    # full inputs, 1 run
     python bench/run.py --smoke    # a few files, one run of each case (< 60 s; CI runs this)
 
