@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pynetdicom import _config, dimse_messages
+from pynetdicom import Association, _config, dimse_messages
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket
 
@@ -165,3 +165,16 @@ def _dataset_offset(data: memoryview) -> int:
         raise ValueError("pynetdicom's received-dataset file has an unexpected layout")
     (group_length,) = struct.unpack_from("<L", data, start + 8)
     return start + 12 + group_length
+
+
+def discard_unfinished(assoc: Association) -> None:
+    """Delete the file of a dataset whose association ended before it arrived in full.
+
+    pynetdicom deletes a received-dataset file only after the C-STORE handler ran;
+    an association aborted mid-dataset would otherwise leave it until restart.
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    receiving = getattr(message, "_data_set_file", None)
+    if isinstance(receiving, ReceivingFile):
+        receiving.close()
+        Path(receiving.name).unlink(missing_ok=True)

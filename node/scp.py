@@ -28,7 +28,13 @@ from node.config import Config
 from node.durable import FileRegion
 from node.intake import Intake, Status, StoreRequest, describe_request
 from node.listener import Listeners
-from node.netio import ReceiveFailed, install_fast_reads, receive_to_disk, received_dataset
+from node.netio import (
+    ReceiveFailed,
+    discard_unfinished,
+    install_fast_reads,
+    receive_to_disk,
+    received_dataset,
+)
 from node.syntaxes import syntax_name
 
 log = logging.getLogger("node.scp")
@@ -246,6 +252,7 @@ class StorageSCP:
         )
 
     def handle_closed(self, event: evt.Event) -> None:
+        discard_unfinished(event.assoc)
         with self._stats_lock:
             stats = self._stats.pop(id(event.assoc), AssociationStats())
         assoc = event.assoc
