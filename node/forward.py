@@ -519,8 +519,7 @@ class DestinationWorker:
     def _retry_or_give_up(self, job: Job, error: str) -> None:
         uid = job.instance.sop_instance_uid
         name = self.destination.name
-        # Queue.claim reads the row before counting the claim: this attempt is one more.
-        attempt = job.attempts + 1
+        attempt = job.attempts
         if self.schedule.gives_up(attempt):
             reason = f"gave up after {attempt} attempts: {error}"
             self.queue.dead_letter(job, reason)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -320,7 +320,8 @@ class Queue:
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
                 [(JobState.RUNNING, now, row[0]) for row in rows],
             )
-        return [_job_from_row(row) for row in rows]
+        # The rows were read before the UPDATE: the claim itself is one more attempt.
+        return [replace(job, attempts=job.attempts + 1) for job in map(_job_from_row, rows)]
 
     def next_due_in(self, kind: JobKind, target: str | None = None) -> float | None:
         """Seconds until the next pending job of this kind is due (0 if one is due now)."""

@@ -34,9 +34,21 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
+def _path_without_virtualenv() -> str:
+    # pynetdicom installs apps named storescu, storescp, echoscu... into the
+    # virtualenv's bin; an activated venv would shadow DCMTK's programs with them.
+    venv_bin = Path(sys.executable).parent.resolve()
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(e for e in entries if e and Path(e).resolve() != venv_bin)
+
+
 def require_tool(name: str) -> str:
-    """Path of an external program, or skip the test with a reason (CI installs them all)."""
-    found = shutil.which(name)
+    """Path of an external program, or skip the test with a reason (CI installs them all).
+
+    Never a same-named script from our own virtualenv: the tests need the real
+    DCMTK, Orthanc, GDCM and dicom3tools programs.
+    """
+    found = shutil.which(name, path=_path_without_virtualenv())
     if found is None:
         pytest.skip(
             f"{name} is not installed (apt-get install dcmtk orthanc libgdcm-tools dicom3tools)"

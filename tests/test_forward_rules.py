@@ -230,7 +230,7 @@ def test_retry_makes_waiting_jobs_due_and_requeues_dead_letters(tmp_path: Path) 
     assert queue.retry(JobKind.FORWARD, "elsewhere", failed=True) == 0
     assert queue.retry(JobKind.FORWARD, "pacs", failed=True) == 1
     again = queue.claim(JobKind.FORWARD, target="pacs")
-    assert [(j.id, j.attempts) for j in again] == [(second.id, 0)]  # attempts restarted
+    assert [(j.id, j.attempts) for j in again] == [(second.id, 1)]  # restarted: this is attempt 1
     report = {(r.target, r.state): r for r in queue.report()}
     assert report[("pacs", "running")].count == 2
     assert time.time() - report[("pacs", "running")].oldest_created_at < 60

@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tests.conftest import StartNode
 from tests.corpus import corpus_dirs
 from tests.storescu_profiles import send_as_is
-from tests.support import NodeProcess, storescu, wait_until
+from tests.support import NodeProcess, require_tool, storescu, wait_until
 
 OUT_OF_RESOURCES = 0xA700
 CT_SMALL = corpus_dirs()[0] / "CT_small.dcm"
@@ -222,7 +222,7 @@ def test_kill_9_while_store_workers_are_busy_loses_nothing(
     transcript = (tmp_path / "storescu.txt").open("w+")
     sender = subprocess.Popen(
         [
-            "storescu",
+            require_tool("storescu"),
             "-d",
             "-nh",
             "-aec",
