@@ -1,9 +1,10 @@
-"""The Storage SCP: admit associations, negotiate presentation contexts, hand C-STOREs to intake.
+"""The Storage SCP: the AE, its presentation contexts, and small handlers that feed intake.
 
-pynetdicom does the protocol. This module decides who may associate (calling
-AE allowlist, called AE check, association limit, timeouts), which transfer
-syntaxes are accepted and in what order, and keeps the event handlers small:
-the C-STORE handler only passes the encoded bytes to intake.
+pynetdicom does the protocol; node.listener owns the sockets and node.admission
+decides who may associate. This module sets the AE up (called AE check,
+timeouts, PDU size), decides which transfer syntaxes are accepted and in what
+order, and keeps the event handlers small: the C-STORE handler only passes the
+received bytes to intake, it never decodes pixels.
 """
 
 from __future__ import annotations
@@ -133,9 +134,7 @@ def rejection_reason(assoc: Association) -> str:
     called = _called_ae_title_of(assoc)
     if ae.require_called_aet and called != str(ae.ae_title).strip():
         return "called_ae_unknown"
-    acceptors = [a for a in ae.active_associations if a.is_acceptor]
-    if len(acceptors) > ae.maximum_associations:
-        return "too_many_associations"
+    # Association limits are node.admission's refusals: they carry node_refusal.
     return "other"
 
 
@@ -303,15 +302,11 @@ def _store_request(
         sop_instance_uid=str(request.AffectedSOPInstanceUID),
         transfer_syntax=UID(event.context.transfer_syntax),
         calling_ae_title=event.assoc.requestor.ae_title,
-        called_ae_title=_called_ae_title(event),
+        called_ae_title=_called_ae_title_of(event.assoc),
         # A view, not a copy: the bytes go straight from pynetdicom's buffer to the spool.
         dataset=dataset,
         dataset_file=on_disk,
     )
-
-
-def _called_ae_title(event: evt.Event) -> str:
-    return _called_ae_title_of(event.assoc)
 
 
 def _called_ae_title_of(assoc: Association) -> str:
