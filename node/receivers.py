@@ -183,9 +183,11 @@ class ReceiverProcesses:
     def stop_accepting(self) -> None:
         """SIGTERM every receiver: it closes its listener and drains its associations."""
         self._stopping.set()
+        self._signal_all(signal.SIGTERM)
         if self._monitor.is_alive():
             self._monitor.join()
-        self._signal_all(signal.SIGTERM)
+            # Again, for a receiver the monitor was restarting just then; SIGTERM twice is harmless.
+            self._signal_all(signal.SIGTERM)
 
     def join(self, drain_timeout: float) -> None:
         """Wait for the receivers to finish draining (their bound plus slack), then end the rest."""

@@ -108,9 +108,10 @@ class Node:
         self.store_workers.start()
         self.forwarder.start()
         self.metrics = start_metrics(self.config.metrics.address, self.queue)
-        self.scp.start()
         if self.receivers is not None:
+            # Before our own listener: once the port opens, every receiver shares the load.
             self.receivers.start()
+        self.scp.start()
 
     def reload(self, config: Config) -> None:
         """Apply a reloaded config; associations in progress keep the settings they began with.
