@@ -61,6 +61,8 @@ class NodeConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     workers: int = 0
+    # Processes accepting associations on node.port (SO_REUSEPORT); 1 = the main process only.
+    receivers: int = 1
     log_level: LogLevel = "INFO"
 
 
@@ -280,6 +282,7 @@ def _read_node(table: _Table) -> NodeConfig:
         dimse_timeout=table.number("dimse_timeout", 60.0),
         network_timeout=table.number("network_timeout", 60.0),
         workers=table.integer("workers", 0, minimum=0),
+        receivers=table.integer("receivers", 1, minimum=1, maximum=64),
         log_level=table.choice("log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )
     if 0 < node.max_pdu < 4096:

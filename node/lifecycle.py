@@ -89,6 +89,7 @@ def restart_only_changes(running: Config, loaded: Config) -> tuple[Config, list[
         port=running.node.port,
         data_dir=running.node.data_dir,
         workers=running.node.workers,
+        receivers=running.node.receivers,
     )
     security = replace(loaded.security, tls=running.security.tls)
     effective = replace(loaded, node=node, security=security, metrics=running.metrics)
@@ -99,6 +100,7 @@ def restart_only_changes(running: Config, loaded: Config) -> tuple[Config, list[
             ("node.port", running.node.port, loaded.node.port),
             ("node.data_dir", running.node.data_dir, loaded.node.data_dir),
             ("node.workers", running.node.workers, loaded.node.workers),
+            ("node.receivers", running.node.receivers, loaded.node.receivers),
             ("security.tls", running.security.tls, loaded.security.tls),
             ("metrics.address", running.metrics.address, loaded.metrics.address),
         )

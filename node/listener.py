@@ -230,6 +230,18 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         return True
 
 
+class SharedPortAssociationServer(GuardedAssociationServer):
+    """A listener that shares its port with the other receiver processes (node.receivers > 1).
+
+    SO_REUSEPORT must be set on every socket before bind(); the kernel then spreads
+    new connections over the processes listening on the port.
+    """
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def _tls_summary(tls: TLSConfig) -> str:
     client = "client certificate required" if tls.require_client_cert else "no client certificate"
     return f"TLS {tls.min_version}+, {client}"
@@ -254,13 +266,14 @@ def start_guarded_server(
     receive_limits: ReceiveLimits,
     evt_handlers: list,
     ssl_context: ssl.SSLContext | None = None,
+    share_port: bool = False,
 ) -> GuardedAssociationServer:
     """Like ae.start_server(block=False), with the guarded server class."""
     server = ae.make_server(
         address,
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
-        server_class=GuardedAssociationServer,
+        server_class=SharedPortAssociationServer if share_port else GuardedAssociationServer,
         request_handler=GuardedRequestHandler,
     )
     server.lobby = lobby
@@ -305,7 +318,13 @@ class Listeners:
         address = (config.node.host, port)
         self.servers.append(
             start_guarded_server(
-                self.ae, address, self.lobby, self.receive_limits, self.evt_handlers, context
+                self.ae,
+                address,
+                self.lobby,
+                self.receive_limits,
+                self.evt_handlers,
+                context,
+                share_port=config.node.receivers > 1,
             )
         )
         how = _tls_summary(config.security.tls) if context else "without TLS"

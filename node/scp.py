@@ -141,7 +141,7 @@ def rejection_reason(assoc: Association) -> str:
 class StorageSCP:
     """The listening side of the node: an AE whose handlers feed intake."""
 
-    def __init__(self, config: Config, intake: Intake) -> None:
+    def __init__(self, config: Config, intake: Intake, receiving_dir: str = RECEIVING_DIR) -> None:
         self.config = config
         self.intake = intake
         self.ae = AE()
@@ -149,7 +149,7 @@ class StorageSCP:
         configure_ae(self.ae, config)
         StorageNegotiation.install()
         install_fast_reads()
-        receive_to_disk(config.spool_dir / RECEIVING_DIR)
+        receive_to_disk(config.spool_dir / receiving_dir)
         self._stats: dict[int, AssociationStats] = {}
         self._stats_lock = Lock()
         self._listeners: Listeners | None = None

@@ -15,6 +15,7 @@ from node.intake import Intake, free_space_probe
 from node.logs import set_level
 from node.metrics import MetricsEndpoint, start_metrics
 from node.queue import JobKind, JobSpec, Queue
+from node.receivers import ReceiverProcesses
 from node.route import Router
 from node.scp import StorageSCP
 from node.spool import Spool
@@ -83,6 +84,10 @@ class Node:
             on_recorded=self._wake_workers,
         )
         self.scp = StorageSCP(config, self.intake)
+        # node.receivers > 1: more processes accept associations on the same port (opt-in).
+        self.receivers = (
+            ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None
+        )
         self._stopped = threading.Event()
         self.metrics: MetricsEndpoint | None = None
 
@@ -103,6 +108,9 @@ class Node:
         self.store_workers.start()
         self.forwarder.start()
         self.metrics = start_metrics(self.config.metrics.address, self.queue)
+        if self.receivers is not None:
+            # Before our own listener: once the port opens, every receiver shares the load.
+            self.receivers.start()
         self.scp.start()
 
     def reload(self, config: Config) -> None:
@@ -132,6 +140,8 @@ class Node:
         if forwarder is not None:
             self._switch_forwarder(forwarder)
         self.scp.reconfigure(config)
+        if self.receivers is not None:
+            self.receivers.reload(config)
         set_level(config.node.log_level)
         self.config = config
 
@@ -143,7 +153,11 @@ class Node:
 
     def stop(self) -> None:
         log.info("stopping: no new associations; finishing work in progress")
+        if self.receivers is not None:
+            self.receivers.stop_accepting()  # they drain while this process drains its own
         self.scp.stop(ASSOCIATION_DRAIN_TIMEOUT)
+        if self.receivers is not None:
+            self.receivers.join(ASSOCIATION_DRAIN_TIMEOUT)
         self.store_workers.stop()
         self.forwarder.stop()
         self.transcode_pool.close()
