@@ -27,17 +27,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 
 from node import metrics
 from node.config import DestinationConfig, NodeConfig, RetryPolicy
 from node.derived import DerivedFiles, Untranscodable
 from node.queue import Job, JobKind, Queue
+from node.requestor import prepare_requestor
 from node.spool import Spool
 from node.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.tls import client_context
@@ -135,33 +134,6 @@ class Proposal:
         return Proposal(merged)
 
 
-def _disable_nagle(association: Association) -> None:
-    """pynetdicom leaves Nagle on for client sockets: a C-STORE request then waits for the
-    peer's delayed ACK (about 40 ms), which caps a destination at about 20 instances/s."""
-    transport = association.dul.socket
-    raw = transport.socket if transport is not None else None
-    if raw is not None:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _keep_stray_responses(association: Association) -> None:
-    """Work around a race in pynetdicom 3.0's requestor: send_c_store pauses the association's
-    reactor thread with an Event plus a flag, and between the two the reactor can still take
-    the C-STORE response off the DIMSE queue, log "Received unexpected C-STORE service
-    message" and drop it; send_c_store then waits the whole DIMSE timeout for nothing. It
-    happens under CPU load (seen 7 times in 600 C-STOREs with busy threads). Here the
-    reactor hands a response back to the queue, where send_c_store is waiting for it."""
-    serve_request = association._serve_request
-
-    def serve(message: Any, context_id: int) -> None:
-        if isinstance(message, C_STORE) and not message.is_valid_request:
-            association.dimse.msg_queue.put((context_id, message))
-            return
-        serve_request(message, context_id)
-
-    association._serve_request = serve  # type: ignore[method-assign]
-
-
 def _client_tls(destination: DestinationConfig) -> tuple[ssl.SSLContext, str] | None:
     if not destination.tls.enabled:
         return None
@@ -255,8 +227,7 @@ class DestinationLink:
             raise TransportError(f"cannot connect to {self.peer}: {exc}") from None
         if not association.is_established:
             raise TransportError(self._why_not_established(association))
-        _disable_nagle(association)
-        _keep_stray_responses(association)
+        prepare_requestor(association)
         self.last_used = time.monotonic()
         log.debug("association to %s established", self.peer)
         return association

@@ -18,6 +18,8 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from tqdm import tqdm
 
+from node.requestor import prepare_requestor
+
 log = logging.getLogger("node.scu")
 
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
@@ -123,7 +125,10 @@ def _associate(
         native = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         if not found <= set(native):
             ae.add_requested_context(sop_class, native)
-    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if assoc.is_established:
+        prepare_requestor(assoc)
+    return assoc
 
 
 def send(

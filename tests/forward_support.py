@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from tests.support import REPO, base_config, free_port, require_tool, wait_for_port
+from tests.support import REPO, base_config, dicom_node, free_port, require_tool, wait_for_port
 
 
 class StoreSCP:
@@ -188,10 +188,4 @@ def sop_instance_uid(data: bytes | Path) -> str:
 
 
 def queue_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", "queue", "-c", str(config), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return dicom_node("queue", "-c", str(config), *args, timeout=60)

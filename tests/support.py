@@ -17,6 +17,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def dicom_node(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the dicom-node CLI (`python -m node ARGS`) from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

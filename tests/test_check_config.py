@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 from node.config import load_config, parse_config
+from tests.support import dicom_node
 
 CONFIG = """
 [node]
@@ -33,12 +32,9 @@ destinations = ["pacs"]
 def test_effective_config_round_trips(tmp_path: Path) -> None:
     source = tmp_path / "config.toml"
     source.write_text(CONFIG)
-    printed = subprocess.run(
-        [sys.executable, "-m", "node", "check-config", "-c", str(source)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    result = dicom_node("check-config", "-c", str(source))
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout
     assert (
         'transfer_syntax = ["HTJ2KLossless", { syntax = "JPEGLSNearLossless", near = 3 }]'
         in printed

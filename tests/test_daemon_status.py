@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from pydicom.uid import generate_uid
 
 from node.queue import JobKind, JobSpec, Queue, ReceivedInstance
-from tests.support import REPO, base_config, free_port, write_config
+from tests.support import base_config, dicom_node, free_port, write_config
 
 
 def queued_instance(folder: Path, uid: str, size: int = 2_000_000) -> ReceivedInstance:
@@ -27,13 +26,7 @@ def queued_instance(folder: Path, uid: str, size: int = 2_000_000) -> ReceivedIn
 
 
 def status(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", "status", "-c", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return dicom_node("status", "-c", str(config), timeout=60)
 
 
 def test_status_summarises_queue_errors_and_dead_letters(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,15 +10,9 @@ import pydicom
 
 from tests.conftest import StartNode
 from tests.foundation_helpers import CT_SMALL, pynetdicom_store
-from tests.support import REPO, NodeProcess, wait_until
+from tests.support import NodeProcess, dicom_node, wait_until
 
 DUPLICATE_SOP_INSTANCE = 0x0111
-
-
-def dicom_node(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", *args], capture_output=True, text=True, cwd=REPO, timeout=120
-    )
 
 
 def peer(node: NodeProcess, ae: str = "DICOMNODE") -> str:

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, base_config, write_config
+from tests.support import REPO, base_config, dicom_node, write_config
 
 CONFIG_ERROR = 2
 
 
 def check_config(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "node", "check-config", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return dicom_node("check-config", "-c", str(path), timeout=60)
 
 
 def set_key(sections: dict[str, object], dotted: str, value: object) -> None:

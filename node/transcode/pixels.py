@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom import uid as _uid
@@ -119,7 +119,3 @@ def as_stored_unsigned(frame: np.ndarray, info: PixelInfo) -> np.ndarray:
         return frame
     unsigned = frame.view(frame.dtype.str.replace("i", "u"))
     return unsigned & np.asarray((1 << info.bits_stored) - 1, dtype=unsigned.dtype)
-
-
-def with_photometric(info: PixelInfo, photometric: str) -> PixelInfo:
-    return replace(info, photometric_interpretation=photometric)
