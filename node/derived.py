@@ -75,11 +75,16 @@ class DerivedFiles:
         if syntax == UID(source_syntax):
             return source
         path = self.path_for(source, syntax)
+        if path.exists():
+            return path
+        self._raise_if_failed_before(source, syntax)
+        # Decoded before taking this syntax's lock: a thread holds at most one stripe at a
+        # time, so two stripes (or one stripe hashed twice) can never deadlock.
+        origin = self._decoded_origin(source, source_syntax, syntax)
         with self._locks[hash(path) % len(self._locks)]:
             if path.exists():
                 return path
             self._raise_if_failed_before(source, syntax)
-            origin = self._decoded_origin(source, source_syntax, syntax)
             started = time.monotonic()
             outcome = self.transcode(origin, path, [rung], allow_lossy=allow_lossy)
             metrics.record_transcode(
