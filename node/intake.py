@@ -48,7 +48,7 @@ class StoreRequest:
     calling_ae_title: str
     called_ae_title: str
     dataset: bytes | memoryview
-    # The same bytes on disk, when the SCP received them into a file (node.netio):
+    # The same bytes on disk, when the SCP spilled them to a file (node.receiving):
     # spooled by a kernel copy, so a multi-GB instance never passes through memory.
     dataset_file: FileRegion | None = None
 

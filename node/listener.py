@@ -1,14 +1,12 @@
-"""The network front door: accept sockets cheaply, start pynetdicom only for peers that speak.
+"""The network front door: accept sockets cheaply, start an association only for peers that speak.
 
-pynetdicom starts two polling threads for every accepted socket. A flood of
-connections that never send anything would cost hundreds of threads and,
-with TLS, pynetdicom's handshake in its single accept thread would let one
-silent client block every other TLS peer. So an accepted socket first waits
-in the Lobby, one thread and a selector for all of them, until its first
-bytes arrive (then pynetdicom takes over) or the ACSE timeout passes (then it
-is closed). The TLS handshake runs in the connection's own thread, bounded
-by the ACSE timeout, and every socket gets the network timeout so a partial
-PDU cannot block a reader forever.
+A flood of connections that never send anything must not cost a thread each,
+and one silent TLS client must not hold up the others' handshakes. So an
+accepted socket first waits in the Lobby, one thread and a selector for all
+of them, until its first bytes arrive (then it gets its own association
+thread, node.association) or the ACSE timeout passes (then it is closed).
+The TLS handshake runs in the association's thread, bounded by the ACSE
+timeout.
 """
 
 from __future__ import annotations
@@ -23,16 +21,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from socketserver import ThreadingMixIn
-from typing import Any
-
-from pynetdicom import evt
-from pynetdicom.ae import ApplicationEntity
-from pynetdicom.association import Association
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from node.config import Config, TLSConfig
-from node.pduguard import ReceiveLimits, watch
 from node.tls import server_context
 
 log = logging.getLogger("node.listener")
@@ -184,62 +174,62 @@ def _peer(sock: socket.socket) -> str:
         return "a closed socket"
 
 
-class GuardedRequestHandler(RequestHandler):
-    """pynetdicom's handler, with the receive limits watching the new association's reads."""
-
-    server: GuardedAssociationServer
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        host, port = self.client_address[:2]
-        watch(assoc.dul.socket, self.server.receive_limits, f"{host}:{port}")
-        return assoc
+# Starts an association's thread for a connection that has sent its first bytes.
+StartAssociation = Callable[[socket.socket, Address, "ssl.SSLContext | None"], None]
 
 
-class GuardedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's server, with the lobby in front and the TLS handshake off the accept thread."""
+class Listener:
+    """One listening socket and the thread that accepts on it."""
 
-    lobby: Lobby
-    tls_failures: Counter[str]
-    receive_limits: ReceiveLimits
+    def __init__(
+        self,
+        address: Address,
+        lobby: Lobby,
+        start_association: StartAssociation,
+        tls_context: ssl.SSLContext | None = None,
+        share_port: bool = False,
+    ) -> None:
+        self.lobby = lobby
+        self.start_association = start_association
+        self.tls_context = tls_context
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share_port:
+            # Set before bind() on every receiver's socket: the kernel then spreads
+            # new connections over the processes listening on the port.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.sock.bind(address)
+        self.sock.listen(socket.SOMAXCONN)
+        self.address: Address = self.sock.getsockname()[:2]
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._accept_forever, name=f"accept@{self.address[1]}", daemon=True
+        )
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        start_thread = ThreadingMixIn.process_request
-        self.lobby.admit(request, lambda: start_thread(self, request, client_address))
+    def start(self) -> None:
+        self._thread.start()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        # Accepted sockets are blocking without a timeout; a partial PDU would
-        # then block pynetdicom's reader (and its abort) forever.
-        request.settimeout(self.ae.network_timeout)
-        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
-            return
-        super().process_request_thread(request, client_address)
+    def close(self) -> None:
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.sock.close()
+        self._thread.join(5)
 
-    def _handshake(self, request: ssl.SSLSocket, client_address: Any) -> bool:
-        request.settimeout(self.ae.acse_timeout)
-        try:
-            request.do_handshake()
-        except (OSError, ValueError) as exc:
-            self.tls_failures[type(exc).__name__] += 1
-            log.warning(
-                "TLS handshake with %s:%s failed: %s", client_address[0], client_address[1], exc
-            )
-            request.close()
-            return False
-        request.settimeout(self.ae.network_timeout)
-        return True
+    def _accept_forever(self) -> None:
+        while not self._closing:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                if self._closing:
+                    return
+                time.sleep(0.05)  # EMFILE and the like: let the lobby free descriptors
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.lobby.admit(conn, self._starter(conn, peer[:2]))
 
-
-class SharedPortAssociationServer(GuardedAssociationServer):
-    """A listener that shares its port with the other receiver processes (node.receivers > 1).
-
-    SO_REUSEPORT must be set on every socket before bind(); the kernel then spreads
-    new connections over the processes listening on the port.
-    """
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    def _starter(self, conn: socket.socket, peer: Address) -> Callable[[], None]:
+        return lambda: self.start_association(conn, peer, self.tls_context)
 
 
 def _tls_summary(tls: TLSConfig) -> str:
@@ -247,63 +237,17 @@ def _tls_summary(tls: TLSConfig) -> str:
     return f"TLS {tls.min_version}+, {client}"
 
 
-def end_wait_for_request(event: evt.Event) -> None:
-    """The connection closed before an A-ASSOCIATE-RQ: let the association thread end now.
-
-    pynetdicom would otherwise keep the thread waiting for the request until
-    the ACSE timeout, and hold up a shutdown that long. A None on its queue
-    is what it reads as "no request came".
-    """
-    assoc = event.assoc
-    if assoc.is_acceptor and assoc.requestor.primitive is None:
-        assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
-
-
-def start_guarded_server(
-    ae: ApplicationEntity,
-    address: Address,
-    lobby: Lobby,
-    receive_limits: ReceiveLimits,
-    evt_handlers: list,
-    ssl_context: ssl.SSLContext | None = None,
-    share_port: bool = False,
-) -> GuardedAssociationServer:
-    """Like ae.start_server(block=False), with the guarded server class."""
-    server = ae.make_server(
-        address,
-        ssl_context=ssl_context,
-        evt_handlers=evt_handlers,
-        server_class=SharedPortAssociationServer if share_port else GuardedAssociationServer,
-        request_handler=GuardedRequestHandler,
-    )
-    server.lobby = lobby
-    server.receive_limits = receive_limits
-    server.tls_failures = Counter()
-    thread = threading.Thread(
-        target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True
-    )
-    thread.start()
-    ae._servers.append(server)  # pynetdicom's shutdown() removes it from this list
-    return server
-
-
 class Listeners:
     """The plain listener on node.port and, with [security.tls] enabled, the TLS one beside it."""
 
-    def __init__(self, ae: ApplicationEntity, evt_handlers: list) -> None:
-        self.ae = ae
-        self.evt_handlers = [*evt_handlers, (evt.EVT_CONN_CLOSE, end_wait_for_request)]
-        self.lobby = Lobby(timeout=lambda: ae.acse_timeout)
-        self.receive_limits = ReceiveLimits()
-        self.servers: list[GuardedAssociationServer] = []
-
-    def reconfigure(self, config: Config) -> None:
-        """Apply reloadable limits; new associations get them."""
-        self.receive_limits.max_pdu = config.node.max_pdu
-        self.receive_limits.max_instance_size = config.limits.max_instance_size
+    def __init__(
+        self, start_association: StartAssociation, acse_timeout: Callable[[], float | None]
+    ) -> None:
+        self.start_association = start_association
+        self.lobby = Lobby(timeout=acse_timeout)
+        self.listeners: list[Listener] = []
 
     def start(self, config: Config) -> None:
-        self.reconfigure(config)
         tls = config.security.tls
         # Load the certificates first: a bad file stops the node before anything listens.
         context = server_context(tls) if tls.enabled else None
@@ -315,24 +259,21 @@ class Listeners:
             self._listen(config, tls.port, context)
 
     def _listen(self, config: Config, port: int, context: ssl.SSLContext | None) -> None:
-        address = (config.node.host, port)
-        self.servers.append(
-            start_guarded_server(
-                self.ae,
-                address,
-                self.lobby,
-                self.receive_limits,
-                self.evt_handlers,
-                context,
-                share_port=config.node.receivers > 1,
-            )
+        listener = Listener(
+            (config.node.host, port),
+            self.lobby,
+            self.start_association,
+            context,
+            share_port=config.node.receivers > 1,
         )
+        listener.start()
+        self.listeners.append(listener)
         how = _tls_summary(config.security.tls) if context else "without TLS"
-        log.info("listening on %s:%d as %r, %s", *address, config.node.ae_title, how)
+        log.info("listening on %s:%d as %r, %s", config.node.host, port, config.node.ae_title, how)
 
     def close(self) -> None:
         """Stop accepting; silent sockets are closed. Running associations are left alone."""
-        for server in self.servers:
-            server.shutdown()
-        self.servers = []
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
         self.lobby.stop()

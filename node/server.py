@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing.util
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -60,10 +59,6 @@ class Node:
         self.router = Router(config)
         # Codec worker processes start on first use: a node that never transcodes has none.
         self.transcode_pool = TranscodePool(config.node.workers or None)
-        # The pool's forkserver binds an AF_UNIX socket (at most 107 bytes of path) in
-        # multiprocessing's temporary folder: settle that folder in /tmp now, before the SCP
-        # points `tempfile` at the spool (node.netio), whose path can be too long for it.
-        multiprocessing.util.get_temp_dir()
         self.store_workers = StoreWorkers(
             self.queue, self.spool, self.targets, transcoding_stager(self.transcode_pool.transcode)
         )

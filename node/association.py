@@ -1,0 +1,357 @@
+"""One association as the acceptor: negotiate, then serve C-ECHO and C-STORE until it ends.
+
+Each association runs in its own thread and blocks on its socket: a PDU is
+handled the moment it arrives, with no polling loop between the network and
+the handler (pynetdicom's reactors sleep a millisecond at a time, which the
+profile showed as the largest cost of a small C-STORE). Messages are handled
+one at a time, in order, as the DICOM default of one outstanding operation
+requires. What the node does with a message (admission, intake, statistics)
+belongs to the handlers; this module only speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from node import dimse, pdu
+from node.dimse import Command, CommandError
+from node.pduguard import ReceiveLimitExceeded, ReceiveLimits
+from node.receiving import ArrivingDataset
+
+log = logging.getLogger("node.association")
+
+READ_BUFFER = 256 * 1024
+CHUNK = 1024 * 1024  # the most of one fragment read in a single call
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection in the middle of the protocol."""
+
+
+@dataclass(frozen=True)
+class AcceptorSettings:
+    """What an association needs to know from the config; fixed for its lifetime."""
+
+    ae_title: str
+    max_pdu: int  # ours, advertised in the A-ASSOCIATE-AC; 0 is unlimited
+    acse_timeout: float | None
+    dimse_timeout: float | None  # for the rest of a message once its first fragment came
+    network_timeout: float | None  # for an established association waiting for a message
+    limits: ReceiveLimits
+    receiving_folder: Path
+    negotiate: Callable[[pdu.AssociateRequest], list[pdu.ContextResult]]
+    implementation_class_uid: str
+    implementation_version_name: str
+    tls_context: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # a short counter key
+    result_source_diagnostic: tuple[int, int, int]
+    message: str
+
+
+class Handlers(Protocol):
+    """What the node does at each step of an association."""
+
+    def admit(self, assoc: Association) -> Refusal | None: ...
+    def established(self, assoc: Association) -> None: ...
+    def rejected(self, assoc: Association, refusal: Refusal) -> None: ...
+    def closed(self, assoc: Association, aborted: bool) -> None: ...
+    def echo(self, assoc: Association, command: Command) -> int: ...
+    def store(
+        self, assoc: Association, command: Command, transfer_syntax: str, dataset: ArrivingDataset
+    ) -> tuple[int, str]: ...
+
+
+@dataclass
+class Pending:
+    """A request whose command has arrived and whose dataset may still be arriving."""
+
+    context_id: int
+    command: Command
+    dataset: ArrivingDataset | None = None
+
+
+@dataclass(eq=False)  # identity semantics: an association is a running thing, not a value
+class Association:
+    sock: socket.socket
+    peer: tuple[str, int]
+    settings: AcceptorSettings
+    handlers: Handlers
+    request: pdu.AssociateRequest | None = None
+    accepted: dict[int, str] = field(default_factory=dict)  # context ID -> transfer syntax
+    results: list[pdu.ContextResult] = field(default_factory=list)
+    is_established: bool = False
+    _send_lock: threading.Lock = field(default_factory=threading.Lock)
+    _reader: object = None
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.request.calling_ae_title if self.request else ""
+
+    @property
+    def called_ae_title(self) -> str:
+        return self.request.called_ae_title if self.request else ""
+
+    @property
+    def address(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}"
+
+    def run(self) -> None:
+        """The association's thread: from the first byte to the closed socket."""
+        try:
+            if self.settings.tls_context is not None and not self._handshake():
+                return
+            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
+            self.sock.settimeout(self.settings.acse_timeout)
+            self.request = self._read_request()
+            if self.request is None:
+                return
+            refusal = self.handlers.admit(self)
+            if refusal is not None:
+                self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
+                self.handlers.rejected(self, refusal)
+                return
+            self._accept()
+            self._serve_established()
+        finally:
+            self._close()
+
+    def abort(self) -> None:
+        """Abort from another thread (a shutdown that ran out of time)."""
+        with contextlib.suppress(OSError):
+            self._send(pdu.encode_abort())
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _handshake(self) -> bool:
+        context = self.settings.tls_context
+        assert context is not None
+        self.sock.settimeout(self.settings.acse_timeout)
+        try:
+            self.sock = context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self.sock.do_handshake()  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", self.address, exc)
+            return False
+        return True
+
+    def _read_request(self) -> pdu.AssociateRequest | None:
+        try:
+            header = self._read_exactly(6)
+            pdu_type, length = pdu.parse_header(header)
+            if pdu_type != pdu.A_ASSOCIATE_RQ:
+                raise pdu.PDUError(
+                    f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU
+                )
+            self._check_pdu_length(pdu_type, length)
+            return pdu.decode_associate_rq(header + self._read_exactly(length))
+        except (ConnectionClosed, OSError) as exc:
+            log.info(
+                "connection from %s ended before an association request: %s", self.address, exc
+            )
+        except (pdu.PDUError, ReceiveLimitExceeded) as exc:
+            log.warning("refused a connection from %s: %s", self.address, exc)
+            self._send_abort_quietly(getattr(exc, "reason", pdu.REASON_NOT_SPECIFIED))
+        return None
+
+    def _accept(self) -> None:
+        assert self.request is not None
+        self.results = self.settings.negotiate(self.request)
+        self.accepted = {r.context_id: r.transfer_syntax for r in self.results if r.result == 0}
+        self._send(
+            pdu.encode_associate_ac(
+                self.request,
+                self.results,
+                self.settings.max_pdu,
+                self.settings.implementation_class_uid,
+                self.settings.implementation_version_name,
+            )
+        )
+        self.is_established = True
+        self.sock.settimeout(self.settings.network_timeout)
+        self.handlers.established(self)
+
+    def _serve_established(self) -> None:
+        aborted = True
+        try:
+            aborted = not self._serve_messages()
+        except (ConnectionClosed, OSError) as exc:
+            log.warning(
+                "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
+            )
+        except (pdu.PDUError, CommandError, ReceiveLimitExceeded) as exc:
+            log.warning(
+                "aborting the association from %s %r: %s", self.address, self.calling_ae_title, exc
+            )
+            self._send_abort_quietly(getattr(exc, "reason", pdu.REASON_NOT_SPECIFIED))
+        finally:
+            self.is_established = False
+            self.handlers.closed(self, aborted)
+
+    def _serve_messages(self) -> bool:
+        """Handle PDUs until the association ends: True if released, False if aborted."""
+        pending: Pending | None = None
+        command_bytes = bytearray()
+        try:
+            while True:
+                in_message = pending is not None or bool(command_bytes)
+                timeout = (
+                    self.settings.dimse_timeout if in_message else self.settings.network_timeout
+                )
+                self.sock.settimeout(timeout)
+                pdu_type, length = pdu.parse_header(self._read_exactly(6))
+                self._check_pdu_length(pdu_type, length)
+                if pdu_type == pdu.P_DATA_TF:
+                    pending = self._read_pdvs(length, pending, command_bytes)
+                elif pdu_type == pdu.A_RELEASE_RQ:
+                    self._read_exactly(length)
+                    self._send(pdu.encode_release_rp())
+                    return True
+                elif pdu_type == pdu.A_ABORT:
+                    self._read_exactly(length)
+                    log.info(
+                        "association from %s %r aborted by the peer",
+                        self.address,
+                        self.calling_ae_title,
+                    )
+                    return False
+                else:
+                    raise pdu.PDUError(f"unexpected PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU)
+        finally:
+            if pending is not None and pending.dataset is not None:
+                pending.dataset.discard()
+
+    def _read_pdvs(
+        self, length: int, pending: Pending | None, command_bytes: bytearray
+    ) -> Pending | None:
+        remaining = length
+        while remaining:
+            if remaining < pdu.PDV_HEADER_SIZE:
+                raise pdu.PDUError(
+                    "a P-DATA-TF ends inside a PDV header", pdu.INVALID_PDU_PARAMETER
+                )
+            item_length, context_id, control = pdu.PDV_HEADER.unpack(self._read_exactly(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise pdu.PDUError(f"a PDV claims {item_length} bytes", pdu.INVALID_PDU_PARAMETER)
+            remaining -= item_length + 4
+            if context_id not in self.accepted:
+                raise pdu.PDUError(
+                    f"a PDV on presentation context {context_id}, which was not accepted"
+                )
+            if control & 0x01:
+                pending = self._command_fragment(
+                    item_length - 2, context_id, control, pending, command_bytes
+                )
+            else:
+                pending = self._dataset_fragment(item_length - 2, context_id, control, pending)
+        return pending
+
+    def _command_fragment(
+        self,
+        size: int,
+        context_id: int,
+        control: int,
+        pending: Pending | None,
+        command_bytes: bytearray,
+    ) -> Pending | None:
+        if pending is not None:
+            raise pdu.PDUError("a new command began before the last one's dataset ended")
+        command_bytes += self._read_exactly(size)
+        if len(command_bytes) > 64 * 1024:
+            raise CommandError("a command set over 64 KiB")
+        if not control & 0x02:
+            return None
+        command = dimse.decode_command(command_bytes)
+        command_bytes.clear()
+        if command.has_dataset:
+            return Pending(context_id, command, ArrivingDataset(self.settings.receiving_folder))
+        self._respond(Pending(context_id, command))
+        return None
+
+    def _dataset_fragment(
+        self, size: int, context_id: int, control: int, pending: Pending | None
+    ) -> Pending | None:
+        if pending is None or pending.dataset is None:
+            raise pdu.PDUError("a dataset fragment arrived without a command")
+        if context_id != pending.context_id:
+            raise pdu.PDUError(
+                "a dataset fragment on another presentation context than its command"
+            )
+        dataset = pending.dataset
+        while size:
+            chunk = self._read_exactly(min(size, CHUNK))
+            dataset.append(chunk)
+            size -= len(chunk)
+        limit = self.settings.limits.message_limit()
+        if limit and dataset.size > limit:
+            raise ReceiveLimitExceeded(
+                f"a dataset passed {dataset.size} bytes (twice limits.max_instance_size: {limit})"
+            )
+        if not control & 0x02:
+            return pending
+        try:
+            self._respond(pending)
+        finally:
+            dataset.discard()
+        return None
+
+    def _respond(self, pending: Pending) -> None:
+        command = pending.command
+        comment = ""
+        if command.command_field == dimse.C_STORE_RQ and pending.dataset is not None:
+            syntax = self.accepted[pending.context_id]
+            status, comment = self.handlers.store(self, command, syntax, pending.dataset)
+        elif command.command_field == dimse.C_ECHO_RQ:
+            status = self.handlers.echo(self, command)
+        else:
+            log.warning(
+                "%s from %s %r is not a service the node provides: answered 0x%04X",
+                command.name,
+                self.address,
+                self.calling_ae_title,
+                dimse.UNRECOGNIZED_OPERATION,
+            )
+            status = dimse.UNRECOGNIZED_OPERATION
+        response = dimse.encode_response(command, status, comment)
+        self._send(pdu.encode_command_pdu(pending.context_id, response))
+
+    def _check_pdu_length(self, pdu_type: int, length: int) -> None:
+        limit = self.settings.limits.pdu_limit(pdu_type)
+        if limit and length > limit:
+            raise ReceiveLimitExceeded(
+                f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (limit {limit})"
+            )
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self._reader.read(size)  # type: ignore[attr-defined]
+        if len(data) != size:
+            raise ConnectionClosed(f"the connection closed {size - len(data)} bytes early")
+        return data
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _send_abort_quietly(self, reason: int) -> None:
+        with contextlib.suppress(OSError):
+            self._send(pdu.encode_abort(pdu.SERVICE_PROVIDER, reason))
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(OSError):
+                self._reader.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            self.sock.close()

@@ -1,0 +1,154 @@
+"""Upper Layer PDUs (PS3.8 section 9.3): what the acceptor reads and writes on the wire.
+
+Only the association request is decoded with pynetdicom's PDU classes: it happens
+once per association and has many optional items. Everything on the per-message
+path (P-DATA-TF, A-RELEASE, A-ABORT) and every PDU we send is a few struct calls.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pynetdicom.pdu import A_ASSOCIATE_RQ as _AssociateRQDecoder
+from pynetdicom.pdu_primitives import MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
+
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+PDU_TYPES = frozenset(range(A_ASSOCIATE_RQ, A_ABORT + 1))
+
+HEADER = struct.Struct(">BxL")  # PDU type, reserved, length
+PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, message control header
+PDV_HEADER_SIZE = PDV_HEADER.size
+
+APPLICATION_CONTEXT_NAME = b"1.2.840.10008.3.1.1.1"
+# A-ABORT source and reason (PS3.8 9.3.8)
+SERVICE_PROVIDER = 0x02
+REASON_NOT_SPECIFIED = 0x00
+UNRECOGNIZED_PDU = 0x01
+UNEXPECTED_PDU = 0x02
+INVALID_PDU_PARAMETER = 0x06
+
+
+class PDUError(Exception):
+    """The peer sent something that is not a valid PDU here; the association is aborted."""
+
+    def __init__(self, message: str, reason: int = REASON_NOT_SPECIFIED) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AssociateRequest:
+    """The parts of an A-ASSOCIATE-RQ the acceptor acts on."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    contexts: list[PresentationContext]
+    max_pdu: int  # the requestor's Maximum Length Received; 0 is unlimited
+    raw_called: bytes  # the 16 bytes as sent, returned unchanged in the A-ASSOCIATE-AC
+    raw_calling: bytes
+
+
+def decode_associate_rq(pdu: bytes) -> AssociateRequest:
+    """Decode a whole A-ASSOCIATE-RQ PDU (header included)."""
+    if len(pdu) < 74:
+        raise PDUError("A-ASSOCIATE-RQ shorter than its fixed fields", INVALID_PDU_PARAMETER)
+    try:
+        decoder = _AssociateRQDecoder()
+        decoder.decode(pdu)
+        primitive = decoder.to_primitive()
+    except Exception as exc:  # pynetdicom raises whatever its item parsers hit
+        raise PDUError(f"A-ASSOCIATE-RQ cannot be decoded: {exc}", INVALID_PDU_PARAMETER) from exc
+    max_pdu = 0
+    for item in primitive.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            max_pdu = item.maximum_length_received or 0
+    return AssociateRequest(
+        calling_ae_title=str(primitive.calling_ae_title).strip(),
+        called_ae_title=str(primitive.called_ae_title).strip(),
+        contexts=list(primitive.presentation_context_definition_list),
+        max_pdu=max_pdu,
+        raw_called=bytes(pdu[10:26]),
+        raw_calling=bytes(pdu[26:42]),
+    )
+
+
+@dataclass(frozen=True)
+class ContextResult:
+    """One presentation context's answer in the A-ASSOCIATE-AC."""
+
+    context_id: int
+    result: (
+        int  # 0 acceptance, 1 user rejection, 2 no reason, 3 abstract syntax, 4 transfer syntaxes
+    )
+    transfer_syntax: str
+
+
+def encode_associate_ac(
+    request: AssociateRequest,
+    results: Iterable[ContextResult],
+    max_pdu: int,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+) -> bytes:
+    items = [_item(0x10, APPLICATION_CONTEXT_NAME)]
+    for context in results:
+        syntax = _item(0x40, context.transfer_syntax.encode("ascii"))
+        fields = struct.pack(">BxBx", context.context_id, context.result)
+        items.append(_item(0x21, fields + syntax))
+    user = (
+        _item(0x51, struct.pack(">L", max_pdu))
+        + _item(0x52, implementation_class_uid.encode("ascii"))
+        + _item(0x55, implementation_version_name.encode("ascii")[:16])
+    )
+    items.append(_item(0x50, user))
+    body = (
+        struct.pack(">H2x", 1)  # protocol version 1
+        + request.raw_called
+        + request.raw_calling
+        + bytes(32)
+        + b"".join(items)
+    )
+    return _pdu(A_ASSOCIATE_AC, body)
+
+
+def encode_associate_rj(result: int, source: int, diagnostic: int) -> bytes:
+    return _pdu(A_ASSOCIATE_RJ, struct.pack(">xBBB", result, source, diagnostic))
+
+
+def encode_release_rp() -> bytes:
+    return _pdu(A_RELEASE_RP, bytes(4))
+
+
+def encode_abort(source: int = SERVICE_PROVIDER, reason: int = REASON_NOT_SPECIFIED) -> bytes:
+    return _pdu(A_ABORT, struct.pack(">xxBB", source, reason))
+
+
+def encode_command_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF with one PDV: a whole command set (message control: command, last)."""
+    pdv = PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
+    return _pdu(P_DATA_TF, pdv)
+
+
+def parse_header(header: bytes) -> tuple[int, int]:
+    """(PDU type, length) of a 6-byte PDU header."""
+    pdu_type, length = HEADER.unpack(header)
+    if pdu_type not in PDU_TYPES:
+        raise PDUError(f"unknown PDU type 0x{pdu_type:02X}", UNRECOGNIZED_PDU)
+    return pdu_type, length
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(value)) + value
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return HEADER.pack(pdu_type, len(body)) + body
