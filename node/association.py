@@ -188,6 +188,14 @@ class Association:
         aborted = True
         try:
             aborted = not self._serve_messages()
+        except TimeoutError:
+            log.warning(
+                "aborting the association from %s %r: no PDU for %s s",
+                self.address,
+                self.calling_ae_title,
+                self.sock.gettimeout(),
+            )
+            self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
         except (ConnectionClosed, OSError) as exc:
             log.warning(
                 "association from %s %r ended: %s", self.address, self.calling_ae_title, exc

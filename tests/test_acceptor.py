@@ -1,0 +1,174 @@
+"""The acceptor's protocol against a peer that misbehaves on the wire, byte by byte.
+
+The peer here is a plain socket speaking PDUs we build (with pynetdicom's
+encoders for the association request), so each test can stop, pause or lie
+exactly where it wants to.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filereader import read_dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from node import pdu
+from node.receiving import ArrivingDataset
+from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
+
+CONTEXT_ID = 1
+
+
+def start_node(tmp_path: Path, **node: object) -> NodeProcess:
+    port = free_port()
+    config = write_config(tmp_path / "config.toml", base_config(tmp_path, port, **node))
+    return NodeProcess(config, port).start()
+
+
+def associate(port: int) -> socket.socket:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "RAWSCU"
+    primitive.called_ae_title = "DICOMNODE"
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    context.context_id = CONTEXT_ID
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 0
+    primitive.user_information = [max_length]
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(20)
+    sock.sendall(request.encode())
+    pdu_type, length = pdu.parse_header(read_exactly(sock, 6))
+    read_exactly(sock, length)
+    assert pdu_type == pdu.A_ASSOCIATE_AC
+    return sock
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def command(field: int, sop_instance: str, has_dataset: bool = True) -> bytes:
+    ds = pydicom.Dataset()
+    ds.CommandGroupLength = 0
+    ds.AffectedSOPClassUID = CTImageStorage
+    ds.CommandField = field
+    ds.MessageID = 1
+    ds.Priority = 0
+    ds.CommandDataSetType = 0x0000 if has_dataset else 0x0101
+    ds.AffectedSOPInstanceUID = sop_instance
+    encoded = encode(ds, True, True)
+    assert encoded is not None
+    return encoded
+
+
+def dataset_pdu(fragment: bytes, last: bool) -> bytes:
+    pdv = struct.pack(">LBB", len(fragment) + 2, CONTEXT_ID, 0x02 if last else 0x00) + fragment
+    return struct.pack(">BxL", pdu.P_DATA_TF, len(pdv)) + pdv
+
+
+def response_status(sock: socket.socket) -> int:
+    pdu_type, length = pdu.parse_header(read_exactly(sock, 6))
+    body = read_exactly(sock, length)
+    assert pdu_type == pdu.P_DATA_TF
+    response = read_dataset(BytesIO(body[6:]), is_implicit_VR=True, is_little_endian=True)
+    return int(response.Status)
+
+
+def test_a_large_dataset_spills_to_disk_and_is_discarded_when_the_peer_vanishes(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "arriving"
+    folder.mkdir()
+    arriving = ArrivingDataset(folder, spill_at=1000)
+    arriving.append(b"a" * 600)
+    assert list(folder.iterdir()) == []  # still in memory
+    arriving.append(b"b" * 600)
+    with arriving.contents() as (data, on_disk):
+        assert bytes(data) == b"a" * 600 + b"b" * 600
+        assert on_disk is not None and on_disk.length == 1200
+    arriving.discard()
+    assert list(folder.iterdir()) == []
+
+
+def test_a_connection_lost_mid_dataset_leaves_nothing_behind(tmp_path: Path) -> None:
+    node = start_node(tmp_path)
+    try:
+        sock = associate(node.port)
+        sock.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0001, generate_uid())))
+        for _ in range(48):  # 12 MiB in PDUs under max_pdu: past the 8 MiB held in memory
+            sock.sendall(dataset_pdu(b"\0" * (256 * 1024 - 64), last=False))
+        receiving = tmp_path / "data" / "spool" / ".receiving"
+        assert wait_until(lambda: any(receiving.iterdir()), timeout=10), "nothing spilled"
+        sock.close()
+        assert wait_until(lambda: not any(receiving.iterdir()), timeout=10)
+        assert "association from 127.0.0.1" in node.log()
+        assert node.alive()
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def test_a_command_the_node_does_not_provide_gets_a_status_not_a_hang(tmp_path: Path) -> None:
+    node = start_node(tmp_path)
+    try:
+        sock = associate(node.port)
+        # C-FIND-RQ (0x0020) on the storage context, without a dataset.
+        sock.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0020, "", has_dataset=False)))
+        assert response_status(sock) == 0x0211
+        sock.sendall(struct.pack(">BxL", pdu.A_RELEASE_RQ, 4) + bytes(4))
+        assert pdu.parse_header(read_exactly(sock, 6)) == (pdu.A_RELEASE_RP, 4)
+        sock.close()
+        assert wait_until(lambda: "is not a service the node provides" in node.log(), timeout=5)
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+@pytest.mark.parametrize("pause_in_message", [True, False])
+def test_a_paused_peer_is_dropped_after_the_matching_timeout(
+    tmp_path: Path, pause_in_message: bool
+) -> None:
+    # dimse_timeout bounds a pause inside a message, network_timeout an idle association.
+    node = start_node(tmp_path, dimse_timeout=1.0, network_timeout=4.0)
+    try:
+        sock = associate(node.port)
+        if pause_in_message:
+            sock.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0001, generate_uid())))
+        started = time.monotonic()
+        sock.settimeout(60)
+        closed = b""
+        try:
+            while True:
+                chunk = sock.recv(4096)
+                closed += chunk
+                if not chunk:
+                    break
+        except (TimeoutError, ConnectionResetError):
+            pass
+        waited = time.monotonic() - started
+        assert closed[:1] == bytes([pdu.A_ABORT]), closed[:16]
+        if pause_in_message:
+            assert 0.9 < waited < 3.5, waited
+        else:
+            assert 3.9 < waited < 10, waited
+        assert "no PDU for" in node.log()
+    finally:
+        assert node.stop() == 0, node.log()
