@@ -58,6 +58,12 @@ def fill_queue(data_dir: Path, files: list[Path]) -> tuple[Queue, Spool]:
     return queue, spool
 
 
+def open_jobs(queue: Queue) -> int:
+    with queue._read_lock:
+        (count,) = queue._reader.execute("SELECT COUNT(*) FROM jobs").fetchone()
+    return int(count)
+
+
 def no_transcode(*_args: object, **_kwargs: object) -> object:
     raise AssertionError("the benchmark inputs need no transcoding")
 
@@ -74,11 +80,16 @@ def drain(files: list[Path], workdir: Path, max_pdu: int) -> float:
         forwarder = Forwarder([destination], node, queue, spool, derived)
         start = time.perf_counter()
         forwarder.start()
-        while pacs.stored() < len(files) and time.perf_counter() - start < TIMEOUT:
-            time.sleep(0.005)
+        # Polled in the forwarder's own process: a folder walk every few ms would take the
+        # CPU and the GIL from it. A job row is gone once storescp has answered (it answers
+        # after writing the file) and the completion is committed.
+        while open_jobs(queue) and time.perf_counter() - start < TIMEOUT:
+            time.sleep(0.002)
         seconds = time.perf_counter() - start
         forwarder.stop()
         queue.close()
+        if pacs.stored() != len(files):
+            raise RuntimeError(f"storescp holds {pacs.stored()} of {len(files)} files")
         return seconds
     finally:
         pacs.stop()
