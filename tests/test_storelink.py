@@ -22,6 +22,7 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
+from node.config import TLSConfig
 from node.storelink import (
     AssociationRejected,
     LinkError,
@@ -31,6 +32,8 @@ from node.storelink import (
     associate,
     read_part10_meta,
 )
+from node.tls import client_context
+from tests.certs import make_certificates
 from tests.corpus import find
 from tests.forward_support import StoreSCP
 from tests.support import free_port
@@ -370,3 +373,40 @@ def test_an_association_the_peer_closed_while_idle_is_not_reused() -> None:
         time.sleep(1.0)  # the peer closes after 0.5 s
         assert not association.is_usable()
         assert not association.established
+
+
+def test_tls_association_is_reused_across_c_stores(tmp_path: Path) -> None:
+    """One TLS 1.3 association carries several C-STOREs: the idle check between them must not
+    mistake TLS records (session tickets, if the server sends any) for the peer leaving."""
+    certs = make_certificates(tmp_path / "pki")
+    scp = StoreSCP(
+        tmp_path / "scp", "TLSSCP", "+tls", str(certs.server_key), str(certs.server_cert),
+        "+cf", str(certs.ca),
+    ).start()  # fmt: skip
+    context = client_context(
+        TLSConfig(
+            enabled=True,
+            ca_bundle=certs.ca,
+            certificate=certs.client_cert,
+            private_key=certs.client_key,
+            min_version="1.3",
+        )
+    )
+    try:
+        association = associate(
+            Peer("TLSSCP", "127.0.0.1", scp.port), "NODETEST",
+            [(CTImageStorage, ExplicitVRLittleEndian), (MRImageStorage, ExplicitVRLittleEndian)],
+            max_pdu=0, timeouts=QUICK, tls=(context, "127.0.0.1"),
+        )  # fmt: skip
+        assert association.sock.version() == "TLSv1.3"
+        statuses = []
+        for path in [CT, find("MR_small.dcm"), CT]:
+            time.sleep(0.2)  # idle long enough for anything the server sends to arrive
+            assert association.is_usable()
+            statuses.append(association.store(path).status)
+        association.release()
+        assert statuses == [0, 0, 0]
+        assert scp.log().count("Association Received") <= 1
+        assert len(scp.files()) == 2
+    finally:
+        scp.stop()
