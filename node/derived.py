@@ -70,6 +70,8 @@ class DerivedFiles:
         allow_lossy: bool = False,
     ) -> Path:
         """The instance at `source` encoded in `target`'s syntax; raises Untranscodable."""
+        if isinstance(target, str) and target == source_syntax:
+            return source  # the common case, per forwarded instance: skip parsing the target
         rung = parse_target(target)
         syntax = rung.transfer_syntax
         if syntax == UID(source_syntax):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -29,25 +28,30 @@ from enum import StrEnum
 from pathlib import Path
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.association import Association
 
 from node import metrics
+from node.completions import Completions, Delivery
 from node.config import DestinationConfig, NodeConfig, RetryPolicy
 from node.derived import DerivedFiles, Untranscodable
 from node.queue import Job, JobKind, Queue
-from node.requestor import prepare_requestor
 from node.spool import Spool
+from node.storelink import (
+    AssociationRejected,
+    LinkError,
+    Peer,
+    StoreAssociation,
+    StoreResponse,
+    Timeouts,
+    associate,
+)
 from node.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.tls import client_context
 
 log = logging.getLogger("node.forward")
 
-# Send spooled files as they are on disk: no decode, no re-encode, bounded memory.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are the odd numbers 1..255
 POLL_INTERVAL = 1.0
+CLAIM_BATCH = 16
 ERROR_PAUSE = 5.0
 STOP_GRACE = 5.0  # seconds a C-STORE in progress may take to finish at stop
 
@@ -191,7 +195,7 @@ class DestinationLink:
         self.destination = destination
         self.node = node
         self.proposal = Proposal()
-        self.association: Association | None = None
+        self.association: StoreAssociation | None = None
         self.last_used = time.monotonic()
 
     @property
@@ -208,98 +212,75 @@ class DestinationLink:
         self.association = self._associate(self.proposal)
 
     def _usable(self) -> bool:
-        return self.association is not None and self.association.is_established
+        return self.association is not None and self.association.is_usable()
 
-    def _associate(self, proposal: Proposal) -> Association:
-        ae = AE(ae_title=self.node.ae_title)
-        ae.acse_timeout = self.node.acse_timeout
-        ae.dimse_timeout = self.node.dimse_timeout
-        ae.network_timeout = self.node.network_timeout
-        ae.maximum_pdu_size = self.node.max_pdu
-        for sop_class, syntaxes in proposal.syntaxes.items():
-            for syntax in syntaxes:
-                # One syntax per context: the peer says yes or no to each, and we choose.
-                ae.add_requested_context(sop_class, [syntax])
+    def _associate(self, proposal: Proposal) -> StoreAssociation:
         d = self.destination
+        # One syntax per context: the peer says yes or no to each, and we choose.
+        contexts = [
+            (sop_class, str(syntax))
+            for sop_class, syntaxes in proposal.syntaxes.items()
+            for syntax in syntaxes
+        ]
+        timeouts = Timeouts(
+            acse=self.node.acse_timeout,
+            dimse=self.node.dimse_timeout,
+            network=self.node.network_timeout,
+        )
         try:
-            association = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=_client_tls(d))
-        except (OSError, ssl.SSLError) as exc:
-            raise TransportError(f"cannot connect to {self.peer}: {exc}") from None
-        if not association.is_established:
-            raise TransportError(self._why_not_established(association))
-        prepare_requestor(association)
+            association = associate(
+                Peer(d.ae_title, d.host, d.port),
+                self.node.ae_title,
+                contexts,
+                max_pdu=self.node.max_pdu,
+                timeouts=timeouts,
+                tls=_client_tls(d),
+            )
+        except AssociationRejected as exc:
+            raise TransportError(
+                f"{exc}: check its AE title and whether it knows our calling AE title"
+            ) from None
+        except LinkError as exc:
+            raise TransportError(str(exc)) from None
         self.last_used = time.monotonic()
         log.debug("association to %s established", self.peer)
         return association
 
-    def _why_not_established(self, association: Association) -> str:
-        if association.is_rejected:
-            return (
-                f"association rejected by {self.peer} (check its AE title and whether it"
-                " knows our calling AE title)"
-            )
-        unreachable = self._connection_problem()
-        if unreachable:
-            return f"cannot connect to {self.peer}: {unreachable}"
-        if association.is_aborted:
-            return f"association aborted by {self.peer}"
-        return f"no association with {self.peer}: no answer within {self.node.acse_timeout:g} s"
-
-    def _connection_problem(self) -> str | None:
-        """pynetdicom reports a refused connection as an abort; a plain TCP connect tells."""
-        try:
-            with socket.create_connection(
-                (self.destination.host, self.destination.port), timeout=5
-            ):
-                return None
-        except OSError as exc:
-            return exc.strerror or str(exc)
-
     def accepted(self, sop_class: str) -> set[UID]:
         assert self.association is not None
-        return {
-            UID(cx.transfer_syntax[0])
-            for cx in self.association.accepted_contexts
-            if cx.abstract_syntax == sop_class
-        }
+        return {UID(syntax) for syntax in self.association.accepted(sop_class)}
 
-    def send(self, path: Path) -> int:
-        """C-STORE one Part 10 file; returns the response status or raises TransportError."""
+    def send(self, path: Path) -> StoreResponse:
+        """C-STORE one Part 10 file; returns the response or raises TransportError."""
         assert self.association is not None
         try:
-            response = self.association.send_c_store(path)
-        except (OSError, RuntimeError) as exc:
-            self.abort()
-            raise TransportError(f"sending to {self.peer} failed: {exc}") from None
+            response = self.association.store(path)
+        except LinkError as exc:
+            self.association = None
+            raise TransportError(str(exc)) from None
         self.last_used = time.monotonic()
-        if "Status" not in response:
-            self.abort()
-            raise TransportError(
-                f"no C-STORE response from {self.peer} (timeout or association aborted)"
-            )
-        return int(response.Status)
+        return response
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_used
 
     def release(self) -> None:
-        if self.association is not None and self.association.is_established:
+        if self.association is not None and self.association.established:
             self.association.release()
             log.debug("association to %s released", self.peer)
         self.association = None
 
     def abort(self) -> None:
-        if self.association is not None and self.association.is_established:
+        if self.association is not None:
             self.association.abort()
         self.association = None
 
     def interrupt(self) -> None:
-        """From another thread: abort, and wake a send_c_store waiting for its response
-        (pynetdicom would wait the whole DIMSE timeout; an empty answer ends the wait)."""
+        """From another thread: cut the connection, so a C-STORE waiting for its response
+        ends now instead of after the whole DIMSE timeout."""
         association = self.association
         if association is not None:
-            association.abort()
-            association.dimse.msg_queue.put((None, None))
+            association.interrupt()
 
 
 def proposed_syntaxes(destination: DestinationConfig, received: str) -> list[UID]:
@@ -327,6 +308,16 @@ class Outcome:
     peer_busy: bool = False  # out of resources: back off the whole destination
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What every worker of a forwarder uses."""
+
+    queue: Queue
+    derived: DerivedFiles
+    completions: Completions
+    stopping: threading.Event
+
+
 class DestinationWorker:
     """One thread, one association at a time, jobs of one destination."""
 
@@ -334,20 +325,17 @@ class DestinationWorker:
         self,
         destination: DestinationConfig,
         node: NodeConfig,
-        queue: Queue,
-        spool: Spool,
-        derived: DerivedFiles,
+        shared: Shared,
         wake: threading.Event,
-        stopping: threading.Event,
         hold: DestinationHold,
         index: int,
     ) -> None:
         self.destination = destination
-        self.queue = queue
-        self.spool = spool
-        self.derived = derived
+        self.queue = shared.queue
+        self.derived = shared.derived
+        self.completions = shared.completions
+        self.stopping = shared.stopping
         self.wake = wake
-        self.stopping = stopping
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
         self.hold = hold
@@ -374,11 +362,22 @@ class DestinationWorker:
             self.link.release()
             self.stopping.wait(POLL_INTERVAL)
             return
-        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=1)
+        # Claimed in batches: a claim waits for the queue's lock, which a durable commit
+        # holds through its fsync; one wait per batch instead of one per instance.
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=CLAIM_BATCH)
         if jobs:
-            self.run(jobs[0])
+            self._run_batch(jobs)
         else:
             self._wait_for_work()
+
+    def _run_batch(self, jobs: Sequence[Job]) -> None:
+        for index, job in enumerate(jobs):
+            if self.stopping.is_set() or self.hold.active():
+                # Not tried: they go back with their attempt count as it was.
+                self.queue.release(jobs[index:])
+                return
+            if not self.run(job, untried=jobs[index + 1 :]):
+                return  # the destination is held; run() gave the untried jobs back
 
     def _wait_for_work(self) -> None:
         if (
@@ -391,20 +390,24 @@ class DestinationWorker:
         self.wake.wait(timeout)
         self.wake.clear()
 
-    def run(self, job: Job) -> None:
+    def run(self, job: Job, untried: Sequence[Job] = ()) -> bool:
+        """Deliver one job; False if the destination is now held (then `untried`, claimed
+        jobs of the same batch, are given back first, so the hold defers them too)."""
         try:
             outcome = self._deliver(job)
         except TransportError as exc:
-            self._unreachable(job, str(exc))
-            return
+            self._unreachable(job, str(exc), untried)
+            return False
         except Exception as exc:  # a bug or an I/O error: keep the job, try again later
             log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
             outcome = Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
         if outcome.peer_busy:
-            self._unreachable(job, outcome.detail)  # a full disk there refuses every instance
-            return
+            # A full disk there refuses every instance.
+            self._unreachable(job, outcome.detail, untried)
+            return False
         self.hold.end()
         self._record(job, outcome)
+        return True
 
     def _deliver(self, job: Job) -> Outcome:
         instance = job.instance
@@ -423,9 +426,12 @@ class DestinationWorker:
         path, syntax, notes = self._file_in_first_possible(job, choices)
         if path is None:
             return Outcome(Verdict.REFUSED, "; ".join(notes))
-        code = self.link.send(path)
+        response = self.link.send(path)
+        code = response.status
         verdict = classify_status(code)
         detail = f"{describe_status(code)} from {self.link.peer} in {syntax_name(syntax)}"
+        if response.error_comment and verdict is not Verdict.DELIVERED:
+            detail += f": {_printable(response.error_comment)}"
         if notes and verdict is Verdict.DELIVERED:
             detail += f" (fallback: {'; '.join(notes)})"
         return Outcome(
@@ -460,8 +466,10 @@ class DestinationWorker:
                 notes.append(str(exc))
         return None, UID(instance.transfer_syntax), notes
 
-    def _unreachable(self, job: Job, error: str) -> None:
+    def _unreachable(self, job: Job, error: str, untried: Sequence[Job] = ()) -> None:
         self._record(job, Outcome(Verdict.RETRY, error))
+        if untried:
+            self.queue.release(untried)
         delay = self.hold.begin()
         log.warning(
             "destination %r unreachable or out of resources: holding its jobs for %.1f s",
@@ -473,13 +481,8 @@ class DestinationWorker:
         uid = job.instance.sop_instance_uid
         name = self.destination.name
         if outcome.verdict is Verdict.DELIVERED:
-            spool_file = self.queue.complete(job, outcome.detail)
-            if spool_file is not None:
-                self.spool.remove(spool_file)
-            metrics.record_forwarded(
-                name, "warning" if outcome.warning else "success", outcome.size
-            )
-            log.info("forwarded SOP Instance UID %s to %r: %s", uid, name, outcome.detail)
+            # Committed (then logged, spool file deleted) by the completions thread.
+            self.completions.add(Delivery(job, outcome.detail, outcome.warning, outcome.size))
         elif outcome.verdict is Verdict.REFUSED:
             self.queue.dead_letter(job, outcome.detail)
             metrics.record_forwarded(name, "failed")
@@ -510,6 +513,11 @@ class DestinationWorker:
         )
 
 
+def _printable(text: str, limit: int = 64) -> str:
+    """A peer's Error Comment (LO, 64 characters) as one harmless line of log and status."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _class_name(sop_class: str) -> str:
     name = UID(sop_class).name
     return f"{name} ({sop_class})" if name and name != sop_class else sop_class
@@ -529,13 +537,13 @@ class Forwarder:
         self.queue = queue
         self.derived = derived
         self._stopping = threading.Event()
+        self.completions = Completions(queue, spool)
+        shared = Shared(queue, derived, self.completions, self._stopping)
         self._wakes: Mapping[str, threading.Event] = {
             d.name: threading.Event() for d in destinations
         }
         self.workers = [
-            DestinationWorker(
-                d, node, queue, spool, derived, self._wakes[d.name], self._stopping, hold, index
-            )
+            DestinationWorker(d, node, shared, self._wakes[d.name], hold, index)
             for d, hold in self._holds(queue, destinations)
             for index in range(d.max_associations)
         ]
@@ -553,6 +561,7 @@ class Forwarder:
     def start(self) -> None:
         self.derived.prepare()
         self._dead_letter_unknown_destinations()
+        self.completions.start()
         for worker in self.workers:
             worker.thread.start()
 
@@ -583,6 +592,8 @@ class Forwarder:
                 log.warning("aborting the association of %s to stop", worker.thread.name)
                 worker.link.interrupt()
         self._join(timeout / 2)
+        # Deliveries the peers confirmed are committed before the queue closes.
+        self.completions.stop()
 
     def _join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -344,6 +344,28 @@ class Queue:
         open_jobs = self._write_durably(lambda db: _complete_job(db, job, result))
         return None if open_jobs else job.instance.spool_path
 
+    def complete_many(self, done: Sequence[tuple[Job, str]]) -> list[Path]:
+        """complete() for several jobs in one durable commit (the forwarder's completions
+        arrive faster than one fsync each). Returns the spool paths of finished instances."""
+
+        def work(db: sqlite3.Connection) -> list[Path]:
+            return [
+                job.instance.spool_path
+                for job, result in done
+                if not _complete_job(db, job, result)
+            ]
+
+        return list(self._write_durably(work))
+
+    def release(self, jobs: Sequence[Job]) -> None:
+        """Give back claimed jobs that were not tried: pending again, attempt count as before
+        the claim. Not fsynced: if lost, requeue_running makes them pending at the next start."""
+        with self._transaction(durable=False) as db:
+            db.executemany(
+                "UPDATE jobs SET state = ?, attempts = attempts - 1 WHERE id = ? AND state = ?",
+                [(JobState.PENDING, job.id, JobState.RUNNING) for job in jobs],
+            )
+
     def record_stored(
         self, storage: str, sop_instance_uid: str, path: Path, transfer_syntax: str
     ) -> None:

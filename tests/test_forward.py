@@ -16,10 +16,7 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
     generate_uid,
 )
-from pynetdicom.dimse_primitives import C_STORE
 
-from node.config import DestinationConfig, NodeConfig
-from node.forward import DestinationLink
 from tests.corpus import find
 from tests.forward_support import (
     RefusingSCP,
@@ -250,27 +247,6 @@ def test_queue_retry_ends_a_long_backoff_at_once(tmp_path: Path) -> None:
             assert wait_until(lambda: late.count() == 1, timeout=10), node.log()
     finally:
         late.stop()
-
-
-def test_a_c_store_response_taken_by_the_reactor_goes_back_to_the_waiting_sender(
-    tmp_path: Path,
-) -> None:
-    """pynetdicom's reactor can take a C-STORE response before send_c_store waits for it
-    (a race under CPU load); the link hands it back instead of dropping it."""
-    scp = StoreSCP(tmp_path / "scp", "RACE").start()
-    link = DestinationLink(DestinationConfig("race", "RACE", "127.0.0.1", scp.port), NodeConfig())
-    try:
-        link.ensure(CTImageStorage, [ExplicitVRLittleEndian])
-        assert link.association is not None
-        response = C_STORE()
-        response.MessageIDBeingRespondedTo = 1
-        response.Status = 0x0000
-        link.association._serve_request(response, 1)  # what the reactor does with it
-        assert link.association.dimse.get_msg(block=False) == (1, response)
-        assert link.send(find("CT_small.dcm")) == 0x0000
-    finally:
-        link.release()
-        scp.stop()
 
 
 def test_stop_does_not_wait_for_a_destination_that_never_answers(tmp_path: Path) -> None:
