@@ -34,34 +34,59 @@ class Codec:
     library: str
     checks: tuple[can.Check, ...]
     encode_frame: EncodeFrame
+    # pydicom decoding plugin that verifies the output. It must not share code with
+    # `library`: one bug on both sides of a library could cancel out and pass.
+    verifier: str
     method: str | None = None  # Lossy Image Compression Method defined term
 
 
 _J2K = "ISO_15444_1"
 _HTJ2K = "ISO_15444_15"
 
+# pydicom plugin names, and the library each one decodes these syntaxes with.
+_LIBJPEG = "pylibjpeg"  # pylibjpeg-libjpeg (Thomas Richter's libjpeg) for JPEG and JPEG-LS
+_OPENJPEG = "pylibjpeg"  # pylibjpeg-openjpeg for JPEG 2000 and HTJ2K
+_PYDICOM_RLE = "pydicom"  # pydicom's own RLE decoder, in Python and numpy
+
 _CODECS: dict[UID, Codec] = {
-    _uid.RLELossless: Codec("pylibjpeg-rle", can.RLE_CHECKS, enc.encode_rle),
-    _uid.JPEGLSLossless: Codec("imagecodecs CharLS", can.JPEG_FAMILY_CHECKS, enc.encode_jpegls),
+    # Slower than pylibjpeg-rle's decoder, but that is the encoder's own library.
+    _uid.RLELossless: Codec("pylibjpeg-rle", can.RLE_CHECKS, enc.encode_rle, _PYDICOM_RLE),
+    _uid.JPEGLSLossless: Codec(
+        "imagecodecs CharLS", can.JPEG_FAMILY_CHECKS, enc.encode_jpegls, _LIBJPEG
+    ),
+    # No JPEG 2000 Part 1 decoder but OpenJPEG is installed, so this one is checked by
+    # another build of the same library: it still catches wrapper and parameter bugs.
     _uid.JPEG2000Lossless: Codec(
-        "imagecodecs OpenJPEG", can.JPEG_FAMILY_CHECKS, enc.encode_j2k_lossless
+        "imagecodecs OpenJPEG", can.JPEG_FAMILY_CHECKS, enc.encode_j2k_lossless, _OPENJPEG
     ),
     _uid.HTJ2KLossless: Codec(
-        "imagecodecs OpenJPH", can.JPEG_FAMILY_CHECKS, enc.encode_htj2k_lossless
+        "imagecodecs OpenJPH", can.JPEG_FAMILY_CHECKS, enc.encode_htj2k_lossless, _OPENJPEG
     ),
     _uid.HTJ2KLosslessRPCL: Codec(
-        "imagecodecs OpenJPH", can.JPEG_FAMILY_CHECKS, enc.encode_htj2k_rpcl
+        "imagecodecs OpenJPH", can.JPEG_FAMILY_CHECKS, enc.encode_htj2k_rpcl, _OPENJPEG
     ),
     _uid.JPEGLosslessSV1: Codec(
-        "imagecodecs libjpeg-turbo", can.LOSSLESS_JPEG_CHECKS, enc.encode_jpeg_sv1
+        "imagecodecs libjpeg-turbo", can.LOSSLESS_JPEG_CHECKS, enc.encode_jpeg_sv1, _LIBJPEG
     ),
     _uid.JPEGLSNearLossless: Codec(
-        "imagecodecs CharLS", can.NEAR_LOSSLESS_CHECKS, enc.encode_jpegls, "ISO_14495_1"
+        "imagecodecs CharLS",
+        can.NEAR_LOSSLESS_CHECKS,
+        enc.encode_jpegls,
+        _LIBJPEG,
+        "ISO_14495_1",
     ),
-    _uid.JPEG2000: Codec("pylibjpeg-openjpeg", can.J2K_LOSSY_CHECKS, enc.encode_j2k_lossy, _J2K),
-    _uid.HTJ2K: Codec("imagecodecs OpenJPH", can.J2K_LOSSY_CHECKS, enc.encode_htj2k_lossy, _HTJ2K),
+    _uid.JPEG2000: Codec(
+        "pylibjpeg-openjpeg", can.J2K_LOSSY_CHECKS, enc.encode_j2k_lossy, _OPENJPEG, _J2K
+    ),
+    _uid.HTJ2K: Codec(
+        "imagecodecs OpenJPH", can.J2K_LOSSY_CHECKS, enc.encode_htj2k_lossy, _OPENJPEG, _HTJ2K
+    ),
     _uid.JPEGBaseline8Bit: Codec(
-        "imagecodecs libjpeg-turbo", can.BASELINE_CHECKS, enc.encode_jpeg_baseline, "ISO_10918_1"
+        "imagecodecs libjpeg-turbo",
+        can.BASELINE_CHECKS,
+        enc.encode_jpeg_baseline,
+        _LIBJPEG,
+        "ISO_10918_1",
     ),
 }
 

@@ -55,11 +55,12 @@ def pixel_keyword(ds: Dataset) -> str | None:
     return next((kw for kw in PIXEL_KEYWORDS if kw in ds), None)
 
 
-def decode_pixels(ds: Dataset) -> DecodedPixels:
-    """Decode every frame of ds. Raises (any exception) when the pixels cannot be decoded."""
+def decode_pixels(ds: Dataset, plugin: str = "") -> DecodedPixels:
+    """Decode every frame of ds, with pydicom's decoding plugin named `plugin` only (any
+    available one when empty). Raises (any exception) when the pixels cannot be decoded."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     as_rgb = syntax in _CODEC_OWNS_COLOUR
-    array, meta = get_decoder(syntax).as_array(ds, as_rgb=as_rgb)
+    array, meta = get_decoder(syntax).as_array(ds, as_rgb=as_rgb, decoding_plugin=plugin)
     info = _info_from(ds, meta)
     # pydicom drops the frame axis for single frames; we always keep it.
     frame_ndim = 2 if info.samples_per_pixel == 1 else 3

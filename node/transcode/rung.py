@@ -120,9 +120,9 @@ def _compressed(ds: Dataset, source: DecodedPixels, target: Target, codec: Codec
         mark_lossy(ds, codec.method, ratio)
     encoded = part10_bytes(ds)
     if target.lossy:
-        verify_lossy(encoded, source, target)
+        verify_lossy(encoded, source, target, codec.verifier)
     else:
-        verify_lossless(encoded, source)
+        verify_lossless(encoded, source, codec.verifier)
     return encoded
 
 

@@ -19,23 +19,25 @@ class VerificationMismatch(RungFailed):
     """The written pixels do not decode to the source pixels."""
 
 
-def decode_written(encoded: bytes) -> DecodedPixels:
+def decode_written(encoded: bytes, plugin: str = "") -> DecodedPixels:
+    """Decode our output with pydicom's plugin `plugin` and no other: pydicom would
+    otherwise try the next plugin when one fails, which can be the encoder's own library."""
     try:
-        return decode_pixels(dcmread(io.BytesIO(encoded)))
+        return decode_pixels(dcmread(io.BytesIO(encoded)), plugin)
     except Exception as error:
         raise VerificationMismatch(
             f"verification failed: output does not decode ({error})"
         ) from None
 
 
-def verify_lossless(encoded: bytes, source: DecodedPixels) -> None:
-    written = decode_written(encoded)
+def verify_lossless(encoded: bytes, source: DecodedPixels, plugin: str = "") -> None:
+    written = decode_written(encoded, plugin)
     if not same_pixels(written.array, source.array):
         raise VerificationMismatch("verification mismatch: decoded pixels differ from source")
 
 
-def verify_lossy(encoded: bytes, source: DecodedPixels, target: Target) -> None:
-    written = decode_written(encoded)
+def verify_lossy(encoded: bytes, source: DecodedPixels, target: Target, plugin: str = "") -> None:
+    written = decode_written(encoded, plugin)
     if written.array.shape != source.array.shape:
         raise VerificationMismatch(
             f"verification mismatch: shape {written.array.shape} != {source.array.shape}"
