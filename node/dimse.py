@@ -14,6 +14,7 @@ from dataclasses import dataclass
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 RESPONSE_BIT = 0x8000
+C_STORE_RSP = C_STORE_RQ | RESPONSE_BIT
 NO_DATASET = 0x0101
 
 # Status 0x0211: Unrecognized Operation (PS3.7 C.5.6), for commands we do not provide.
@@ -27,6 +28,7 @@ AFFECTED_SOP_CLASS_UID = 0x0002
 COMMAND_FIELD = 0x0100
 MESSAGE_ID = 0x0110
 MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
+PRIORITY = 0x0700
 COMMAND_DATASET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
@@ -57,7 +59,7 @@ class Command:
 
 
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
-    elements = _elements(memoryview(data))
+    elements = command_elements(data)
     try:
         command_field = _us(elements[COMMAND_FIELD])
         message_id = _us(elements[MESSAGE_ID])
@@ -74,6 +76,21 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
     )
 
 
+def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """A C-STORE-RQ command set (medium priority; a dataset follows)."""
+    body = b"".join(
+        (
+            _uid(AFFECTED_SOP_CLASS_UID, sop_class_uid),
+            _ushort(COMMAND_FIELD, C_STORE_RQ),
+            _ushort(MESSAGE_ID, message_id),
+            _ushort(PRIORITY, 0x0000),
+            _ushort(COMMAND_DATASET_TYPE, 0x0000),  # anything but 0x0101: a dataset follows
+            _uid(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid),
+        )
+    )
+    return _with_group_length(body)
+
+
 def encode_response(request: Command, status: int, error_comment: str = "") -> bytes:
     """The response command set to `request`, with `status` (no dataset follows)."""
     elements = []
@@ -87,11 +104,16 @@ def encode_response(request: Command, status: int, error_comment: str = "") -> b
         elements.append(_text_element(ERROR_COMMENT, error_comment[:ERROR_COMMENT_MAX]))
     if request.affected_sop_instance_uid:
         elements.append(_uid(AFFECTED_SOP_INSTANCE_UID, request.affected_sop_instance_uid))
-    body = b"".join(elements)
+    return _with_group_length(b"".join(elements))
+
+
+def _with_group_length(body: bytes) -> bytes:
     return _ELEMENT.pack(0, 0, 4) + struct.pack("<L", len(body)) + body
 
 
-def _elements(data: memoryview) -> dict[int, memoryview]:
+def command_elements(data: bytes | bytearray | memoryview) -> dict[int, memoryview]:
+    """The elements of a command set, by element number; raises CommandError if malformed."""
+    data = memoryview(data)
     elements: dict[int, memoryview] = {}
     offset = 0
     while offset < len(data):
@@ -104,6 +126,16 @@ def _elements(data: memoryview) -> dict[int, memoryview]:
         elements[element] = data[offset : offset + length]
         offset += length
     return elements
+
+
+def us_value(value: memoryview | None) -> int | None:
+    """A US element's value, or None if it is absent or not 2 bytes long."""
+    return int(_US.unpack(value)[0]) if value is not None and len(value) == 2 else None
+
+
+def text_value(value: memoryview | None) -> str:
+    """A UI/AE/LO element's value without its padding."""
+    return _text(value)
 
 
 def _us(value: memoryview) -> int:

@@ -31,6 +31,7 @@ PDV_HEADER_SIZE = PDV_HEADER.size
 APPLICATION_CONTEXT_NAME = b"1.2.840.10008.3.1.1.1"
 # A-ABORT source and reason (PS3.8 9.3.8)
 SERVICE_PROVIDER = 0x02
+SERVICE_USER = 0x00
 REASON_NOT_SPECIFIED = 0x00
 UNRECOGNIZED_PDU = 0x01
 UNEXPECTED_PDU = 0x02
@@ -99,17 +100,17 @@ def encode_associate_ac(
     implementation_class_uid: str,
     implementation_version_name: str,
 ) -> bytes:
-    items = [_item(0x10, APPLICATION_CONTEXT_NAME)]
+    items = [item(0x10, APPLICATION_CONTEXT_NAME)]
     for context in results:
-        syntax = _item(0x40, context.transfer_syntax.encode("ascii"))
+        syntax = item(0x40, context.transfer_syntax.encode("ascii"))
         fields = struct.pack(">BxBx", context.context_id, context.result)
-        items.append(_item(0x21, fields + syntax))
+        items.append(item(0x21, fields + syntax))
     user = (
-        _item(0x51, struct.pack(">L", max_pdu))
-        + _item(0x52, implementation_class_uid.encode("ascii"))
-        + _item(0x55, implementation_version_name.encode("ascii")[:16])
+        item(0x51, struct.pack(">L", max_pdu))
+        + item(0x52, implementation_class_uid.encode("ascii"))
+        + item(0x55, implementation_version_name.encode("ascii")[:16])
     )
-    items.append(_item(0x50, user))
+    items.append(item(0x50, user))
     body = (
         struct.pack(">H2x", 1)  # protocol version 1
         + request.raw_called
@@ -117,25 +118,30 @@ def encode_associate_ac(
         + bytes(32)
         + b"".join(items)
     )
-    return _pdu(A_ASSOCIATE_AC, body)
+    return encode_pdu(A_ASSOCIATE_AC, body)
 
 
 def encode_associate_rj(result: int, source: int, diagnostic: int) -> bytes:
-    return _pdu(A_ASSOCIATE_RJ, struct.pack(">xBBB", result, source, diagnostic))
+    return encode_pdu(A_ASSOCIATE_RJ, struct.pack(">xBBB", result, source, diagnostic))
+
+
+def encode_release_rq() -> bytes:
+    return encode_pdu(A_RELEASE_RQ, bytes(4))
 
 
 def encode_release_rp() -> bytes:
-    return _pdu(A_RELEASE_RP, bytes(4))
+    return encode_pdu(A_RELEASE_RP, bytes(4))
 
 
 def encode_abort(source: int = SERVICE_PROVIDER, reason: int = REASON_NOT_SPECIFIED) -> bytes:
-    return _pdu(A_ABORT, struct.pack(">xxBB", source, reason))
+    """A-ABORT; an association's requestor aborting as service user passes source 0."""
+    return encode_pdu(A_ABORT, struct.pack(">xxBB", source, reason))
 
 
 def encode_command_pdu(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF with one PDV: a whole command set (message control: command, last)."""
     pdv = PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
-    return _pdu(P_DATA_TF, pdv)
+    return encode_pdu(P_DATA_TF, pdv)
 
 
 def parse_header(header: bytes) -> tuple[int, int]:
@@ -146,9 +152,9 @@ def parse_header(header: bytes) -> tuple[int, int]:
     return pdu_type, length
 
 
-def _item(item_type: int, value: bytes) -> bytes:
+def item(item_type: int, value: bytes) -> bytes:
     return struct.pack(">BxH", item_type, len(value)) + value
 
 
-def _pdu(pdu_type: int, body: bytes) -> bytes:
+def encode_pdu(pdu_type: int, body: bytes) -> bytes:
     return HEADER.pack(pdu_type, len(body)) + body

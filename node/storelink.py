@@ -30,17 +30,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from node import dimse
+from node.dimse import CommandError, command_elements, encode_store_request, text_value, us_value
+from node.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    APPLICATION_CONTEXT_NAME,
+    P_DATA_TF,
+    SERVICE_USER,
+    encode_abort,
+    encode_command_pdu,
+    encode_pdu,
+    encode_release_rp,
+    encode_release_rq,
+    item,
+)
 from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
 PROTOCOL_VERSION = 1
-# PDU types (PS3.8 9.3)
-ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
-P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 # Message control header bits of a PDV (PS3.8 E.2)
 COMMAND, LAST = 0x01, 0x02
-C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
-NO_DATASET = 0x0101
 # With an unlimited peer maximum (0), datasets still go in pieces of this size: bounded memory.
 UNLIMITED_PDV = 4 * 1024 * 1024
 # Largest PDU we accept from a peer whatever it claims: a response is a few hundred bytes.
@@ -128,54 +141,6 @@ def read_part10_meta(stream: BinaryIO) -> Part10File:
         raise ValueError(f"file meta information lacks (0002,{missing.args[0]:04X})") from None
 
 
-def _element(element: int, value: bytes) -> bytes:
-    """One group 0000 element in Implicit VR Little Endian (PS3.7 6.3.1)."""
-    if len(value) % 2:
-        value += b"\x00"
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def store_command(message_id: int, file: Part10File) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 9.3.1.1), medium priority, a dataset follows."""
-    body = b"".join(
-        (
-            _element(0x0002, file.sop_class_uid.encode("ascii")),
-            _element(0x0100, struct.pack("<H", C_STORE_RQ)),
-            _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", 0x0000)),
-            _element(0x0800, struct.pack("<H", 0x0000)),  # anything but 0x0101: a dataset
-            _element(0x1000, file.sop_instance_uid.encode("ascii")),
-        )
-    )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """Elements of a command set in Implicit VR Little Endian, by element number."""
-    values: dict[int, bytes] = {}
-    offset = 0
-    while offset + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        offset += 8
-        if group != 0x0000 or offset + length > len(data):
-            raise LinkError(f"malformed command set (element ({group:04X},{element:04X}))")
-        values[element] = data[offset : offset + length]
-        offset += length
-    return values
-
-
-def _us(value: bytes | None) -> int | None:
-    return struct.unpack("<H", value[:2])[0] if value is not None and len(value) >= 2 else None
-
-
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(value)) + value
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
-
-
 def _ae(title: str) -> bytes:
     return title.encode("ascii").ljust(16)[:16]
 
@@ -184,18 +149,18 @@ def associate_rq(
     called: str, calling: str, contexts: Sequence[tuple[str, str]], max_pdu: int
 ) -> bytes:
     """A-ASSOCIATE-RQ (PS3.8 9.3.2); context i gets ID 2i+1 (IDs are odd, PS3.8 9.3.2.2)."""
-    items = [_item(0x10, APPLICATION_CONTEXT)]
+    items = [item(0x10, APPLICATION_CONTEXT_NAME)]
     for index, (abstract, transfer) in enumerate(contexts):
-        sub = _item(0x30, abstract.encode("ascii")) + _item(0x40, transfer.encode("ascii"))
-        items.append(_item(0x20, bytes([2 * index + 1, 0, 0, 0]) + sub))
+        sub = item(0x30, abstract.encode("ascii")) + item(0x40, transfer.encode("ascii"))
+        items.append(item(0x20, bytes([2 * index + 1, 0, 0, 0]) + sub))
     user = (
-        _item(0x51, struct.pack(">I", max_pdu))
-        + _item(0x52, str(IMPLEMENTATION_CLASS_UID).encode("ascii"))
-        + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii"))
+        item(0x51, struct.pack(">I", max_pdu))
+        + item(0x52, str(IMPLEMENTATION_CLASS_UID).encode("ascii"))
+        + item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii"))
     )
-    items.append(_item(0x50, user))
+    items.append(item(0x50, user))
     fixed = struct.pack(">HH", PROTOCOL_VERSION, 0) + _ae(called) + _ae(calling) + bytes(32)
-    return _pdu(ASSOCIATE_RQ, fixed + b"".join(items))
+    return encode_pdu(A_ASSOCIATE_RQ, fixed + b"".join(items))
 
 
 def _items(data: bytes, offset: int) -> list[tuple[int, bytes]]:
@@ -310,7 +275,10 @@ class StoreAssociation:
             self._message_id = self._message_id % 0xFFFF + 1
             message_id = self._message_id
             with self._phase(self.timeouts.network, f"sending to {self.peer}"):
-                self._send_command(context_id, store_command(message_id, file))
+                self._send_command(
+                    context_id,
+                    encode_store_request(message_id, file.sop_class_uid, file.sop_instance_uid),
+                )
                 self._send_dataset(context_id, stream, file.dataset_offset)
             with self._phase(
                 self.timeouts.dimse, f"waiting for the C-STORE response from {self.peer}"
@@ -335,8 +303,7 @@ class StoreAssociation:
             raise
 
     def _send_command(self, context_id: int, command: bytes) -> None:
-        pdv = struct.pack(">IBB", len(command) + 2, context_id, COMMAND | LAST) + command
-        self.sock.sendall(_pdu(P_DATA_TF, pdv))
+        self.sock.sendall(encode_command_pdu(context_id, command))
 
     def _send_dataset(self, context_id: int, stream: BinaryIO, offset: int) -> None:
         """Stream the dataset from the file in P-DATA-TF PDUs of one PDV each."""
@@ -374,27 +341,31 @@ class StoreAssociation:
                     return self._store_response(bytes(command), message_id)
 
     def _store_response(self, command: bytes, message_id: int) -> StoreResponse:
-        values = parse_command(command)
-        field = _us(values.get(0x0100))
-        answered = _us(values.get(0x0120))
-        status = _us(values.get(0x0900))
-        if field != C_STORE_RSP or answered != message_id or status is None:
+        try:
+            values = command_elements(command)
+        except CommandError as exc:
+            self.abort()
+            raise LinkError(f"{self.peer} sent a malformed command set: {exc}") from None
+        field = us_value(values.get(dimse.COMMAND_FIELD))
+        answered = us_value(values.get(dimse.MESSAGE_ID_BEING_RESPONDED_TO))
+        status = us_value(values.get(dimse.STATUS))
+        if field != dimse.C_STORE_RSP or answered != message_id or status is None:
             self.abort()
             raise LinkError(
                 f"{self.peer} sent an unexpected message (command 0x{field or 0:04X},"
                 f" answering {answered}) instead of the C-STORE response to {message_id}"
             )
-        comment = values.get(0x0902, b"").rstrip(b"\x00 ").decode("latin-1")
+        comment = text_value(values.get(dimse.ERROR_COMMENT))
         return StoreResponse(status, comment)
 
     def _unexpected(self, pdu_type: int, body: bytes) -> None:
-        if pdu_type == ABORT:
+        if pdu_type == A_ABORT:
             self.close()
             raise LinkError(f"association aborted by {self.peer}")
-        if pdu_type == RELEASE_RQ:
+        if pdu_type == A_RELEASE_RQ:
             # The peer ends the association while we wait: answer politely, then report it.
             with contextlib.suppress(OSError):
-                self.sock.sendall(_pdu(RELEASE_RP, bytes(4)))
+                self.sock.sendall(encode_release_rp())
             self.close()
             raise LinkError(f"{self.peer} released the association before answering")
         self.abort()
@@ -414,12 +385,12 @@ class StoreAssociation:
             return
         try:
             self.sock.settimeout(self.timeouts.acse)
-            self.sock.sendall(_pdu(RELEASE_RQ, bytes(4)))
+            self.sock.sendall(encode_release_rq())
             while True:
                 pdu_type, _ = self._receive_pdu()
-                if pdu_type == RELEASE_RQ:  # release collision (PS3.8 7.2.2): answer it too
-                    self.sock.sendall(_pdu(RELEASE_RP, bytes(4)))
-                if pdu_type in (RELEASE_RP, ABORT):
+                if pdu_type == A_RELEASE_RQ:  # release collision (PS3.8 7.2.2): answer it too
+                    self.sock.sendall(encode_release_rp())
+                if pdu_type in (A_RELEASE_RP, A_ABORT):
                     break
         except (OSError, LinkError):
             pass
@@ -430,7 +401,7 @@ class StoreAssociation:
         if self.established:
             with contextlib.suppress(OSError):
                 self.sock.settimeout(1.0)
-                self.sock.sendall(_pdu(ABORT, bytes(4)))
+                self.sock.sendall(encode_abort(SERVICE_USER))
         self.close()
 
     def interrupt(self) -> None:
@@ -505,12 +476,12 @@ def associate(
     except BaseException:
         sock.close()
         raise
-    if pdu_type == ASSOCIATE_AC:
+    if pdu_type == A_ASSOCIATE_AC:
         return StoreAssociation(sock, str(peer), contexts, parse_associate_ac(body), timeouts)
     sock.close()
-    if pdu_type == ASSOCIATE_RJ:
+    if pdu_type == A_ASSOCIATE_RJ:
         raise AssociationRejected(f"association rejected by {peer} ({describe_reject(body)})")
-    if pdu_type == ABORT:
+    if pdu_type == A_ABORT:
         raise LinkError(f"association aborted by {peer}")
     raise LinkError(f"{peer} answered the association request with PDU type 0x{pdu_type:02X}")
 

@@ -150,3 +150,12 @@ def test_an_unknown_pdu_type_is_refused_by_its_header() -> None:
 def test_the_command_pdu_frames_one_last_command_fragment() -> None:
     encoded = pdu.encode_command_pdu(5, b"abcd")
     assert encoded == b"\x04\x00\x00\x00\x00\x0a" + b"\x00\x00\x00\x06\x05\x03abcd"
+
+
+def test_a_c_store_request_we_send_reads_back_with_pydicom() -> None:
+    encoded = dimse.encode_store_request(9, CTImageStorage, "1.2.3.45")  # odd: padded
+    ds = read_dataset(BytesIO(encoded), is_implicit_VR=True, is_little_endian=True)
+    assert ds.CommandGroupLength == len(encoded) - 12
+    assert (ds.CommandField, ds.MessageID, ds.Priority, ds.CommandDataSetType) == (1, 9, 0, 0)
+    assert (ds.AffectedSOPClassUID, ds.AffectedSOPInstanceUID) == (CTImageStorage, "1.2.3.45")
+    assert dimse.decode_command(encoded).has_dataset
