@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from node import dimse, pdu
 from node.dimse import Command, CommandError
@@ -93,7 +93,7 @@ class Association:
     results: list[pdu.ContextResult] = field(default_factory=list)
     is_established: bool = False
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
-    _reader: object = None
+    _reader: BinaryIO | None = None
 
     @property
     def calling_ae_title(self) -> str:
@@ -205,6 +205,15 @@ class Association:
                 "aborting the association from %s %r: %s", self.address, self.calling_ae_title, exc
             )
             self._send_abort_quietly(getattr(exc, "reason", pdu.REASON_NOT_SPECIFIED))
+        except Exception:
+            # A bug of ours: the peer gets an A-ABORT (its unacknowledged instance is retried
+            # by the sender), the traceback goes to the log, and the daemon serves on.
+            log.exception(
+                "aborting the association from %s %r after an internal error",
+                self.address,
+                self.calling_ae_title,
+            )
+            self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
         finally:
             self.is_established = False
             self.handlers.closed(self, aborted)
@@ -344,7 +353,8 @@ class Association:
             )
 
     def _read_exactly(self, size: int) -> bytes:
-        data = self._reader.read(size)  # type: ignore[attr-defined]
+        assert self._reader is not None
+        data = self._reader.read(size)
         if len(data) != size:
             raise ConnectionClosed(f"the connection closed {size - len(data)} bytes early")
         return data
@@ -360,6 +370,6 @@ class Association:
     def _close(self) -> None:
         if self._reader is not None:
             with contextlib.suppress(OSError):
-                self._reader.close()  # type: ignore[attr-defined]
+                self._reader.close()
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from io import BytesIO
 from pathlib import Path
@@ -23,6 +24,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 from node import pdu
+from node.association import AcceptorSettings, Association
+from node.pduguard import ReceiveLimits
 from node.receiving import ArrivingDataset
 from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
 
@@ -36,6 +39,13 @@ def start_node(tmp_path: Path, **node: object) -> NodeProcess:
 
 
 def associate(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    negotiate(sock)
+    return sock
+
+
+def negotiate(sock: socket.socket) -> None:
+    """Send an A-ASSOCIATE-RQ for CT Image Storage and read the A-ASSOCIATE-AC."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "RAWSCU"
@@ -48,13 +58,11 @@ def associate(port: int) -> socket.socket:
     primitive.user_information = [max_length]
     request = A_ASSOCIATE_RQ()
     request.from_primitive(primitive)
-    sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(20)
     sock.sendall(request.encode())
     pdu_type, length = pdu.parse_header(read_exactly(sock, 6))
     read_exactly(sock, length)
     assert pdu_type == pdu.A_ASSOCIATE_AC
-    return sock
 
 
 def read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -172,3 +180,55 @@ def test_a_paused_peer_is_dropped_after_the_matching_timeout(
         assert "no PDU for" in node.log()
     finally:
         assert node.stop() == 0, node.log()
+
+
+class FailingStore:
+    """Handlers whose C-STORE handling has a bug: it raises."""
+
+    def __init__(self) -> None:
+        self.ended: list[bool] = []
+
+    def admit(self, assoc: Association) -> None:
+        return None
+
+    def established(self, assoc: Association) -> None:
+        pass
+
+    def rejected(self, assoc: Association, refusal: object) -> None:
+        pass
+
+    def closed(self, assoc: Association, aborted: bool) -> None:
+        self.ended.append(aborted)
+
+    def echo(self, assoc: Association, command: object) -> int:
+        return 0
+
+    def store(self, *args: object) -> tuple[int, str]:
+        raise RuntimeError("a bug in a handler")
+
+
+def test_an_internal_error_aborts_the_association_and_says_so(tmp_path: Path) -> None:
+    settings = AcceptorSettings(
+        ae_title="DICOMNODE",
+        max_pdu=0,
+        acse_timeout=10,
+        dimse_timeout=10,
+        network_timeout=10,
+        limits=ReceiveLimits(),
+        receiving_folder=tmp_path,
+        negotiate=lambda request: [pdu.ContextResult(CONTEXT_ID, 0, ExplicitVRLittleEndian)],
+        implementation_class_uid="1.2.3",
+        implementation_version_name="TEST",
+    )
+    handlers = FailingStore()
+    ours, theirs = socket.socketpair()
+    assoc = Association(ours, ("127.0.0.1", 1), settings, handlers)  # type: ignore[arg-type]
+    thread = threading.Thread(target=assoc.run)
+    thread.start()
+    negotiate(theirs)
+    theirs.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0001, generate_uid())))
+    theirs.sendall(dataset_pdu(b"\0" * 100, last=True))
+    assert pdu.parse_header(read_exactly(theirs, 6)) == (pdu.A_ABORT, 4)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert handlers.ended == [True]
