@@ -94,6 +94,7 @@ class Association:
     is_established: bool = False
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
+    _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
 
     @property
     def calling_ae_title(self) -> str:
@@ -294,7 +295,8 @@ class Association:
         command = dimse.decode_command(command_bytes)
         command_bytes.clear()
         if command.has_dataset:
-            return Pending(context_id, command, ArrivingDataset(self.settings.receiving_folder))
+            arriving = ArrivingDataset(self.settings.receiving_folder, self._buffer)
+            return Pending(context_id, command, arriving)
         self._respond(Pending(context_id, command))
         return None
 
@@ -308,21 +310,24 @@ class Association:
                 "a dataset fragment on another presentation context than its command"
             )
         dataset = pending.dataset
-        while size:
-            chunk = self._read_exactly(min(size, CHUNK))
-            dataset.append(chunk)
-            size -= len(chunk)
         limit = self.settings.limits.message_limit()
-        if limit and dataset.size > limit:
-            raise ReceiveLimitExceeded(
-                f"a dataset passed {dataset.size} bytes (twice limits.max_instance_size: {limit})"
-            )
+        while size:
+            chunk = min(size, CHUNK)
+            if limit and dataset.size + chunk > limit:
+                raise ReceiveLimitExceeded(
+                    f"a dataset passed {dataset.size + chunk} bytes"
+                    f" (twice limits.max_instance_size: {limit})"
+                )
+            self._read_into(dataset.region(chunk))
+            dataset.filled(chunk)
+            size -= chunk
         if not control & 0x02:
             return pending
         try:
             self._respond(pending)
         finally:
             dataset.discard()
+            self._buffer = dataset.buffer
         return None
 
     def _respond(self, pending: Pending) -> None:
@@ -358,6 +363,14 @@ class Association:
         if len(data) != size:
             raise ConnectionClosed(f"the connection closed {size - len(data)} bytes early")
         return data
+
+    def _read_into(self, view: memoryview) -> None:
+        assert self._reader is not None
+        while view:
+            count = self._reader.readinto(view)  # type: ignore[attr-defined]
+            if not count:
+                raise ConnectionClosed(f"the connection closed {len(view)} bytes early")
+            view = view[count:]
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:

@@ -37,36 +37,77 @@ def prepare_receiving_folder(folder: Path) -> None:
 
 
 class ArrivingDataset:
-    """One dataset's fragments, in arrival order."""
+    """One dataset's fragments, in arrival order.
 
-    def __init__(self, folder: Path, spill_at: int = SPILL_AT) -> None:
+    The reader fills `region(n)` straight from the socket and then calls
+    `filled(n)`: one copy from the kernel into memory, none for the bookkeeping.
+    The memory is the association's `buffer`, reused from one C-STORE to the
+    next, so a stream of instances does not allocate (and page in) a new buffer
+    each time.
+    """
+
+    def __init__(
+        self, folder: Path, buffer: bytearray | None = None, spill_at: int = SPILL_AT
+    ) -> None:
         self.folder = folder
         self.spill_at = spill_at
         self.size = 0
         self.error: OSError | None = None
-        self._memory = bytearray()
+        self._memory = buffer if buffer is not None else bytearray()
+        self._scratch: bytearray | None = None  # a fragment on its way to the spill file
         self._fd: int | None = None
         self._path: Path | None = None
 
-    def append(self, fragment: bytes | bytearray | memoryview) -> None:
-        self.size += len(fragment)
-        if self._fd is None and self.size <= self.spill_at:
-            self._memory += fragment
+    @property
+    def buffer(self) -> bytearray:
+        """The memory buffer, for the next dataset of the association to reuse."""
+        return self._memory
+
+    def region(self, size: int) -> memoryview:
+        """Where the next `size` bytes go; call filled(size) once they are there."""
+        if self._fd is None and self.size + size <= self.spill_at:
+            self._reserve(self.size + size)
+            return memoryview(self._memory)[self.size : self.size + size]
+        if self._scratch is None or len(self._scratch) < size:
+            self._scratch = bytearray(size)
+        return memoryview(self._scratch)[:size]
+
+    def filled(self, size: int) -> None:
+        if self._fd is None and self.size + size <= self.spill_at:
+            self.size += size
             return
+        self.size += size
         if self.error is not None:
             return  # keep counting, stop writing: the answer will be Out of Resources
         try:
             if self._fd is None:
-                self._spill()
-            _write_all(self._fd, fragment)  # type: ignore[arg-type]
+                self._spill(self.size - size)
+            assert self._scratch is not None
+            _write_all(self._fd, memoryview(self._scratch)[:size])  # type: ignore[arg-type]
         except OSError as exc:
             self.error = exc
 
-    def _spill(self) -> None:
+    def append(self, fragment: bytes | bytearray | memoryview) -> None:
+        """Add bytes that are already in memory (one copy)."""
+        self.region(len(fragment))[:] = fragment
+        self.filled(len(fragment))
+
+    def _reserve(self, capacity: int) -> None:
+        if len(self._memory) >= capacity:
+            return
+        grown = max(capacity, min(2 * len(self._memory), self.spill_at))
+        try:
+            self._memory.extend(bytes(grown - len(self._memory)))
+        except BufferError:
+            # A view of the last dataset is still alive somewhere: leave that buffer to it.
+            kept = memoryview(self._memory)[: self.size].tobytes()
+            self._memory = bytearray(grown)
+            self._memory[: self.size] = kept
+
+    def _spill(self, in_memory: int) -> None:
         fd, name = tempfile.mkstemp(prefix="arriving-", dir=self.folder)
         self._fd, self._path = fd, Path(name)
-        memory, self._memory = self._memory, bytearray()
-        _write_all(fd, memory)
+        _write_all(fd, memoryview(self._memory)[:in_memory])
 
     @contextmanager
     def contents(self) -> Iterator[tuple[bytes | memoryview, FileRegion | None]]:
@@ -78,7 +119,7 @@ class ArrivingDataset:
         if self.error is not None:
             raise ReceiveFailed(self.error.errno, _explain(self.error))
         if self._fd is None or self._path is None:
-            view = memoryview(self._memory)
+            view = memoryview(self._memory)[: self.size]
             try:
                 yield view, None
             finally:
@@ -97,8 +138,8 @@ class ArrivingDataset:
                 mapped.close()
 
     def discard(self) -> None:
-        """Free the memory and delete the spill file (the spool has its own copy by now)."""
-        self._memory = bytearray()
+        """Delete the spill file (the spool has its own copy by now); the buffer is kept."""
+        self._scratch = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
