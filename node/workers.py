@@ -116,13 +116,24 @@ class StoreWorkers:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            self._slots.acquire()
-            jobs = [] if self._stopping.is_set() else self.queue.claim(JobKind.STORE, limit=1)
-            if not jobs:
+            free = self._take_free_slots()
+            jobs = [] if self._stopping.is_set() else self.queue.claim(JobKind.STORE, limit=free)
+            for _ in range(free - len(jobs)):
                 self._slots.release()
+            if not jobs:
                 self._wait_for_work()
                 continue
-            self._executor.submit(self._run_and_release, jobs[0])
+            for job in jobs:
+                self._executor.submit(self._run_and_release, job)
+
+    def _take_free_slots(self) -> int:
+        """Wait for one free thread, then take every other free one: one claim fills them
+        all (a claim is a write transaction, and ingest waits for the same database)."""
+        self._slots.acquire()
+        free = 1
+        while free < self.threads and self._slots.acquire(blocking=False):
+            free += 1
+        return free
 
     def _wait_for_work(self) -> None:
         due = self.queue.next_due_in(JobKind.STORE)
