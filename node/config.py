@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydicom.uid import UID
 
-from node.syntaxes import ALL_DECODABLE, resolve_syntax
+from node.syntaxes import ALL_DECODABLE, LOSSY_OR_MIXED, resolve_syntax
 from node.transcode.targets import Target, parse_target
 
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
@@ -434,6 +434,14 @@ def _read_destination(table: _Table) -> DestinationConfig:
         tls=_read_tls(table.table("tls"), server=False),
     )
     table.finish()
+    lossy = [n for n in destination.transfer_syntaxes if resolve_syntax(n) in LOSSY_OR_MIXED]
+    if lossy and not destination.allow_lossy:
+        # Listing a lossy syntax asks the node to encode into it; an instance that arrived
+        # lossy is proposed as received anyway, without being listed.
+        raise table.error(
+            "transfer_syntaxes",
+            f"{', '.join(lossy)} is lossy: set allow_lossy = true to opt in explicitly",
+        )
     return destination
 
 

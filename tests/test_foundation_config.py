@@ -97,3 +97,16 @@ def test_shipped_config_is_valid_and_relative_paths_follow_the_file() -> None:
     assert str(REPO / "data") in result.stdout
     assert 'ae_title = "DICOMNODE"' in result.stdout
     assert "\nport = 11112\n" in result.stdout
+
+
+def test_a_lossy_destination_syntax_needs_allow_lossy(tmp_path: Path) -> None:
+    from node.config import ConfigError, parse_config
+
+    destination = {"name": "ai", "ae_title": "AI", "host": "127.0.0.1", "port": 104}
+    lossy = {**destination, "transfer_syntaxes": ["JPEG2000Lossless", "JPEGBaseline8Bit"]}
+    with pytest.raises(
+        ConfigError, match=r"destination\[0\]\.transfer_syntaxes: JPEGBaseline8Bit is lossy"
+    ):
+        parse_config({"destination": [lossy]}, tmp_path / "c.toml")
+    allowed = parse_config({"destination": [{**lossy, "allow_lossy": True}]}, tmp_path / "c.toml")
+    assert allowed.destinations[0].transfer_syntaxes == ("JPEG2000Lossless", "JPEGBaseline8Bit")
