@@ -366,16 +366,26 @@ class Queue:
                 [(JobState.PENDING, job.id, JobState.RUNNING) for job in jobs],
             )
 
-    def record_stored(
-        self, storage: str, sop_instance_uid: str, path: Path, transfer_syntax: str
-    ) -> None:
-        # Not fsynced on its own: complete(), which follows, is durable and persists it too.
-        with self._transaction(durable=False) as db:
+    def complete_stored(self, job: Job, path: Path, transfer_syntax: str) -> Path | None:
+        """complete() for a store job, recording where the instance now is in the same
+        durable commit (the `stored` index behind duplicates policies and `dicom-node status`)."""
+
+        def work(db: sqlite3.Connection) -> int:
             db.execute(
-                "INSERT OR REPLACE INTO stored (storage, sop_instance_uid, path, transfer_syntax, stored_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (storage, sop_instance_uid, str(path), transfer_syntax, time.time()),
+                "INSERT OR REPLACE INTO stored (storage, sop_instance_uid, path, transfer_syntax,"
+                " stored_at) VALUES (?, ?, ?, ?, ?)",
+                (
+                    job.target,
+                    job.instance.sop_instance_uid,
+                    str(path),
+                    transfer_syntax,
+                    time.time(),
+                ),
             )
+            return _complete_job(db, job, str(path))
+
+        open_jobs = self._write_durably(work)
+        return None if open_jobs else job.instance.spool_path
 
     def spool_paths(self) -> set[Path]:
         """The spool files of every recorded instance (the others were never acknowledged)."""

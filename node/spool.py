@@ -115,5 +115,14 @@ class Spool:
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         # Transcoded copies made for destinations (node.derived) go with their source.
-        for derived in (self.root / "derived").glob(f"{path.stem}.*.dcm"):
-            derived.unlink(missing_ok=True)
+        # A plain listing, not glob(): this runs once per instance and the folder is
+        # usually empty.
+        derived = self.root / "derived"
+        try:
+            names = os.listdir(derived)
+        except FileNotFoundError:
+            return
+        prefix = f"{path.stem}."
+        for name in names:
+            if name.startswith(prefix) and name.endswith(SPOOLED_SUFFIX):
+                (derived / name).unlink(missing_ok=True)

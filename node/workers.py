@@ -187,10 +187,7 @@ class StoreWorkers:
         self, job: Job, target: StorageTarget, placed: PlacedInstance, staged: StagedFile
     ) -> None:
         instance = job.instance
-        self.queue.record_stored(
-            target.name, instance.sop_instance_uid, placed.path, staged.transfer_syntax
-        )
-        spool_file = self.queue.complete(job, str(placed.path))
+        spool_file = self.queue.complete_stored(job, placed.path, staged.transfer_syntax)
         stored_size = _file_size(placed.path)
         metrics.record_stored(target.name, "stored", stored_size)
         if spool_file is not None:
