@@ -18,12 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom.presentation import (
-    PresentationContext,
-    build_context,
-    negotiate_as_acceptor,
-    negotiate_unrestricted,
-)
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_unrestricted
 from pynetdicom.sop_class import Verification
 
 from node import metrics, pdu
@@ -44,47 +39,69 @@ log = logging.getLogger("node.scp")
 RECEIVING_DIR = ".receiving"
 
 VERIFICATION_CONTEXT = build_context(Verification)
+# Presentation context results (PS3.8 9.3.3.2)
+ACCEPTANCE = 0x00
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
 
 class StorageNegotiation:
     """Accept every storage SOP class, private and unknown ones included, in our syntax order.
 
-    pynetdicom's unrestricted mode would take whatever syntax the requestor
-    lists first; here the configured preference order is honoured.
+    For each proposed context the first of our syntaxes that the requestor also
+    proposed wins (pynetdicom's unrestricted mode would take the requestor's
+    first). Verification is accepted too; anything else is refused with
+    "abstract syntax not supported". Built with pynetdicom's PresentationContext
+    objects this took 17 ms for storescu's 128 contexts, so the decision for
+    each abstract syntax is made once and remembered.
     """
 
     def __init__(self, transfer_syntaxes: Sequence[UID]) -> None:
-        self.transfer_syntaxes = list(transfer_syntaxes)
+        self.transfer_syntaxes = tuple(str(syntax) for syntax in transfer_syntaxes)
+        self._candidates: dict[str, tuple[str, ...]] = {}
 
     def __call__(self, request: pdu.AssociateRequest) -> list[pdu.ContextResult]:
-        proposed = request.contexts
-        storage_ids = _storage_like_ids(proposed)
-        storage_like = [cx for cx in proposed if cx.context_id in storage_ids]
-        others = [cx for cx in proposed if cx.context_id not in storage_ids]
-        accepted = [self._storage_context(cx.abstract_syntax) for cx in storage_like]
-        result, _ = negotiate_as_acceptor(storage_like, accepted, None)
-        other_result, _ = negotiate_as_acceptor(others, [VERIFICATION_CONTEXT], None)
-        contexts = sorted(result + other_result, key=lambda cx: cx.context_id or 0)
-        return [_context_result(cx) for cx in contexts]
+        return [self._answer(context) for context in request.contexts]
 
-    def _storage_context(self, abstract_syntax: str | None) -> PresentationContext:
-        context = PresentationContext()
-        context.abstract_syntax = abstract_syntax
-        context.transfer_syntax = self.transfer_syntaxes
-        return context
+    def _answer(self, context: PresentationContext) -> pdu.ContextResult:
+        context_id = int(context.context_id or 0)
+        candidates = self._candidates_for(str(context.abstract_syntax))
+        if not candidates:
+            return pdu.ContextResult(
+                context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian
+            )
+        proposed = {str(syntax) for syntax in context.transfer_syntax}
+        for syntax in candidates:
+            if syntax in proposed:
+                return pdu.ContextResult(context_id, ACCEPTANCE, syntax)
+        return pdu.ContextResult(
+            context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian
+        )
+
+    def _candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
+        """Our syntaxes for this abstract syntax, in preference order; () if we refuse it."""
+        known = self._candidates.get(abstract_syntax)
+        if known is None:
+            known = self._decide(abstract_syntax)
+            if len(self._candidates) < 10_000:  # a peer inventing UIDs cannot grow it forever
+                self._candidates[abstract_syntax] = known
+        return known
+
+    def _decide(self, abstract_syntax: str) -> tuple[str, ...]:
+        if abstract_syntax == Verification:
+            return tuple(str(syntax) for syntax in VERIFICATION_CONTEXT.transfer_syntax)
+        return self.transfer_syntaxes if _is_storage_like(abstract_syntax) else ()
 
 
-def _context_result(context: PresentationContext) -> pdu.ContextResult:
-    syntaxes = context.transfer_syntax
-    syntax = str(syntaxes[0]) if syntaxes and context.result == 0 else ImplicitVRLittleEndian
-    return pdu.ContextResult(int(context.context_id or 0), int(context.result or 0), syntax)
-
-
-def _storage_like_ids(contexts: Sequence[PresentationContext]) -> set[int | None]:
+def _is_storage_like(abstract_syntax: str) -> bool:
     # Reuse pynetdicom's own notion of "storage-like" (a storage, private or
     # unknown SOP class): its unrestricted negotiator accepts exactly those.
-    probe, _ = negotiate_unrestricted(list(contexts), [], None)
-    return {cx.context_id for cx in probe if cx.result == 0x00}
+    probe = PresentationContext()
+    probe.context_id = 1
+    probe.abstract_syntax = abstract_syntax
+    probe.transfer_syntax = [ImplicitVRLittleEndian]
+    result, _ = negotiate_unrestricted([probe], [], None)
+    return bool(result) and result[0].result == ACCEPTANCE
 
 
 @dataclass

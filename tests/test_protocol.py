@@ -159,3 +159,36 @@ def test_a_c_store_request_we_send_reads_back_with_pydicom() -> None:
     assert (ds.CommandField, ds.MessageID, ds.Priority, ds.CommandDataSetType) == (1, 9, 0, 0)
     assert (ds.AffectedSOPClassUID, ds.AffectedSOPInstanceUID) == (CTImageStorage, "1.2.3.45")
     assert dimse.decode_command(encoded).has_dataset
+
+
+def proposal(*contexts: tuple[str, list[str]]) -> pdu.AssociateRequest:
+    built = []
+    for index, (abstract, syntaxes) in enumerate(contexts):
+        context = build_context(abstract, syntaxes)
+        context.context_id = 2 * index + 1
+        built.append(context)
+    return pdu.AssociateRequest("SCU", "DICOMNODE", built, 0, b" " * 16, b" " * 16)
+
+
+def test_negotiation_prefers_our_order_and_refuses_what_is_not_storage() -> None:
+    from pydicom.uid import JPEGLSLossless
+
+    from node.scp import StorageNegotiation
+
+    negotiate = StorageNegotiation([JPEGLSLossless, ExplicitVRLittleEndian])
+    request = proposal(
+        (CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGLSLossless]),
+        ("1.2.840.10008.5.1.4.1.2.1.1", [ImplicitVRLittleEndian]),  # C-FIND: not ours
+        ("1.2.840.10008.1.1", [ExplicitVRLittleEndian]),  # Verification
+        ("1.2.3.4.5.6.7", [ExplicitVRLittleEndian]),  # private SOP class: stored too
+        (CTImageStorage, [ImplicitVRLittleEndian]),  # no syntax we accept
+    )
+    for _ in range(2):  # the second answer comes from what the first one remembered
+        results = negotiate(request)
+        assert [(r.context_id, r.result, r.transfer_syntax) for r in results] == [
+            (1, 0, JPEGLSLossless),
+            (3, 3, ImplicitVRLittleEndian),
+            (5, 0, ExplicitVRLittleEndian),
+            (7, 0, ExplicitVRLittleEndian),
+            (9, 4, ImplicitVRLittleEndian),
+        ]
