@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,11 +114,10 @@ class Association:
         try:
             if self.settings.tls_context is not None and not self._handshake():
                 return
-            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
-            self.sock.settimeout(self.settings.acse_timeout)
             self.request = self._read_request()
             if self.request is None:
                 return
+            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
             refusal = self.handlers.admit(self)
             if refusal is not None:
                 self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
@@ -150,15 +150,19 @@ class Association:
         return True
 
     def _read_request(self) -> pdu.AssociateRequest | None:
+        # One deadline for the whole request: a peer trickling a byte at a time must not
+        # hold this thread for longer than acse_timeout.
+        timeout = self.settings.acse_timeout
+        deadline = time.monotonic() + timeout if timeout else None
         try:
-            header = self._read_exactly(6)
+            header = self._receive_before(6, deadline)
             pdu_type, length = pdu.parse_header(header)
             if pdu_type != pdu.A_ASSOCIATE_RQ:
                 raise pdu.PDUError(
                     f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU
                 )
             self._check_pdu_length(pdu_type, length)
-            return pdu.decode_associate_rq(header + self._read_exactly(length))
+            return pdu.decode_associate_rq(header + self._receive_before(length, deadline))
         except (ConnectionClosed, OSError) as exc:
             log.info(
                 "connection from %s ended before an association request: %s", self.address, exc
@@ -363,6 +367,25 @@ class Association:
         if len(data) != size:
             raise ConnectionClosed(f"the connection closed {size - len(data)} bytes early")
         return data
+
+    def _receive_before(self, size: int, deadline: float | None) -> bytes:
+        """`size` bytes straight from the socket, all of them before `deadline`."""
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        while received < size:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"no complete association request in {self.settings.acse_timeout} s"
+                    )
+                self.sock.settimeout(remaining)
+            count = self.sock.recv_into(view[received:])
+            if not count:
+                raise ConnectionClosed(f"the connection closed {size - received} bytes early")
+            received += count
+        return bytes(buffer)
 
     def _read_into(self, view: memoryview) -> None:
         assert self._reader is not None

@@ -232,3 +232,26 @@ def test_an_internal_error_aborts_the_association_and_says_so(tmp_path: Path) ->
     thread.join(10)
     assert not thread.is_alive()
     assert handlers.ended == [True]
+
+
+def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout(
+    tmp_path: Path,
+) -> None:
+    node = start_node(tmp_path, acse_timeout=2.0)
+    try:
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall(struct.pack(">BxL", pdu.A_ASSOCIATE_RQ, 200))
+        started = time.monotonic()
+        closed_after = None
+        for _ in range(20):  # a byte every 0.5 s: each read alone would be within the timeout
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"\0")
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+        assert closed_after is not None and closed_after < 4.5, closed_after
+        assert "no complete association request in 2.0 s" in node.log()
+        assert node.alive()
+    finally:
+        assert node.stop() == 0, node.log()
