@@ -10,14 +10,11 @@ refusals use the A-ASSOCIATE-RJ reasons of PS3.8 9.3.4:
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 
 from node.association import Refusal
 from node.config import Config
-
-log = logging.getLogger("node.admission")
 
 CALLING_AET_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 CALLED_AET_NOT_RECOGNIZED = (0x01, 0x01, 0x07)

@@ -125,6 +125,8 @@ class Association:
                 return
             self._accept()
             self._serve_established()
+        except OSError as exc:  # the peer went away while we answered its request
+            log.info("connection from %s ended during association set-up: %s", self.address, exc)
         finally:
             self._close()
 
