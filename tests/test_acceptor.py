@@ -27,7 +27,14 @@ from node import pdu
 from node.association import AcceptorSettings, Association
 from node.pduguard import ReceiveLimits
 from node.receiving import ArrivingDataset
-from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
+from tests.foundation_helpers import CT_SMALL, pynetdicom_store
+from tests.support import (
+    NodeProcess,
+    base_config,
+    free_port,
+    wait_until,
+    write_config,
+)
 
 CONTEXT_ID = 1
 
@@ -253,5 +260,36 @@ def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout
         assert closed_after is not None and closed_after < 4.5, closed_after
         assert "no complete association request in 2.0 s" in node.log()
         assert node.alive()
+    finally:
+        assert node.stop() == 0, node.log()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """A Part 10 file's dataset, as encoded (everything after the File Meta group)."""
+    with path.open("rb") as fp:
+        pydicom.filereader.read_preamble(fp, False)
+        pydicom.filereader._read_file_meta_info(fp)
+        return fp.read()
+
+
+@pytest.mark.parametrize(("pdu_size", "extra"), [(4096, 200_000), (16384, 12 * 1024 * 1024)])
+def test_datasets_in_many_small_pdus_and_spilled_ones_are_stored_byte_exact(
+    tmp_path: Path, pdu_size: int, extra: int
+) -> None:
+    # Many PDVs per dataset (4 KiB PDUs), and one past the 8 MiB kept in memory. The
+    # sender streams the file's bytes as they are (storescu would re-encode them).
+    source = pydicom.dcmread(CT_SMALL)
+    source.SOPInstanceUID = generate_uid()
+    source.add_new(0x00091010, "OB", bytes(range(256)) * (extra // 256))
+    sent = tmp_path / "sent.dcm"
+    source.save_as(sent, enforce_file_format=True)
+    node = start_node(tmp_path, max_pdu=pdu_size)
+    try:
+        assert pynetdicom_store(node.port, sent) == 0x0000, node.log()
+        archive = tmp_path / "archive"
+        assert wait_until(lambda: list(archive.rglob("*.dcm")), timeout=30), node.log()
+        stored = next(archive.rglob("*.dcm"))
+        assert dataset_bytes(stored) == dataset_bytes(sent)
+        assert not any((tmp_path / "data" / "spool" / ".receiving").iterdir())
     finally:
         assert node.stop() == 0, node.log()
