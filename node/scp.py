@@ -9,6 +9,7 @@ the received bytes to intake, it never decodes pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import ssl
@@ -122,9 +123,7 @@ def contexts_summary(assoc: Association) -> str:
     )
 
 
-def acceptor_settings(
-    config: Config, receiving_folder: str, tls_context: ssl.SSLContext | None = None
-) -> AcceptorSettings:
+def acceptor_settings(config: Config, receiving_folder: str) -> AcceptorSettings:
     node = config.node
     return AcceptorSettings(
         ae_title=node.ae_title,
@@ -137,7 +136,6 @@ def acceptor_settings(
         negotiate=StorageNegotiation(config.accept.transfer_syntaxes),
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
         implementation_version_name=IMPLEMENTATION_VERSION_NAME,
-        tls_context=tls_context,
     )
 
 
@@ -165,7 +163,8 @@ class StorageSCP:
     ) -> None:
         settings = self._settings
         if tls_context is not None:
-            settings = acceptor_settings(self.config, self.receiving_dir, tls_context)
+            # replace(), not a rebuild: the negotiation's memory is shared by both listeners.
+            settings = dataclasses.replace(settings, tls_context=tls_context)
         assoc = Association(sock, peer, settings, self)
         with self._lock:
             self._active.add(assoc)
