@@ -41,7 +41,6 @@ class ConnectionClosed(Exception):
 class AcceptorSettings:
     """What an association needs to know from the config; fixed for its lifetime."""
 
-    ae_title: str
     max_pdu: int  # ours, advertised in the A-ASSOCIATE-AC; 0 is unlimited
     acse_timeout: float | None
     dimse_timeout: float | None  # for the rest of a message once its first fragment came
@@ -92,7 +91,6 @@ class Association:
     request: pdu.AssociateRequest | None = None
     accepted: dict[int, str] = field(default_factory=dict)  # context ID -> transfer syntax
     results: list[pdu.ContextResult] = field(default_factory=list)
-    is_established: bool = False
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
@@ -187,7 +185,6 @@ class Association:
                 self.settings.implementation_version_name,
             )
         )
-        self.is_established = True
         self.sock.settimeout(self.settings.network_timeout)
         self.handlers.established(self)
 
@@ -222,7 +219,6 @@ class Association:
             )
             self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
         finally:
-            self.is_established = False
             self.handlers.closed(self, aborted)
 
     def _serve_messages(self) -> bool:

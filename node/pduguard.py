@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-P_DATA_TF = 0x04
+from node.pdu import P_DATA_TF
+
 OTHER_PDU_LIMIT = 1024 * 1024
 # Peers round differently around the advertised maximum; a little slack costs nothing.
 PDU_SLACK = 1024

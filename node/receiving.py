@@ -87,11 +87,6 @@ class ArrivingDataset:
         except OSError as exc:
             self.error = exc
 
-    def append(self, fragment: bytes | bytearray | memoryview) -> None:
-        """Add bytes that are already in memory (one copy)."""
-        self.region(len(fragment))[:] = fragment
-        self.filled(len(fragment))
-
     def _reserve(self, capacity: int) -> None:
         if len(self._memory) >= capacity:
             return

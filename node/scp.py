@@ -126,7 +126,6 @@ def contexts_summary(assoc: Association) -> str:
 def acceptor_settings(config: Config, receiving_folder: str) -> AcceptorSettings:
     node = config.node
     return AcceptorSettings(
-        ae_title=node.ae_title,
         max_pdu=node.max_pdu,
         acse_timeout=node.acse_timeout or None,
         dimse_timeout=node.dimse_timeout or None,

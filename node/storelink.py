@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from node import dimse
 from node.dimse import CommandError, command_elements, encode_store_request, text_value, us_value
+from node.header import LONG_VRS
 from node.pdu import (
     A_ABORT,
     A_ASSOCIATE_AC,
@@ -49,7 +50,7 @@ from node.pdu import (
     encode_release_rq,
     item,
 )
-from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PREAMBLE
 
 PROTOCOL_VERSION = 1
 # Message control header bits of a PDV (PS3.8 E.2)
@@ -58,10 +59,6 @@ COMMAND, LAST = 0x01, 0x02
 UNLIMITED_PDV = 4 * 1024 * 1024
 # Largest PDU we accept from a peer whatever it claims: a response is a few hundred bytes.
 MAX_INCOMING_PDU = 16 * 1024 * 1024
-# PS3.5 7.1.2: these VRs have a 2-byte reserved field and a 4-byte length in explicit VR.
-LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
 REJECT_SOURCES = {
     1: "service user",
     2: "service provider (ACSE)",
@@ -114,11 +111,11 @@ def _uid(value: bytes) -> str:
 
 def read_part10_meta(stream: BinaryIO) -> Part10File:
     """Parse the preamble and group 0002 (Explicit VR Little Endian, PS3.10 7.1)."""
-    head = stream.read(132)
-    if len(head) != 132 or head[128:] != b"DICM":
+    head = stream.read(len(PREAMBLE))
+    if len(head) != len(PREAMBLE) or head[128:] != PREAMBLE[128:]:
         raise ValueError("not a DICOM Part 10 file (no 'DICM' after the preamble)")
     values: dict[int, bytes] = {}
-    offset = 132
+    offset = len(PREAMBLE)
     while True:
         header = stream.read(8)
         if len(header) < 8:

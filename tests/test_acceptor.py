@@ -109,15 +109,21 @@ def response_status(sock: socket.socket) -> int:
     return int(response.Status)
 
 
+def arrive(arriving: ArrivingDataset, fragment: bytes) -> None:
+    """What the association does with a fragment read from the socket."""
+    arriving.region(len(fragment))[:] = fragment
+    arriving.filled(len(fragment))
+
+
 def test_a_large_dataset_spills_to_disk_and_is_discarded_when_the_peer_vanishes(
     tmp_path: Path,
 ) -> None:
     folder = tmp_path / "arriving"
     folder.mkdir()
     arriving = ArrivingDataset(folder, spill_at=1000)
-    arriving.append(b"a" * 600)
+    arrive(arriving, b"a" * 600)
     assert list(folder.iterdir()) == []  # still in memory
-    arriving.append(b"b" * 600)
+    arrive(arriving, b"b" * 600)
     with arriving.contents() as (data, on_disk):
         assert bytes(data) == b"a" * 600 + b"b" * 600
         assert on_disk is not None and on_disk.length == 1200
@@ -216,7 +222,6 @@ class FailingStore:
 
 def test_an_internal_error_aborts_the_association_and_says_so(tmp_path: Path) -> None:
     settings = AcceptorSettings(
-        ae_title="DICOMNODE",
         max_pdu=0,
         acse_timeout=10,
         dimse_timeout=10,
