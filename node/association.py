@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from node import dimse, pdu
 from node.dimse import Command, CommandError
@@ -115,7 +115,8 @@ class Association:
             self.request = self._read_request()
             if self.request is None:
                 return
-            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
+            # typeshed says IOBase for an int buffering; "rb" with buffering > 0 is a BufferedReader
+            self._reader = cast(BinaryIO, self.sock.makefile("rb", buffering=READ_BUFFER))
             refusal = self.handlers.admit(self)
             if refusal is not None:
                 self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
