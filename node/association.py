@@ -372,15 +372,17 @@ class Association:
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
+        late = f"no complete association request in {self.settings.acse_timeout} s"
         while received < size:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"no complete association request in {self.settings.acse_timeout} s"
-                    )
+                    raise TimeoutError(late)
                 self.sock.settimeout(remaining)
-            count = self.sock.recv_into(view[received:])
+            try:
+                count = self.sock.recv_into(view[received:])
+            except TimeoutError:
+                raise TimeoutError(late) from None  # the deadline passed during the wait
             if not count:
                 raise ConnectionClosed(f"the connection closed {size - received} bytes early")
             received += count
