@@ -19,6 +19,7 @@ from tests.conftest import StartNode
 from tests.corpus import corpus_dirs
 from tests.storescu_profiles import send_as_is
 from tests.support import NodeProcess, require_tool, storescu, wait_until
+from tests.tools import missing_tool
 
 OUT_OF_RESOURCES = 0xA700
 CT_SMALL = corpus_dirs()[0] / "CT_small.dcm"
@@ -44,7 +45,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+        missing_tool(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
     try:
         yield mount_point
     finally:
