@@ -15,9 +15,10 @@ from typing import NoReturn
 
 import pytest
 
-# The Debian packages of the peers the tests use (the developers' guide list).
+# The Debian packages of the programs the tests use, as .ci/run and the README install them.
 DEBIAN_PACKAGES = (
     "dcmtk orthanc orthanc-dicomweb libgdcm-tools dicom3tools postgresql haproxy chromium"
+    " systemd openssl"
 )
 
 
