@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from node import dimse, pdu
 from node.dimse import Command, CommandError
@@ -115,7 +115,8 @@ class Association:
             self.request = self._read_request()
             if self.request is None:
                 return
-            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
+            # typeshed says IOBase for an int buffering; "rb" with buffering > 0 is a BufferedReader
+            self._reader = cast(BinaryIO, self.sock.makefile("rb", buffering=READ_BUFFER))
             refusal = self.handlers.admit(self)
             if refusal is not None:
                 self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
@@ -371,15 +372,17 @@ class Association:
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
+        late = f"no complete association request in {self.settings.acse_timeout} s"
         while received < size:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"no complete association request in {self.settings.acse_timeout} s"
-                    )
+                    raise TimeoutError(late)
                 self.sock.settimeout(remaining)
-            count = self.sock.recv_into(view[received:])
+            try:
+                count = self.sock.recv_into(view[received:])
+            except TimeoutError:
+                raise TimeoutError(late) from None  # the deadline passed during the wait
             if not count:
                 raise ConnectionClosed(f"the connection closed {size - received} bytes early")
             received += count

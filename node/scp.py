@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_unrestricted
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
 
 from node import metrics, pdu
 from node.admission import Admission, rules_from

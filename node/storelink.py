@@ -27,6 +27,7 @@ import ssl
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import BinaryIO
 
@@ -302,7 +303,7 @@ class StoreAssociation:
     def _send_command(self, context_id: int, command: bytes) -> None:
         self.sock.sendall(encode_command_pdu(context_id, command))
 
-    def _send_dataset(self, context_id: int, stream: BinaryIO, offset: int) -> None:
+    def _send_dataset(self, context_id: int, stream: BufferedReader, offset: int) -> None:
         """Stream the dataset from the file in P-DATA-TF PDUs of one PDV each."""
         stream.seek(0, 2)
         remaining = stream.tell() - offset

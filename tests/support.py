@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,28 +65,6 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
-
-
-def _path_without_virtualenv() -> str:
-    # pynetdicom installs apps named storescu, storescp, echoscu... into the
-    # virtualenv's bin; an activated venv would shadow DCMTK's programs with them.
-    venv_bin = Path(sys.executable).parent.resolve()
-    entries = os.environ.get("PATH", "").split(os.pathsep)
-    return os.pathsep.join(e for e in entries if e and Path(e).resolve() != venv_bin)
-
-
-def require_tool(name: str) -> str:
-    """Path of an external program, or skip the test with a reason (CI installs them all).
-
-    Never a same-named script from our own virtualenv: the tests need the real
-    DCMTK, Orthanc, GDCM and dicom3tools programs.
-    """
-    found = shutil.which(name, path=_path_without_virtualenv())
-    if found is None:
-        pytest.skip(
-            f"{name} is not installed (apt-get install dcmtk orthanc libgdcm-tools dicom3tools)"
-        )
-    return found
 
 
 def toml_value(value: object) -> str:
