@@ -58,7 +58,7 @@ class Admission:
     def check_identity(
         self, identity: UserIdentity | None
     ) -> tuple[IdentityOutcome, Refusal | None]:
-        """The User Identity decision; outside the lock, since a passcode check takes ~50 ms."""
+        """The User Identity decision; outside the lock, since a passcode check takes ~0.1 s."""
         if identity is None:
             outcome = self.rules.identity.check(None)
         else:

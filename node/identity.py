@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -29,12 +30,15 @@ IDENTITY_TYPE_NAMES = {
 }
 
 SCHEME = "scrypt"
-# Interactive-login strength (about 50 ms and 16 MiB per check on these machines);
+# Interactive-login strength (about 0.1 s and 16 MiB per check on these machines);
 # the number of checks running at once is bounded by node.max_associations.
 DEFAULT_N, DEFAULT_R, DEFAULT_P = 2**14, 8, 1
 SALT_BYTES = 16
 KEY_BYTES = 32
 _MAX_N = 2**20  # beyond this a hash string could make each association cost a GiB
+# Checks running at once: each takes 128*N*r bytes (16 MiB at the defaults) and a core,
+# so 32 hostile associations cannot take 512 MiB; the rest wait their turn.
+_VERIFYING = threading.BoundedSemaphore(2)
 
 
 class PasscodeHashError(ValueError):
@@ -90,8 +94,13 @@ def parse_passcode_hash(text: str) -> PasscodeHash:
 
 
 def verify_passcode(passcode: bytes, stored: PasscodeHash) -> bool:
-    derived = _derive(passcode, stored.n, stored.r, stored.p, stored.salt, len(stored.key))
+    with _VERIFYING:
+        derived = _derive(passcode, stored.n, stored.r, stored.p, stored.salt, len(stored.key))
     return hmac.compare_digest(derived, stored.key)
+
+
+# Checked for an unknown username, so that a refusal takes as long whether the user exists.
+_NOBODY = PasscodeHash(DEFAULT_N, DEFAULT_R, DEFAULT_P, bytes(SALT_BYTES), bytes(KEY_BYTES))
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,8 @@ class IdentityPolicy:
 
     def _check_user(self, username: str, identity_type: int, passcode: bytes) -> IdentityOutcome:
         if username not in self.users:
+            if identity_type == USERNAME_AND_PASSCODE:
+                verify_passcode(passcode, _NOBODY)
             return IdentityOutcome(False, username, reason=f"unknown user {username!r}")
         stored = self.users[username]
         if stored is None:
