@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -104,7 +105,7 @@ def test_role_selection_is_answered_scu_yes_scp_no_and_a_would_be_scp_is_user_re
     ae = AE("ROLES")
     for uid in (CTImageStorage, MRImageStorage, Verification):
         ae.add_requested_context(uid)
-    roles = [
+    roles: list[Any] = [
         build_role(CTImageStorage, scu_role=True, scp_role=True),
         build_role(MRImageStorage, scu_role=False, scp_role=True),  # "you send to me": no
     ]
@@ -159,7 +160,7 @@ def test_role_answers_match_pynetdicom_negotiate_as_acceptor(
     """pynetdicom's acceptor, told the node accepts a requestor as SCU and never as SCP."""
     requested = build_context(CTImageStorage, [ExplicitVRLittleEndian])
     requested.context_id = 1
-    roles = {CTImageStorage: proposed} if proposed is not None else {}
+    roles: dict[Any, Any] = {CTImageStorage: proposed} if proposed is not None else {}
     reference_context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
     reference_context.scu_role, reference_context.scp_role = True, False
     expected, expected_roles = negotiate_as_acceptor([requested], [reference_context], roles)
@@ -174,6 +175,7 @@ def test_role_answers_match_pynetdicom_negotiate_as_acceptor(
 
 def test_the_accept_carries_one_role_item_per_sop_class_readable_by_pynetdicom() -> None:
     from pynetdicom.pdu import A_ASSOCIATE_AC
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
     request = pdu.AssociateRequest("SCU", "DICOMNODE", [], 0, b" " * 16, b" " * 16)
     results = [
@@ -187,6 +189,6 @@ def test_the_accept_carries_one_role_item_per_sop_class_readable_by_pynetdicom()
     items = [
         (str(i.sop_class_uid), i.scu_role, i.scp_role)
         for i in accept.to_primitive().user_information
-        if type(i).__name__ == "SCP_SCU_RoleSelectionNegotiation"
+        if isinstance(i, SCP_SCU_RoleSelectionNegotiation)
     ]
     assert items == [(CTImageStorage, True, False)]

@@ -32,7 +32,7 @@ from tests.support import (
 )
 
 CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
-PASSCODE = "s3cret-passcode"
+PASSCODE = "secret"  # the acceptance test: storescu --user alice --password secret -rsp
 REJECTED_BY_ACSE = (1, 2, 1)  # rejected-permanent, service-provider (ACSE), no-reason-given
 
 
@@ -243,7 +243,7 @@ def test_hash_passcode_prints_a_salted_scrypt_hash_that_verifies(alice_hash: str
     assert (scheme, n, r, p) == ("scrypt", "16384", "8", "1")
     parsed = parse_passcode_hash(alice_hash)
     assert verify_passcode(PASSCODE.encode(), parsed)
-    assert not verify_passcode(b"s3cret-passcod", parsed)
+    assert not verify_passcode(b"secre", parsed)
     assert hash_with_cli(PASSCODE) != alice_hash  # a fresh salt each time
     empty = dicom_node("hash-passcode")  # stdin is empty: nothing to hash
     assert empty.returncode == 1 and "empty passcode" in empty.stderr
@@ -298,7 +298,7 @@ def test_check_config_round_trips_users_and_destination_identity(
     import tomllib
 
     secret = tmp_path / "pacs.passcode"
-    secret.write_text("secret\n")
+    secret.write_text("pass-from-file\n")
     secret.chmod(0o600)
     config = forwarding_config(
         tmp_path,
@@ -312,7 +312,7 @@ def test_check_config_round_trips_users_and_destination_identity(
     source = write_config(tmp_path / "config.toml", config)
     result = dicom_node("check-config", "-c", str(source))
     assert result.returncode == 0, result.stderr
-    assert "secret" not in result.stdout  # the passcode file's content is never read here
+    assert "pass-from-file" not in result.stdout  # the passcode file's content is never read here
     reparsed = parse_config(tomllib.loads(result.stdout), source)
     assert (
         reparsed.security.users
