@@ -166,6 +166,7 @@ class AssociationStats:
     failed: int = 0
     received_bytes: int = 0
     contexts: str = "no contexts negotiated"
+    user: str = ""  # the User Identity's username, when one was offered and accepted
 
 
 def contexts_summary(assoc: Association) -> str:
@@ -203,6 +204,7 @@ class StorageSCP:
         self._settings = acceptor_settings(config, receiving_dir)
         prepare_receiving_folder(self._settings.receiving_folder)
         self._stats: dict[int, AssociationStats] = {}
+        self._users: dict[int, str] = {}  # admitted, not yet established: its username
         self._active: set[Association] = set()
         self._lock = threading.Lock()
         self._listeners: Listeners | None = None
@@ -235,6 +237,7 @@ class StorageSCP:
             self.admission.release(assoc)
             with self._lock:
                 self._active.discard(assoc)
+                self._users.pop(id(assoc), None)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Close the listening socket, then give open associations `drain_timeout` s to finish.
@@ -298,13 +301,15 @@ class StorageSCP:
             self.admission.release(assoc)
             return refusal
         if identity is not None:
-            log.info(
+            log.debug(
                 "association from %s calling AE %r: user %r (%s)",
                 assoc.peer[0],
                 assoc.calling_ae_title,
                 outcome.username,
                 outcome.reason,
             )
+            with self._lock:
+                self._users[id(assoc)] = outcome.username
             # PS3.7 D.3.3.7.2: for a username (and passcode) the Server-response is empty.
             if outcome.verified and identity.positive_response_requested:
                 assoc.user_identity_response = b""
@@ -314,8 +319,9 @@ class StorageSCP:
         metrics.record_association_rejected(refusal.reason)
 
     def established(self, assoc: Association) -> None:
-        stats = AssociationStats(contexts=contexts_summary(assoc))
         with self._lock:
+            user = self._users.pop(id(assoc), "")
+            stats = AssociationStats(contexts=contexts_summary(assoc), user=user)
             self._stats[id(assoc)] = stats
         metrics.record_association_accepted()
         log.debug(
@@ -331,10 +337,11 @@ class StorageSCP:
             stats = self._stats.pop(id(assoc), AssociationStats())
         metrics.record_association_closed(aborted)
         log.info(
-            "association %s: %s %r -> %r, %s, %d instances received (%.2f MB), %d refused, %.1f s",
+            "association %s: %s %r%s -> %r, %s, %d instances received (%.2f MB), %d refused, %.1f s",
             "aborted" if aborted else "released",
             assoc.address,
             assoc.calling_ae_title,
+            f" (user {stats.user!r})" if stats.user else "",
             assoc.called_ae_title,
             stats.contexts,
             stats.received,
