@@ -243,8 +243,9 @@ class DestinationLink:
                 user_identity=identity,
             )
         except AssociationRejected as exc:
+            ours = " and our destination username/passcode" if identity else ""
             raise TransportError(
-                f"{exc}: check its AE title and whether it knows our calling AE title"
+                f"{exc}: check its AE title and whether it knows our calling AE title{ours}"
             ) from None
         except LinkError as exc:
             raise TransportError(str(exc)) from None

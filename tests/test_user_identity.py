@@ -328,6 +328,7 @@ def test_check_config_round_trips_users_and_destination_identity(
 
 
 def test_forwarding_sends_the_destination_user_identity(tmp_path: Path) -> None:
+    """A pynetdicom SCP checking EVT_USER_ID: the right passcode delivers, a wrong one is retried."""
     seen: list[tuple[int, bytes, bytes]] = []
     received: list[str] = []
 
@@ -349,24 +350,35 @@ def test_forwarding_sends_the_destination_user_identity(tmp_path: Path) -> None:
         evt_handlers=[(evt.EVT_USER_ID, on_user_id), (evt.EVT_C_STORE, on_store)],
     )
     try:
-        secret = tmp_path / "pacs.passcode"
-        secret.write_text("pacs-passcode\n")
-        secret.chmod(0o600)
+        right, wrong = tmp_path / "right.passcode", tmp_path / "wrong.passcode"
+        right.write_text("pacs-passcode\n")
+        wrong.write_text("not-the-passcode\n")
+        for secret in (right, wrong):
+            secret.chmod(0o600)
         port = free_port()
         config = forwarding_config(
             tmp_path,
             port,
             [
                 destination(
-                    "pacs", "IDPACS", pacs_port, username="router", passcode_file=str(secret)
-                )
+                    "pacs", "IDPACS", pacs_port, username="router", passcode_file=str(right)
+                ),
+                destination(
+                    "bad", "IDPACS", pacs_port, username="router", passcode_file=str(wrong)
+                ),
             ],
-            routes=[{"match": {"Modality": "*"}, "destinations": ["pacs"]}],
+            routes=[{"match": {"Modality": "*"}, "destinations": ["pacs", "bad"]}],
         )
         with NodeProcess(write_config(tmp_path / "config.toml", config), port) as node:
             path = fresh_ct(tmp_path / "in")
             assert storescu(port, [path]).returncode == 0
             assert wait_until(lambda: path.stem in received, timeout=60), node.log()
-        assert seen and seen[0] == (2, b"router", b"pacs-passcode")
+            assert wait_until(lambda: "and our destination username/passcode" in node.log(), 60)
+            log = node.log()
+        assert (2, b"router", b"pacs-passcode") in seen
+        assert (2, b"router", b"not-the-passcode") in seen
+        assert received == [path.stem]  # the wrong passcode delivered nothing
+        assert f"for 'bad': association rejected by IDPACS@127.0.0.1:{pacs_port}" in log
+        assert "pacs-passcode" not in log and "not-the-passcode" not in log
     finally:
         server.shutdown()
