@@ -496,12 +496,15 @@ def _check_destination_identity(table: _Table, destination: DestinationConfig) -
         return
     if not destination.username:
         raise table.error("passcode_file", "needs a username to go with it")
+    from node.identity import read_passcode_file
+
     try:
         mode = path.stat().st_mode
-        with path.open("rb"):
-            pass
+        read_passcode_file(path)  # checked now, read again (not kept) for each association
     except OSError as exc:
         raise table.error("passcode_file", f"cannot be read: {exc.strerror} ({path})") from None
+    except ValueError as exc:
+        raise table.error("passcode_file", f"{path}: {exc}") from None
     if mode & 0o004:
         raise table.error(
             "passcode_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"

@@ -230,7 +230,7 @@ class DestinationLink:
         )
         try:  # read for each association: a rotated passcode file needs no reload
             identity = destination_identity(d.username, d.passcode_file)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise TransportError(f"cannot read passcode_file {d.passcode_file}: {exc}") from None
         try:
             association = associate(

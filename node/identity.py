@@ -187,14 +187,18 @@ def read_passcode_interactively() -> str:
 def read_passcode_file(path: os.PathLike[str] | str) -> bytes:
     """A destination's passcode: the file's first line, without its line end."""
     with open(path, "rb") as handle:
-        return handle.readline().rstrip(b"\r\n")
+        passcode = handle.readline(65537).rstrip(b"\r\n")
+    if not passcode or len(passcode) > 65535:  # a User Identity field holds 1..65535 bytes
+        raise ValueError("its first line must hold a passcode of 1 to 65535 bytes")
+    return passcode
 
 
 def destination_identity(
     username: str, passcode_file: os.PathLike[str] | str | None
 ) -> tuple[str, bytes | None] | None:
     """What we identify as to a destination; read at each association, so a rotated
-    passcode file is used without a reload. Raises OSError if the file cannot be read."""
+    passcode file is used without a reload. Raises OSError if the file cannot be read,
+    ValueError if it holds no usable passcode."""
     if not username:
         return None
     return username, read_passcode_file(passcode_file) if passcode_file is not None else None

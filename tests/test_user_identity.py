@@ -289,6 +289,11 @@ def test_a_destination_passcode_file_must_exist_and_not_be_world_readable(
     secret.chmod(0o600)
     config["destination"] = [destination("pacs", "PACS", 104, passcode_file=str(secret))]
     assert "needs a username" in config_error(tmp_path, config).message
+    secret.write_text("\n")
+    config["destination"] = [
+        destination("pacs", "PACS", 104, username="n", passcode_file=str(secret))
+    ]
+    assert "1 to 65535 bytes" in config_error(tmp_path, config).message
     missing = str(tmp_path / "absent")
     config["destination"] = [destination("pacs", "PACS", 104, username="n", passcode_file=missing)]
     assert config_error(tmp_path, config).key == "destination[0].passcode_file"
