@@ -91,6 +91,8 @@ class Association:
     request: pdu.AssociateRequest | None = None
     accepted: dict[int, str] = field(default_factory=dict)  # context ID -> transfer syntax
     results: list[pdu.ContextResult] = field(default_factory=list)
+    # Set by admit(): the Server-response of a positive User Identity reply, None for none.
+    user_identity_response: bytes | None = None
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
@@ -184,6 +186,7 @@ class Association:
                 self.settings.max_pdu,
                 self.settings.implementation_class_uid,
                 self.settings.implementation_version_name,
+                self.user_identity_response,
             )
         )
         self.sock.settimeout(self.settings.network_timeout)
