@@ -145,10 +145,12 @@ class _Walker:
             if tag == ITEM_DELIMITER and in_item:
                 return value
             if tag >> 16 == 0xFFFE:
-                raise DatasetError(f"unexpected delimiter {tag:08X} at byte {offset}")
+                raise DatasetError(f"unexpected delimiter {_tag(tag)} at byte {offset}")
             if length == UNDEFINED:
                 offset = self.undefined_value(value, end, depth, tag, vr)
                 continue
+            if value > end:
+                raise DatasetError(f"the header of {_tag(tag)} runs past the end of its item")
             if value + length > end:
                 raise DatasetError(
                     f"element {_tag(tag)} claims {length} bytes"
@@ -200,26 +202,28 @@ class _Walker:
         """Walk the items of an undefined-length sequence or encapsulated pixel data."""
         encapsulated = tag == PIXEL_DATA
         if vr not in (None, b"SQ", b"UN") and not encapsulated:
-            raise DatasetError(f"undefined length on a {vr!r} element ({tag:08X})")
+            raise DatasetError(
+                f"undefined length on {_tag(tag)}, whose VR is {_printable(vr or b'')}"
+            )
         contents = self if encapsulated else self.contents_walker(vr)
         while offset < end:
             item_tag, _, length, value = contents.element(offset)
             if item_tag == SEQUENCE_DELIMITER:
                 return value
             if item_tag != ITEM:
-                raise DatasetError(f"expected an item in ({tag:08X}) at byte {offset}")
+                raise DatasetError(f"expected an item in {_tag(tag)} at byte {offset}")
             if length == UNDEFINED and not encapsulated:
                 offset = contents.dataset(value, end, depth + 1, in_item=True)
                 continue
             if length == UNDEFINED or value + length > end:
                 raise DatasetError(
-                    f"an item of ({tag:08X}) runs past the end: the dataset is truncated"
+                    f"an item of {_tag(tag)} runs past the end: the dataset is truncated"
                 )
             if not encapsulated:
                 contents.dataset(value, value + length, depth + 1, in_item=False)
             offset = value + length
         raise DatasetError(
-            f"sequence ({tag:08X}) has no sequence delimiter: the dataset is truncated"
+            f"sequence {_tag(tag)} has no sequence delimiter: the dataset is truncated"
         )
 
 
