@@ -25,7 +25,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 PIXEL_DATA = 0x7FE00010
@@ -60,6 +59,9 @@ VALUE_SIZES = {
     b"US": 2,
     b"UV": 8,
 }
+# Explicit VRs whose values the walk looks into; for UN (and implicit VR) the
+# data dictionary says what pydicom will make of the value.
+SHAPED_VRS = frozenset({*VALUE_SIZES, b"SQ", b"UN"})
 MAX_DEPTH = 32
 HEADER_SPAN = 16 * 1024 * 1024
 # Deflate reaches ratios near 1000:1, so a 1 MB C-STORE could inflate to 1 GB.
@@ -72,18 +74,23 @@ class DatasetError(ValueError):
 
 
 # What pydicom raises on hostile bytes while parsing a dataset or converting a
-# value, as seen by fuzzing it (tests/test_fuzz.py, tests/test_fuzz_wire.py):
-# NotImplementedError for an unknown VR; BytesLengthException for a value that
-# is not a whole number of numbers; OSError, EOFError, struct.error and
-# StopIteration for a sequence or deferred value that ends early; ValueError
-# (UnicodeDecodeError among them) for a value or VR that does not fit;
-# KeyError, IndexError and TypeError from the ambiguous-VR correction;
-# OverflowError, RecursionError. Our own bugs are none of these types only by
-# luck, so this set is caught around pydicom's parsing alone, never wider.
+# value. Seen by fuzzing (tests/test_fuzz.py, tests/test_fuzz_wire.py) before
+# the walker refused their causes: NotImplementedError (an unknown VR),
+# BytesLengthException (a value that is not a whole number of numbers),
+# OSError wrapping struct.error (a sequence that ends early), AttributeError
+# (a deferred value with nothing to re-read it from). The others are what
+# pydicom's readers and converters raise for bytes that do not fit: ValueError
+# (UnicodeDecodeError among them), EOFError, StopIteration (a deferred re-read
+# at the end), KeyError, IndexError and TypeError (resolving an ambiguous VR),
+# OverflowError, RecursionError. AttributeError must be among them: Dataset.get()
+# would turn it into "absent" and routing would silently see an empty value.
+# These are caught around pydicom's parsing and conversion alone, never wider:
+# elsewhere the same types are bugs of ours.
 PARSE_ERRORS: tuple[type[BaseException], ...] = (
     NotImplementedError,
     BytesLengthException,
     OSError,
+    AttributeError,
     EOFError,
     struct.error,
     StopIteration,
@@ -110,30 +117,33 @@ def inflate(data: bytes | memoryview, limit: int = DEFAULT_INFLATE_LIMIT) -> byt
 class _Walker:
     def __init__(self, data: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> None:
         self.data = memoryview(data)
+        self.size = len(self.data)
         self.implicit_vr = implicit_vr
-        self.prefix = "<" if little_endian else ">"
+        prefix = "<" if little_endian else ">"
+        self._tag = struct.Struct(prefix + "HH")
+        self._short = struct.Struct(prefix + "H")
+        self._long = struct.Struct(prefix + "L")
         self._un_contents: _Walker | None = None
 
-    def _unpack(self, fmt: str, offset: int) -> tuple[int, ...]:
-        size = struct.calcsize(self.prefix + fmt)
-        if offset + size > len(self.data):
+    def _unpack(self, field: struct.Struct, offset: int) -> tuple[int, ...]:
+        if offset + field.size > self.size:
             raise DatasetError(f"dataset ends inside an element header at byte {offset}")
-        return struct.unpack_from(self.prefix + fmt, self.data, offset)
+        return field.unpack_from(self.data, offset)
 
     def element(self, offset: int) -> tuple[int, bytes | None, int, int]:
         """Return (tag, VR, value length, value offset) of the element at offset."""
-        group, elem = self._unpack("HH", offset)
+        group, elem = self._unpack(self._tag, offset)
         tag = (group << 16) | elem
         if tag in (ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER) or self.implicit_vr:
-            (length,) = self._unpack("L", offset + 4)
+            (length,) = self._unpack(self._long, offset + 4)
             return tag, None, length, offset + 8
         vr = bytes(self.data[offset + 4 : offset + 6])
         if vr in LONG_VRS:
-            (length,) = self._unpack("L", offset + 8)
+            (length,) = self._unpack(self._long, offset + 8)
             return tag, vr, length, offset + 12
         if vr not in KNOWN_VRS:
             raise DatasetError(f"unknown VR {_printable(vr)} in {_tag(tag)} at byte {offset}")
-        (length,) = self._unpack("H", offset + 6)
+        (length,) = self._unpack(self._short, offset + 6)
         return tag, vr, length, offset + 8
 
     def dataset(self, offset: int, end: int, depth: int, in_item: bool) -> int:
@@ -156,7 +166,8 @@ class _Walker:
                     f"element {_tag(tag)} claims {length} bytes"
                     f" but only {end - value} remain: the dataset is truncated"
                 )
-            self.defined_value(value, length, depth, tag, vr)
+            if vr is None or vr in SHAPED_VRS:
+                self.defined_value(value, length, depth, tag, vr)
             offset = value + length
         if in_item:
             raise DatasetError("an undefined-length item has no item delimiter")
@@ -277,16 +288,9 @@ class ReceivedHeader(Dataset):
         try:
             return super().__getitem__(key)
         except PARSE_ERRORS as exc:
-            if isinstance(exc, KeyError) and _is_absent(self, key):
+            if isinstance(exc, KeyError) and key not in self:
                 raise  # absent, not unreadable: Dataset.get() turns this into its default
             raise DatasetError(f"a header value cannot be read: {_describe(exc)}") from None
-
-
-def _is_absent(header: Dataset, key: Any) -> bool:
-    try:
-        return BaseTag(Tag(key)) not in header._dict
-    except PARSE_ERRORS:
-        return True
 
 
 def _describe(exc: BaseException) -> str:

@@ -183,7 +183,10 @@ def _identity_mismatch(header: Dataset, request: StoreRequest) -> str | None:
             return f"the dataset has no {keyword}, which the SOP Common Module requires"
         if str(found) != expected:
             # repr: the value is the sender's bytes, and goes into the log as it is.
-            return f"{keyword} in the dataset is {str(found)!r}, but the C-STORE request says {expected}"
+            return (
+                f"{keyword} in the dataset is {str(found)!r},"
+                f" but the C-STORE request says {expected}"
+            )
     return None
 
 

@@ -50,7 +50,7 @@ SEED_NAMES = (
     "examples_palette.dcm",
     "SC_rgb_jpeg_dcmtk.dcm",
 )
-MUTATIONS_PER_SEED = 36
+MUTATIONS_PER_SEED = 48
 BATCH = 60
 SEED = 20261201
 NO_STATUS = -1
