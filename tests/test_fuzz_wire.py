@@ -35,10 +35,12 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom.association import Association
 
 from node.header import DatasetError, read_header
+from node.intake import Status, StoreRequest
 from tests.conftest import StartNode
 from tests.corpus import find
 from tests.foundation_helpers import associate, part10_file, raw_sending, store_raw_bytes
 from tests.support import NodeProcess, wait_until
+from tests.test_fuzz import IntakeRig
 
 SEED_NAMES = (
     "CT_small.dcm",  # Explicit VR Little Endian, private elements
@@ -594,3 +596,51 @@ def encoded_dataset_with(**values: str) -> tuple[str, str, bytes]:
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     write_dataset(buffer, ds)
     return str(ds.SOPClassUID), str(ds.SOPInstanceUID), buffer.getvalue()
+
+
+# --- what intake refuses before or after parsing ------------------------------------------------
+
+
+def intake_request(seed: Seed, dataset: bytes, sop_instance_uid: str) -> StoreRequest:
+    return StoreRequest(
+        seed.sop_class_uid, sop_instance_uid, seed.syntax, "HOSTILE", "DICOMNODE", dataset
+    )
+
+
+def ct_small_without_sop_instance_uid() -> bytes:
+    ds = pydicom.dcmread(find("CT_small.dcm"))
+    del ds.SOPInstanceUID
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("uid", ["", "1.2.3.4\ufffd", "1.2.3\n4"])
+def test_a_request_uid_the_spool_cannot_carry_is_refused_before_anything_is_written(
+    tmp_path: Path, uid: str
+) -> None:
+    """The dataset has no UID to compare with, so only the request's says which instance it is.
+
+    Before: '' and '1.2.3\\n4' were stored under that UID, and U+FFFD (how a non-ASCII
+    byte in the command set is decoded) raised UnicodeEncodeError in the spool.
+    """
+    rig = IntakeRig(tmp_path)
+    seed = load_seed("CT_small.dcm")
+    result = rig.intake.receive(intake_request(seed, ct_small_without_sop_instance_uid(), uid))
+    assert result.status == Status.CANNOT_UNDERSTAND, result
+    assert "Affected SOP Instance UID" in result.reason
+    assert rig.spooled() == set()
+
+
+def test_a_dataset_without_its_sop_instance_uid_does_not_match_its_sop_class(
+    tmp_path: Path,
+) -> None:
+    """Type 1: without it the layout would file it as UNKNOWN, where the next one lands too."""
+    rig = IntakeRig(tmp_path)
+    seed = load_seed("CT_small.dcm")
+    dataset = ct_small_without_sop_instance_uid()
+    result = rig.intake.receive(intake_request(seed, dataset, generate_uid()))
+    assert result.status == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, result
+    assert "no SOPInstanceUID" in result.reason
+    assert rig.spooled() == set()
