@@ -10,7 +10,10 @@ oracle:
 - a known-good instance after each batch, on the same association, is stored;
 - every acknowledged instance is stored byte-identical to what was sent;
 - the node logs no internal error.
-tests/test_fuzz.py fuzzes the same code in-process with hypothesis.
+Also here: the field case (a flipped bit made the SOP Instance UID's VR 'WI'),
+the boundary for values first converted by routing, and what intake refuses
+before parsing. tests/test_fuzz.py fuzzes the same code in-process with
+hypothesis.
 """
 
 from __future__ import annotations
@@ -64,8 +67,21 @@ ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 SOP_INSTANCE_UID = 0x00080018
 PIXEL_DATA = 0x7FE00010
 UNDEFINED = 0xFFFFFFFF
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
-LONG_VRS |= {b"UV"}
+LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 SHORT_VRS = [
     *(b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT"),
     *(b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"),
