@@ -34,7 +34,15 @@ CHUNK = 1024 * 1024  # the most of one fragment read in a single call
 
 
 class ConnectionClosed(Exception):
-    """The peer closed the connection in the middle of the protocol."""
+    """The peer closed the connection in the middle of the protocol.
+
+    `between_pdus` says it closed where a new PDU would have begun: a peer that
+    hangs up without A-RELEASE, not one cut off while sending.
+    """
+
+    def __init__(self, message: str, between_pdus: bool = False) -> None:
+        super().__init__(message)
+        self.between_pdus = between_pdus
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,15 @@ class Pending:
     dataset: ArrivingDataset | None = None
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a request's response says: its status and the status's related fields."""
+
+    status: int
+    error_comment: str = ""
+    offending_elements: tuple[int, ...] = ()  # command elements, by element number
+
+
 @dataclass(eq=False)  # identity semantics: an association is a running thing, not a value
 class Association:
     sock: socket.socket
@@ -94,6 +111,8 @@ class Association:
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
+    _abstract_syntaxes: dict[int, str] = field(default_factory=dict)  # of accepted contexts
+    _last_answered: Command | None = None  # what a late C-CANCEL-RQ may refer to
 
     @property
     def calling_ae_title(self) -> str:
@@ -200,7 +219,14 @@ class Association:
                 self.sock.gettimeout(),
             )
             self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
-        except (ConnectionClosed, OSError) as exc:
+        except ConnectionClosed as exc:
+            # Hanging up between PDUs, without A-RELEASE, loses nothing we acknowledged; a
+            # connection cut inside a PDU means a sender lost its link while sending.
+            level = logging.INFO if exc.between_pdus else logging.WARNING
+            log.log(
+                level, "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
+            )
+        except OSError as exc:
             log.warning(
                 "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
             )
@@ -225,6 +251,7 @@ class Association:
         """Handle PDUs until the association ends: True if released, False if aborted."""
         pending: Pending | None = None
         command_bytes = bytearray()
+        self._abstract_syntaxes = self._accepted_abstract_syntaxes()
         try:
             while True:
                 in_message = pending is not None or bool(command_bytes)
@@ -232,7 +259,7 @@ class Association:
                     self.settings.dimse_timeout if in_message else self.settings.network_timeout
                 )
                 self.sock.settimeout(timeout)
-                pdu_type, length = pdu.parse_header(self._read_exactly(6))
+                pdu_type, length = pdu.parse_header(self._read_pdu_header())
                 self._check_pdu_length(pdu_type, length)
                 if pdu_type == pdu.P_DATA_TF:
                     pending = self._read_pdvs(length, pending, command_bytes)
@@ -253,6 +280,14 @@ class Association:
         finally:
             if pending is not None and pending.dataset is not None:
                 pending.dataset.discard()
+
+    def _accepted_abstract_syntaxes(self) -> dict[int, str]:
+        contexts = self.request.contexts if self.request else []
+        return {
+            int(context.context_id): str(context.abstract_syntax)
+            for context in contexts
+            if context.context_id in self.accepted
+        }
 
     def _read_pdvs(
         self, length: int, pending: Pending | None, command_bytes: bytearray
@@ -334,23 +369,93 @@ class Association:
 
     def _respond(self, pending: Pending) -> None:
         command = pending.command
-        comment = ""
-        if command.command_field == dimse.C_STORE_RQ and pending.dataset is not None:
-            syntax = self.accepted[pending.context_id]
-            status, comment = self.handlers.store(self, command, syntax, pending.dataset)
-        elif command.command_field == dimse.C_ECHO_RQ:
-            status = self.handlers.echo(self, command)
-        else:
+        if command.command_field == dimse.C_CANCEL_RQ:
+            self._note_cancel(command)  # PS3.7 9.3.2.3: a C-CANCEL-RQ has no response
+            return
+        answer = self._answer(pending)
+        response = dimse.encode_response(
+            command, answer.status, answer.error_comment, answer.offending_elements
+        )
+        self._send(pdu.encode_command_pdu(pending.context_id, response))
+        self._last_answered = command
+
+    def _answer(self, pending: Pending) -> Answer:
+        command = pending.command
+        if command.command_field == dimse.C_STORE_RQ:
+            return self._answer_store(pending)
+        if command.command_field == dimse.C_ECHO_RQ:
+            return Answer(self.handlers.echo(self, command))
+        log.warning(
+            "%s from %s %r is not a service the node provides: answered 0x%04X",
+            command.name,
+            self.address,
+            self.calling_ae_title,
+            dimse.UNRECOGNIZED_OPERATION,
+        )
+        return Answer(dimse.UNRECOGNIZED_OPERATION)
+
+    def _answer_store(self, pending: Pending) -> Answer:
+        command = pending.command
+        syntax = self.accepted[pending.context_id]
+        refusal = self._store_refusal(pending)
+        if refusal is not None:
             log.warning(
-                "%s from %s %r is not a service the node provides: answered 0x%04X",
-                command.name,
+                "refused C-STORE-RQ from %s %r, SOP Instance UID %s (transfer syntax %s)"
+                " with status 0x%04X: %s",
                 self.address,
                 self.calling_ae_title,
-                dimse.UNRECOGNIZED_OPERATION,
+                command.affected_sop_instance_uid or "(none)",
+                syntax,
+                refusal.status,
+                refusal.error_comment,
             )
-            status = dimse.UNRECOGNIZED_OPERATION
-        response = dimse.encode_response(command, status, comment)
-        self._send(pdu.encode_command_pdu(pending.context_id, response))
+            return refusal
+        assert pending.dataset is not None
+        status, comment = self.handlers.store(self, command, syntax, pending.dataset)
+        return Answer(status, comment)
+
+    def _store_refusal(self, pending: Pending) -> Answer | None:
+        """Why a C-STORE-RQ cannot be a storage request at all, before any handler sees it."""
+        command = pending.command
+        if pending.dataset is None:
+            # PS3.7 9.1.1.1: a C-STORE's Data Set is mandatory. pynetdicom answers this 0xC210.
+            return Answer(
+                dimse.CANNOT_UNDERSTAND,
+                "C-STORE-RQ without a data set (Command Data Set Type 0101H)",
+                (dimse.COMMAND_DATASET_TYPE,),
+            )
+        if not command.affected_sop_class_uid:
+            return Answer(
+                dimse.CANNOT_UNDERSTAND,
+                "C-STORE-RQ without an Affected SOP Class UID",
+                (dimse.AFFECTED_SOP_CLASS_UID,),
+            )
+        negotiated = self._abstract_syntaxes.get(pending.context_id)
+        if command.affected_sop_class_uid != negotiated:
+            # The SOP Class was not agreed on this presentation context: "Refused: SOP Class
+            # not supported" (PS3.7 annex C, 0122H). The data set may match its SOP Class
+            # perfectly, so 0xA900 (data set does not match SOP Class) would mislead.
+            return Answer(
+                dimse.SOP_CLASS_NOT_SUPPORTED,
+                f"SOP Class {command.affected_sop_class_uid} not negotiated on context"
+                f" {pending.context_id}",
+            )
+        return None
+
+    def _note_cancel(self, command: Command) -> None:
+        responded_to = command.message_id_being_responded_to
+        last = self._last_answered
+        if last is not None and last.message_id == responded_to:
+            why = f"its {last.name} was already answered"
+        else:
+            why = "no request with that Message ID is in progress"
+        log.info(
+            "C-CANCEL-RQ from %s %r for Message ID %s ignored: %s",
+            self.address,
+            self.calling_ae_title,
+            responded_to,
+            why,
+        )
 
     def _check_pdu_length(self, pdu_type: int, length: int) -> None:
         limit = self.settings.limits.pdu_limit(pdu_type)
@@ -359,11 +464,28 @@ class Association:
                 f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (limit {limit})"
             )
 
+    def _read_pdu_header(self) -> bytes:
+        assert self._reader is not None
+        header = self._reader.read(pdu.HEADER.size)
+        if not header:
+            raise ConnectionClosed(
+                "the peer closed the connection between PDUs, without A-RELEASE",
+                between_pdus=True,
+            )
+        if len(header) != pdu.HEADER.size:
+            raise ConnectionClosed(
+                f"the connection closed inside a PDU header, after {len(header)} of its"
+                f" {pdu.HEADER.size} bytes"
+            )
+        return header
+
     def _read_exactly(self, size: int) -> bytes:
         assert self._reader is not None
         data = self._reader.read(size)
         if len(data) != size:
-            raise ConnectionClosed(f"the connection closed {size - len(data)} bytes early")
+            raise ConnectionClosed(
+                f"the connection closed in the middle of a PDU, {size - len(data)} bytes early"
+            )
         return data
 
     def _receive_before(self, size: int, deadline: float | None) -> bytes:
@@ -390,7 +512,9 @@ class Association:
         while view:
             count = self._reader.readinto(view)  # type: ignore[attr-defined]
             if not count:
-                raise ConnectionClosed(f"the connection closed {len(view)} bytes early")
+                raise ConnectionClosed(
+                    f"the connection closed in the middle of a PDU, {len(view)} bytes early"
+                )
             view = view[count:]
 
     def _send(self, data: bytes) -> None:
