@@ -22,6 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -32,7 +33,6 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import Verification
 
 from node import dimse, pdu
 from tests.foundation_helpers import CT_SMALL, associate, raw_sending, status_of
@@ -40,6 +40,7 @@ from tests.support import REPO, NodeProcess, base_config, free_port, wait_until,
 
 STORAGE_CONTEXT = 1  # CT Image Storage, Explicit VR Little Endian
 VERIFICATION_CONTEXT = 3
+VERIFICATION = UID("1.2.840.10008.1.1")
 PDV_LIMIT = 16 * 1024  # what the raw peer puts in one PDV (under the node's max PDU)
 
 
@@ -58,7 +59,7 @@ def ct_file(folder: Path, sop_class: str = CTImageStorage) -> Path:
     ds.SOPInstanceUID = generate_uid()
     ds.SOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -90,7 +91,7 @@ class RawPeer:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.settimeout(20)
         self.sock.sendall(_associate_rq())
-        pdu_type, body = self.read_pdu()
+        pdu_type, _ = self.read_pdu()
         assert pdu_type == pdu.A_ASSOCIATE_AC, pdu_type
 
     def read_exactly(self, size: int) -> bytes:
@@ -138,7 +139,7 @@ class RawPeer:
         return self.response()
 
     def echo(self, message_id: int) -> Dataset:
-        echo = request(0x0030, message_id, Verification, has_dataset=False)
+        echo = request(0x0030, message_id, VERIFICATION, has_dataset=False)
         self.send_command(VERIFICATION_CONTEXT, echo)
         return self.response()
 
@@ -155,7 +156,7 @@ def _associate_rq() -> bytes:
     primitive.called_ae_title = "DICOMNODE"
     storage = build_context(CTImageStorage, [ExplicitVRLittleEndian])
     storage.context_id = STORAGE_CONTEXT
-    verification = build_context(Verification, [ImplicitVRLittleEndian])
+    verification = build_context(VERIFICATION, [ImplicitVRLittleEndian])
     verification.context_id = VERIFICATION_CONTEXT
     primitive.presentation_context_definition_list = [storage, verification]
     max_length = MaximumLengthNotification()
@@ -209,7 +210,7 @@ def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
     try:
         assoc = associate(
             node.port,
-            [(CTImageStorage, [ExplicitVRLittleEndian]), (Verification, [ImplicitVRLittleEndian])],
+            [(CTImageStorage, [ExplicitVRLittleEndian]), (VERIFICATION, [ImplicitVRLittleEndian])],
         )
         assert assoc.is_established
         storage = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
@@ -248,8 +249,10 @@ def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(tmp_path: 
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=10), node.log()
         assert wait_until(
-            lambda: "for Message ID 41 ignored: no request with that Message ID is in progress"
-            in node.log(),
+            lambda: (
+                "for Message ID 41 ignored: no request with that Message ID is in progress"
+                in node.log()
+            ),
             timeout=5,
         ), node.log()
     finally:
@@ -337,7 +340,7 @@ def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goe
         identifier.PatientName = "X" * 40_000  # an identifier spread over several PDVs
         find = encode(identifier, True, True)
         assert find is not None and len(find) > 2 * PDV_LIMIT
-        peer.send_command(VERIFICATION_CONTEXT, request(0x0020, 21, Verification))
+        peer.send_command(VERIFICATION_CONTEXT, request(0x0020, 21, VERIFICATION))
         peer.send_dataset(VERIFICATION_CONTEXT, find)
         answered = peer.response()
         assert (answered.CommandField, answered.MessageIDBeingRespondedTo) == (0x8020, 21)
@@ -379,7 +382,7 @@ def test_a_peer_hanging_up_between_pdus_is_info_and_one_cut_off_inside_a_pdu_a_w
     node = start_node(tmp_path)
     try:
         # Released properly by pynetdicom: the peer closes TCP after our A-RELEASE-RP.
-        assoc = associate(node.port, [(Verification, [ImplicitVRLittleEndian])])
+        assoc = associate(node.port, [(VERIFICATION, [ImplicitVRLittleEndian])])
         assert status_of(assoc.send_c_echo()) == 0x0000
         assoc.release()
         assert wait_until(lambda: "association released" in node.log(), timeout=10)
