@@ -34,7 +34,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from node import dimse, pdu
+from node import pdu
 from tests.foundation_helpers import CT_SMALL, associate, raw_sending, status_of
 from tests.support import REPO, NodeProcess, base_config, free_port, wait_until, write_config
 
@@ -189,7 +189,7 @@ def request(
 def c_cancel(message_id_being_responded_to: int) -> Dataset:
     ds = Dataset()
     ds.CommandGroupLength = 0
-    ds.CommandField = dimse.C_CANCEL_RQ
+    ds.CommandField = 0x0FFF  # C-CANCEL-RQ
     ds.MessageIDBeingRespondedTo = message_id_being_responded_to
     ds.CommandDataSetType = 0x0101
     return ds
