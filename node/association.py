@@ -323,7 +323,7 @@ class Association:
         command_bytes: bytearray,
     ) -> Pending | None:
         if pending is not None:
-            raise pdu.PDUError("a new command began before the last one's dataset ended")
+            return self._command_amid_dataset(size, control, pending)
         command_bytes += self._read_exactly(size)
         if len(command_bytes) > 64 * 1024:
             raise CommandError("a command set over 64 KiB")
@@ -336,6 +336,20 @@ class Association:
             return Pending(context_id, command, arriving)
         self._respond(Pending(context_id, command))
         return None
+
+    def _command_amid_dataset(self, size: int, control: int, pending: Pending) -> Pending:
+        """A command while a request's data set is arriving: only a C-CANCEL-RQ may come.
+
+        An SCU may send C-CANCEL-RQ while its request is in progress (PS3.7 9.3.2.3). A
+        C-STORE cannot be cancelled, so it is noted and its data set goes on arriving.
+        """
+        if size > 1024 or not control & 0x02:  # a C-CANCEL-RQ is one PDV of a few dozen bytes
+            raise pdu.PDUError("a new command began before the last one's dataset ended")
+        command = dimse.decode_command(self._read_exactly(size))
+        if command.command_field != dimse.C_CANCEL_RQ or command.has_dataset:
+            raise pdu.PDUError(f"a {command.name} began before the last one's dataset ended")
+        self._note_cancel(command, in_progress=pending.command)
+        return pending
 
     def _dataset_fragment(
         self, size: int, context_id: int, control: int, pending: Pending | None
@@ -442,10 +456,12 @@ class Association:
             )
         return None
 
-    def _note_cancel(self, command: Command) -> None:
+    def _note_cancel(self, command: Command, in_progress: Command | None = None) -> None:
         responded_to = command.message_id_being_responded_to
         last = self._last_answered
-        if last is not None and last.message_id == responded_to:
+        if in_progress is not None and in_progress.message_id == responded_to:
+            why = f"a {in_progress.name} cannot be cancelled, it goes on"
+        elif last is not None and last.message_id == responded_to:
             why = f"its {last.name} was already answered"
         else:
             why = "no request with that Message ID is in progress"

@@ -259,6 +259,38 @@ def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(tmp_path: 
         assert node.stop() == 0, node.log()
 
 
+def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
+    tmp_path: Path,
+) -> None:
+    sent = ct_file(tmp_path)
+    data = dataset_bytes(sent)
+    node = start_node(tmp_path)
+    try:
+        peer = RawPeer(node.port)
+        ds = pydicom.dcmread(sent, stop_before_pixels=True)
+        store = request(0x0001, 51, CTImageStorage, str(ds.SOPInstanceUID))
+        peer.send_command(STORAGE_CONTEXT, store)
+        half = len(data) // 2
+        pdv = struct.pack(">LBB", half + 2, STORAGE_CONTEXT, 0x00) + data[:half]
+        peer.sock.sendall(pdu.encode_pdu(pdu.P_DATA_TF, pdv))
+        peer.send_command(STORAGE_CONTEXT, c_cancel(51))
+        peer.send_dataset(STORAGE_CONTEXT, data[half:])
+        response = peer.response()
+        assert (response.MessageIDBeingRespondedTo, response.Status) == (51, 0x0000)
+        assert peer.echo(52).Status == 0x0000
+        peer.release()
+        assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=10), node.log()
+        assert wait_until(
+            lambda: (
+                "for Message ID 51 ignored: a C-STORE-RQ cannot be cancelled, it goes on"
+                in node.log()
+            ),
+            timeout=5,
+        ), node.log()
+    finally:
+        assert node.stop() == 0, node.log()
+
+
 # C-STORE-RQs that are not storage requests at all get a failure status, and nothing is stored.
 
 
