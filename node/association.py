@@ -432,7 +432,8 @@ class Association:
         """Why a C-STORE-RQ cannot be a storage request at all, before any handler sees it."""
         command = pending.command
         if pending.dataset is None:
-            # PS3.7 9.1.1.1: a C-STORE's Data Set is mandatory. pynetdicom answers this 0xC210.
+            # PS3.7 9.1.1.1: a C-STORE's Data Set is mandatory. pynetdicom's storescp answers
+            # 0xC210 too (its handler cannot decode the missing data set); storescp A-ABORTs.
             return Answer(
                 dimse.CANNOT_UNDERSTAND,
                 "C-STORE-RQ without a data set (Command Data Set Type 0101H)",

@@ -349,6 +349,14 @@ def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not
             f"SOP Class {MRImageStorage} not negotiated on context {STORAGE_CONTEXT}"
         )
         assert response.AffectedSOPClassUID == MRImageStorage
+        nameless = request(0x0001, 13, CTImageStorage, generate_uid())
+        del nameless.AffectedSOPClassUID
+        peer.send_command(STORAGE_CONTEXT, nameless)
+        peer.send_dataset(STORAGE_CONTEXT, dataset_bytes(sent))
+        response = peer.response()
+        assert (response.MessageIDBeingRespondedTo, response.Status) == (13, 0xC210)
+        assert response.ErrorComment == "C-STORE-RQ without an Affected SOP Class UID"
+        assert response.OffendingElement == 0x00000002
         assert peer.store(sent, 12).Status == 0x0000
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=10), node.log()
@@ -358,8 +366,9 @@ def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not
         assert len(stored_files(tmp_path)) == 1
         assert not any((tmp_path / "data" / "spool" / ".receiving").iterdir())
         refused = [line for line in log_lines(node, "WARNING") if "refused C-STORE-RQ" in line]
-        assert len(refused) == 1, node.log()
+        assert len(refused) == 2, node.log()
         assert "'RAWSCU'" in refused[0] and "with status 0x0122" in refused[0]
+        assert "with status 0xC210: C-STORE-RQ without an Affected SOP Class UID" in refused[1]
         assert f"transfer syntax {ExplicitVRLittleEndian}" in refused[0]
     finally:
         assert node.stop() == 0, node.log()
