@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from node import dimse, pdu
-from node.dimse import Command, CommandError
+from node.dimse import Answer, Command, CommandError
 from node.pduguard import ReceiveLimitExceeded, ReceiveLimits
 from node.receiving import ArrivingDataset
 
@@ -88,15 +88,6 @@ class Pending:
     context_id: int
     command: Command
     dataset: ArrivingDataset | None = None
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What a request's response says: its status and the status's related fields."""
-
-    status: int
-    error_comment: str = ""
-    offending_elements: tuple[int, ...] = ()  # command elements, by element number
 
 
 @dataclass(eq=False)  # identity semantics: an association is a running thing, not a value
@@ -411,7 +402,12 @@ class Association:
     def _answer_store(self, pending: Pending) -> Answer:
         command = pending.command
         syntax = self.accepted[pending.context_id]
-        refusal = self._store_refusal(pending)
+        refusal = dimse.store_refusal(
+            command,
+            pending.dataset is not None,
+            self._abstract_syntaxes.get(pending.context_id),
+            pending.context_id,
+        )
         if refusal is not None:
             log.warning(
                 "refused C-STORE-RQ from %s %r, SOP Instance UID %s (transfer syntax %s)"
@@ -427,35 +423,6 @@ class Association:
         assert pending.dataset is not None
         status, comment = self.handlers.store(self, command, syntax, pending.dataset)
         return Answer(status, comment)
-
-    def _store_refusal(self, pending: Pending) -> Answer | None:
-        """Why a C-STORE-RQ cannot be a storage request at all, before any handler sees it."""
-        command = pending.command
-        if pending.dataset is None:
-            # PS3.7 9.1.1.1: a C-STORE's Data Set is mandatory. pynetdicom's storescp answers
-            # 0xC210 too (its handler cannot decode the missing data set); storescp A-ABORTs.
-            return Answer(
-                dimse.CANNOT_UNDERSTAND,
-                "C-STORE-RQ without a data set (Command Data Set Type 0101H)",
-                (dimse.COMMAND_DATASET_TYPE,),
-            )
-        if not command.affected_sop_class_uid:
-            return Answer(
-                dimse.CANNOT_UNDERSTAND,
-                "C-STORE-RQ without an Affected SOP Class UID",
-                (dimse.AFFECTED_SOP_CLASS_UID,),
-            )
-        negotiated = self._abstract_syntaxes.get(pending.context_id)
-        if command.affected_sop_class_uid != negotiated:
-            # The SOP Class was not agreed on this presentation context: "Refused: SOP Class
-            # not supported" (PS3.7 annex C, 0122H). The data set may match its SOP Class
-            # perfectly, so 0xA900 (data set does not match SOP Class) would mislead.
-            return Answer(
-                dimse.SOP_CLASS_NOT_SUPPORTED,
-                f"SOP Class {command.affected_sop_class_uid} not negotiated on context"
-                f" {pending.context_id}",
-            )
-        return None
 
     def _note_cancel(self, command: Command, in_progress: Command | None = None) -> None:
         responded_to = command.message_id_being_responded_to

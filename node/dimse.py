@@ -78,6 +78,49 @@ class Command:
         return REQUEST_NAMES.get(self.command_field, f"command 0x{self.command_field:04X}")
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a response says: its status and the status's related fields."""
+
+    status: int
+    error_comment: str = ""
+    offending_elements: tuple[int, ...] = ()  # command elements, by element number
+
+
+def store_refusal(
+    command: Command, has_dataset: bool, abstract_syntax: str | None, context_id: int
+) -> Answer | None:
+    """Why a C-STORE-RQ is not a storage request at all, before anything looks at its data set.
+
+    `abstract_syntax` is that of the presentation context the request came on. Shared by
+    both acceptors, so they answer the same.
+    """
+    if not has_dataset:
+        # PS3.7 9.1.1.1: a C-STORE's Data Set is mandatory. pynetdicom's storescp answers
+        # 0xC210 too (its handler cannot decode the missing data set); storescp A-ABORTs.
+        return Answer(
+            CANNOT_UNDERSTAND,
+            "C-STORE-RQ without a data set (Command Data Set Type 0101H)",
+            (COMMAND_DATASET_TYPE,),
+        )
+    if not command.affected_sop_class_uid:
+        return Answer(
+            CANNOT_UNDERSTAND,
+            "C-STORE-RQ without an Affected SOP Class UID",
+            (AFFECTED_SOP_CLASS_UID,),
+        )
+    if command.affected_sop_class_uid != abstract_syntax:
+        # The SOP Class was not agreed on this presentation context: "Refused: SOP Class not
+        # supported" (PS3.7 annex C, 0122H). Storing it anyway would let a peer bypass the
+        # negotiation's refusals. The data set may match its SOP Class perfectly, so 0xA900
+        # (data set does not match SOP Class) would mislead.
+        return Answer(
+            SOP_CLASS_NOT_SUPPORTED,
+            f"SOP Class {command.affected_sop_class_uid} not negotiated on context {context_id}",
+        )
+    return None
+
+
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
     elements = command_elements(data)
     try:
