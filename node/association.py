@@ -486,8 +486,12 @@ class Association:
                     )
                 self.sock.settimeout(remaining)
             count = self.sock.recv_into(view[received:])
-            if not count:
-                raise ConnectionClosed(f"the connection closed {size - received} bytes early")
+            if not count:  # a port probe (a monitor's TCP check) closes before sending a byte
+                raise ConnectionClosed(
+                    f"the connection closed {size - received} bytes early"
+                    if received
+                    else "the peer closed the connection"
+                )
             received += count
         return bytes(buffer)
 
