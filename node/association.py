@@ -486,12 +486,8 @@ class Association:
                     )
                 self.sock.settimeout(remaining)
             count = self.sock.recv_into(view[received:])
-            if not count:  # a port probe (a monitor's TCP check) closes before sending a byte
-                raise ConnectionClosed(
-                    f"the connection closed {size - received} bytes early"
-                    if received
-                    else "the peer closed the connection"
-                )
+            if not count:
+                raise ConnectionClosed(f"the connection closed {size - received} bytes early")
             received += count
         return bytes(buffer)
 
