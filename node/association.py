@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from node import dimse, pdu
 from node.dimse import Answer, Command, CommandError
@@ -99,6 +99,8 @@ class Association:
     request: pdu.AssociateRequest | None = None
     accepted: dict[int, str] = field(default_factory=dict)  # context ID -> transfer syntax
     results: list[pdu.ContextResult] = field(default_factory=list)
+    # Set by admit(): the Server-response of a positive User Identity reply, None for none.
+    user_identity_response: bytes | None = None
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
@@ -125,7 +127,8 @@ class Association:
             self.request = self._read_request()
             if self.request is None:
                 return
-            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
+            # typeshed says IOBase for an int buffering; "rb" with buffering > 0 is a BufferedReader
+            self._reader = cast(BinaryIO, self.sock.makefile("rb", buffering=READ_BUFFER))
             refusal = self.handlers.admit(self)
             if refusal is not None:
                 self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
@@ -193,6 +196,7 @@ class Association:
                 self.settings.max_pdu,
                 self.settings.implementation_class_uid,
                 self.settings.implementation_version_name,
+                self.user_identity_response,
             )
         )
         self.sock.settimeout(self.settings.network_timeout)
@@ -477,15 +481,17 @@ class Association:
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
+        late = f"no complete association request in {self.settings.acse_timeout} s"
         while received < size:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"no complete association request in {self.settings.acse_timeout} s"
-                    )
+                    raise TimeoutError(late)
                 self.sock.settimeout(remaining)
-            count = self.sock.recv_into(view[received:])
+            try:
+                count = self.sock.recv_into(view[received:])
+            except TimeoutError:
+                raise TimeoutError(late) from None  # the deadline passed during the wait
             if not count:
                 raise ConnectionClosed(f"the connection closed {size - received} bytes early")
             received += count

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -147,7 +148,7 @@ def read_header(data: bytes | memoryview, transfer_syntax: UID) -> Dataset:
     fp.is_implicit_VR = transfer_syntax.is_implicit_VR
     try:
         return read_dataset(
-            fp,
+            cast(BinaryIO, fp),  # annotated BinaryIO, written for pydicom's own DicomIO
             transfer_syntax.is_implicit_VR,
             transfer_syntax.is_little_endian,
             stop_when=_stop_at_pixel_data,
