@@ -19,6 +19,7 @@ from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
+from node.logs import setup_logging
 from node.transcode.codecs import codec_for, current_overrides, install_overrides
 from node.transcode.ladder import Outcome, walk_ladder
 from node.transcode.rung import RungResult, try_rung
@@ -73,6 +74,7 @@ class _Worker:
 
 def _serve(conn: Connection) -> None:
     """Worker loop: one rung per message, a RungResult (or an OSError) per reply."""
+    setup_logging("WARNING")  # pydicom's warnings from codec work reach journald prefixed too
     while True:
         try:
             task = conn.recv()
