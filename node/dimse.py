@@ -236,7 +236,7 @@ def _ushort(element: int, value: int) -> bytes:
 
 
 def _uid(element: int, uid: str) -> bytes:
-    value = uid.encode("ascii")
+    value = uid.encode("ascii", errors="replace")  # echoes a peer's UID, which may be garbage
     if len(value) % 2:
         value += b"\0"
     return _ELEMENT.pack(0, element, len(value)) + value

@@ -534,3 +534,27 @@ def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
     assert len(warned) >= 2 and all(line.startswith("<4>pydicom: ") for line in warned), node.log()
     assert "-> JPEGLSLossless" in node.log()  # a codec worker read it too
     assert "py.warnings" not in node.log()
+
+
+def test_a_c_store_whose_affected_sop_instance_uid_is_not_ascii_gets_a_status(
+    tmp_path: Path,
+) -> None:
+    """The response echoes the request's UIDs; a byte that is not ASCII must not abort it."""
+    sent = ct_file(tmp_path)
+    node = start_node(tmp_path)
+    try:
+        peer = RawPeer(node.port)
+        placeholder = "1.2.3.4.5.6.7.8.9"
+        command = encode(request(0x0001, 51, CTImageStorage, placeholder), True, True)
+        assert command is not None
+        hostile = bytes(command).replace(placeholder.encode(), b"1.2.3.4.5.6.7.8.\xe9")
+        peer.sock.sendall(pdu.encode_command_pdu(STORAGE_CONTEXT, hostile))
+        peer.send_dataset(STORAGE_CONTEXT, dataset_bytes(sent))
+        refused = peer.response()
+        assert (refused.MessageIDBeingRespondedTo, refused.Status) == (51, 0xC210)
+        stored = peer.store(sent, 52)
+        assert (stored.MessageIDBeingRespondedTo, stored.Status) == (52, 0x0000)
+        peer.release()
+        assert "internal error" not in node.log()
+    finally:
+        assert node.stop() == 0, node.log()
