@@ -18,10 +18,18 @@ from tests.support import free_port, require_tool
 class Orthanc:
     """`/usr/sbin/Orthanc` with DICOM on `dicom_port` and REST on `http_port`, both loopback."""
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC", dicom_port: int = 0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        ae_title: str = "ORTHANC",
+        dicom_port: int = 0,
+        modalities: dict[str, list[str | int]] | None = None,
+    ) -> None:
         self.exe = require_tool("Orthanc")
         self.folder = folder
         self.ae_title = ae_title
+        # DicomModalities: the peers Orthanc may C-STORE to, {name: [AE title, host, port]}.
+        self.modalities = modalities or {}
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -50,6 +58,7 @@ class Orthanc:
             "StableAge": 60,
             "SaveJobs": False,
             "ConcurrentJobs": 1,
+            "DicomModalities": self.modalities,
         }
 
     def start(self, timeout: float = 30.0) -> Orthanc:
