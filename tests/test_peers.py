@@ -28,10 +28,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from tests.conftest import StartNode
 from tests.orthanc import Orthanc
@@ -39,6 +40,8 @@ from tests.support import NodeProcess, require_tool, wait_until
 
 PEER_TIMEOUT = 60.0
 TRAILING_PADDING = 0xFFFCFFFC
+PIXEL_DATA = 0x7FE00010
+LOSSLESS_FILES = ("MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm")
 # Explicit VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
 LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 # gdcm 3.0.21 as packaged by Debian throws from its client after the association is
@@ -138,10 +141,12 @@ def released_line(node: NodeProcess, calling_ae: str) -> re.Match[str]:
     return lines[0]
 
 
-def element_differences(sent: Dataset, stored: Dataset, where: str = "") -> list[str]:
+def element_differences(
+    sent: Dataset, stored: Dataset, where: str = "", ignore: frozenset[int] = frozenset()
+) -> list[str]:
     """Elements that differ by tag, VR or value, recursing into sequences."""
     differences = []
-    for tag in sorted(set(sent.keys()) | set(stored.keys())):
+    for tag in sorted((set(sent.keys()) | set(stored.keys())) - ignore):
         if tag not in sent or tag not in stored:
             differences.append(f"{where}{tag}: only in {'sent' if tag in sent else 'stored'}")
             continue
@@ -164,6 +169,25 @@ def assert_stored_byte_identical(node: NodeProcess, sent: Path, calling_ae: str)
     syntax = pydicom.dcmread(sent, stop_before_pixels=True).file_meta.TransferSyntaxUID
     line = stored_line(node, uid, calling_ae)
     assert (line["received"], line["stored"]) == (syntax.keyword, syntax.keyword), line[0]
+
+
+def accept_native_only(sections: dict[str, object]) -> None:
+    """A node that accepts no compressed transfer syntax: the peer must decompress."""
+    sections["accept"] = {"transfer_syntaxes": ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian"]}
+
+
+def assert_stored_as_decompressed(node: NodeProcess, sent: Path, calling_ae: str) -> None:
+    """The peer decompressed a lossless file to Explicit VR Little Endian itself: the node
+    stored that, every element but Pixel Data equal by value to the sent file's, and the
+    pixels equal to the sent file's decoded pixels."""
+    uid = sent.stem
+    stored = pydicom.dcmread(wait_for_stored(node, [uid])[uid])
+    source = pydicom.dcmread(sent)
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert element_differences(source, stored, ignore=frozenset({PIXEL_DATA})) == []
+    assert numpy.array_equal(stored.pixel_array, source.pixel_array), f"{sent.name}: pixels differ"
+    line = stored_line(node, uid, calling_ae)
+    assert (line["received"], line["stored"]) == ("ExplicitVRLittleEndian",) * 2, line[0]
 
 
 def peer_env() -> dict[str, str]:
@@ -215,6 +239,30 @@ def test_dcmsend_sends_a_folder_of_ct_mr_and_jpeg_ls(start_node: StartNode, tmp_
         assert_stored_byte_identical(node, path, "DCMSEND")
     line = released_line(node, "DCMSEND")
     assert (line["accepted"], line["proposed"], line["instances"]) == ("3", "3", "3"), line[0]
+
+
+def test_dcmsend_decompresses_for_a_node_that_accepts_native_only(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """dcmsend (its default --decompress-lossless) sends a JPEG-LS Lossless and an RLE Lossless
+    MR to a node whose [accept] lists only the native syntaxes: dcmsend converts each to
+    Explicit VR Little Endian itself, so the bytes on the wire are DCMTK's re-encoding; the
+    stored data set is compared with the file element by element, and its pixels with the
+    file's decoded pixels."""
+    dcmsend = require_tool("dcmsend")
+    sent = [fresh_copy(name, tmp_path / "send") for name in LOSSLESS_FILES]
+    node = start_node(accept_native_only)
+    result = run_peer(
+        dcmsend, "-v", "-aet", "DCMSENDDEC", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
+        *sent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "* with status SUCCESS  : 2" in result.stderr, result.stderr
+    assert result.stderr.count("Converting transfer syntax: ") == 2, result.stderr
+    for path in sent:
+        assert_stored_as_decompressed(node, path, "DCMSENDDEC")
+    line = released_line(node, "DCMSENDDEC")
+    assert (line["syntaxes"], line["instances"]) == ("ExplicitVRLittleEndian", "2"), line[0]
 
 
 # ----------------------------------------------------------------------- pynetdicom's apps
@@ -385,3 +433,35 @@ def test_orthanc_sends_ct_and_jpeg_ls_to_the_node(start_node: StartNode, tmp_pat
     associations = released_lines(node, "ORTHANCSND")
     assert sum(int(line["instances"]) for line in associations) == 2, node.log()
     assert all(line["refused"] == "0" for line in associations), node.log()
+
+
+def test_orthanc_decompresses_for_a_node_that_accepts_native_only(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """Orthanc holding a JPEG-LS Lossless and an RLE Lossless MR C-STOREs them to a node whose
+    [accept] lists only the native syntaxes: Orthanc transcodes each to a native syntax
+    itself (here to Explicit VR Little Endian), so the stored data set is compared with the
+    uploaded file element by element, and its pixels with the file's decoded pixels."""
+    sent = [fresh_copy(name, tmp_path / "send") for name in LOSSLESS_FILES]
+    node = start_node(accept_native_only)
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        ae_title="ORTHANCDEC",
+        modalities={"node": ["DICOMNODE", "127.0.0.1", node.port]},
+    )
+    with orthanc:
+        ids = [
+            post(orthanc, "/instances", path.read_bytes(), "application/dicom")["ID"]
+            for path in sent
+        ]
+        job = post(
+            orthanc,
+            "/modalities/node/store",
+            json.dumps({"Resources": ids, "Synchronous": True}).encode(),
+            "application/json",
+        )
+    assert (job["InstancesCount"], job["FailedInstancesCount"]) == (2, 0), job
+    for path in sent:
+        assert_stored_as_decompressed(node, path, "ORTHANCDEC")
+    associations = released_lines(node, "ORTHANCDEC")
+    assert sum(int(line["instances"]) for line in associations) == 2, node.log()
