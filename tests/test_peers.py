@@ -4,15 +4,18 @@ Each test runs one peer program (DCMTK dcmsend, pynetdicom's storescu and echosc
 gdcmscu, Orthanc as a sending modality) against a node started by `start_node`, and checks
 three things by value:
 - what the peer itself reports (exit status, its own per-instance status lines);
-- that the node stored every instance sent, with the dataset after the file meta equal to
-  what the peer sent: byte for byte where the peer sends the file's own encoding, element by
-  element with pydicom where the peer re-encodes (the test says which, and why);
+- that the node stored every instance sent, with the data set after the file meta equal to
+  what the peer sent: byte for byte where the peer sends the file's own encoding; element by
+  element with pydicom, by value, where the peer re-encodes (pynetdicom's storescu -xi to
+  Implicit VR; dcmsend and Orthanc decompressing for a node that accepts native syntaxes
+  only, where the pixels are compared with the file's decoded pixels too);
 - the node's log line for each stored instance, which names the calling AE and the
   transfer syntax.
 DCMTK storescu/echoscu/findscu/getscu and Orthanc as a destination are covered elsewhere.
 """
 
-# TODO(lead): decorate these tests with @BOTH_ACCEPTORS once main has the pynetdicom acceptor.
+# TODO(lead): decorate these tests with @BOTH_ACCEPTORS once main has the pynetdicom acceptor
+# (all 18 runs pass against both acceptors on branch pynetacceptor at fc3da0e, in ~26 s).
 
 from __future__ import annotations
 
