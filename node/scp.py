@@ -15,8 +15,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydicom.uid import UID, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_unrestricted
@@ -66,7 +67,7 @@ class StorageNegotiation:
 
     def _answer(self, context: PresentationContext) -> pdu.ContextResult:
         context_id = int(context.context_id or 0)
-        candidates = self._candidates_for(str(context.abstract_syntax))
+        candidates = self.candidates_for(str(context.abstract_syntax))
         if not candidates:
             return pdu.ContextResult(
                 context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian
@@ -79,7 +80,7 @@ class StorageNegotiation:
             context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian
         )
 
-    def _candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
+    def candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
         """Our syntaxes for this abstract syntax, in preference order; () if we refuse it."""
         known = self._candidates.get(abstract_syntax)
         if known is None:
@@ -105,6 +106,23 @@ def _is_storage_like(abstract_syntax: str) -> bool:
     return bool(result) and result[0].result == ACCEPTANCE
 
 
+class AssociationView(Protocol):
+    """What the handlers below read of an association: ours, or pynetdicom_acceptor's."""
+
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def calling_ae_title(self) -> str: ...
+    @property
+    def called_ae_title(self) -> str: ...
+    @property
+    def accepted(self) -> Mapping[int, str]: ...  # context ID -> transfer syntax
+    @property
+    def results(self) -> Sequence[object]: ...  # one per proposed presentation context
+
+
 @dataclass
 class AssociationStats:
     started: float = field(default_factory=time.monotonic)
@@ -114,7 +132,7 @@ class AssociationStats:
     contexts: str = "no contexts negotiated"
 
 
-def contexts_summary(assoc: Association) -> str:
+def contexts_summary(assoc: AssociationView) -> str:
     """'3/5 contexts accepted (ExplicitVRLittleEndian, JPEGLSLossless)': what was negotiated."""
     syntaxes = sorted({syntax_name(syntax) for syntax in assoc.accepted.values()})
     return (
@@ -221,7 +239,7 @@ class StorageSCP:
 
     # Handlers, called from the association's thread (node.association.Handlers).
 
-    def admit(self, assoc: Association) -> Refusal | None:
+    def admit(self, assoc: AssociationView) -> Refusal | None:
         refusal = self.admission.decide(assoc, assoc.calling_ae_title, assoc.called_ae_title)
         if refusal is not None:
             log.warning(
@@ -234,10 +252,10 @@ class StorageSCP:
             )
         return refusal
 
-    def rejected(self, assoc: Association, refusal: Refusal) -> None:
+    def rejected(self, assoc: AssociationView, refusal: Refusal) -> None:
         metrics.record_association_rejected(refusal.reason)
 
-    def established(self, assoc: Association) -> None:
+    def established(self, assoc: AssociationView) -> None:
         stats = AssociationStats(contexts=contexts_summary(assoc))
         with self._lock:
             self._stats[id(assoc)] = stats
@@ -250,7 +268,7 @@ class StorageSCP:
             stats.contexts,
         )
 
-    def closed(self, assoc: Association, aborted: bool) -> None:
+    def closed(self, assoc: AssociationView, aborted: bool) -> None:
         with self._lock:
             stats = self._stats.pop(id(assoc), AssociationStats())
         metrics.record_association_closed(aborted)
@@ -271,7 +289,11 @@ class StorageSCP:
         return 0x0000
 
     def store(
-        self, assoc: Association, command: Command, transfer_syntax: str, dataset: ArrivingDataset
+        self,
+        assoc: AssociationView,
+        command: Command,
+        transfer_syntax: str,
+        dataset: ArrivingDataset,
     ) -> tuple[int, str]:
         try:
             with dataset.contents() as (data, on_disk):
@@ -284,12 +306,13 @@ class StorageSCP:
                     dataset=data,
                     dataset_file=on_disk,
                 )
-                return self._answer_store(assoc, request)
+                return self.answer_store(assoc, request)
         except ReceiveFailed as exc:
             log.warning("refused a C-STORE: cannot write the arriving dataset: %s", exc.strerror)
             return int(Status.OUT_OF_RESOURCES), str(exc.strerror)
 
-    def _answer_store(self, assoc: Association, request: StoreRequest) -> tuple[int, str]:
+    def answer_store(self, assoc: AssociationView, request: StoreRequest) -> tuple[int, str]:
+        """Run intake for one C-STORE, count and log it; the status and Error Comment to send."""
         result = self.intake.receive(request)
         metrics.record_received(result.status.name.lower(), len(request.dataset))
         with self._lock:
