@@ -38,7 +38,12 @@ from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    register_uid,
+    uid_to_service_class,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import dimse
@@ -289,13 +294,13 @@ class PynetdicomSCP:
 
     def _context_for(self, abstract_syntax: str) -> PresentationContext | None:
         known = self._contexts.get(abstract_syntax)
-        if known is None:
-            syntaxes = self.negotiation.candidates_for(abstract_syntax)
-            if not syntaxes:
-                return None
-            known = build_context(abstract_syntax, list(syntaxes))
-            if len(self._contexts) < 10_000:  # a peer inventing UIDs cannot grow it forever
-                self._contexts[abstract_syntax] = known
+        if known is not None:
+            return known
+        syntaxes = self.negotiation.candidates_for(abstract_syntax)
+        if not syntaxes or len(self._contexts) >= 10_000:  # a peer inventing UIDs: no more
+            return None
+        _serve_as_storage(abstract_syntax)
+        known = self._contexts[abstract_syntax] = build_context(abstract_syntax, list(syntaxes))
         return known
 
     def _on_established(self, event: evt.Event) -> None:
@@ -351,6 +356,22 @@ class PynetdicomSCP:
         else:
             status, comment = int(Status.CANNOT_UNDERSTAND), "the C-STORE request has no data set"
         return _response(status, comment)
+
+
+def _serve_as_storage(abstract_syntax: str) -> None:
+    """Make pynetdicom serve a C-STORE of this SOP class with its Storage service.
+
+    Without it, a retired, private or unknown storage SOP class (which we accept,
+    as the native acceptor does) has no service class in pynetdicom, and its first
+    C-STORE aborts the association (measured: the retired Ultrasound Image Storage
+    1.2.840.10008.5.1.4.1.1.6 in pydicom-data).
+    """
+    if abstract_syntax == Verification:
+        return
+    if uid_to_service_class(abstract_syntax) is not StorageServiceClass:
+        register_uid(
+            abstract_syntax, f"NodeStorage_{abstract_syntax.replace('.', '_')}", StorageServiceClass
+        )
 
 
 def _response(status: int, comment: str) -> Dataset:
