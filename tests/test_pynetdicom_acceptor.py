@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -40,25 +41,25 @@ from tests.test_acceptor import dataset_bytes
 from tests.test_foundation_durability import put_on, small_disk  # noqa: F401 (a fixture)
 from tests.test_metrics import scrape, value
 
-PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.1"
+PRIVATE_SOP_CLASS = UID("1.2.826.0.1.3680043.9.9999.1")
 OUT_OF_RESOURCES = 0xA700
 
 
 @pytest.mark.parametrize(
-    ("node", "key"),
+    ("node", "key", "why"),
     [
-        ({"acceptor": "dcmtk"}, "node.acceptor"),
-        ({"acceptor": "pynetdicom", "receivers": 2}, "node.receivers"),
+        ({"acceptor": "dcmtk"}, "node.acceptor", "must be one of native, pynetdicom"),
+        ({"acceptor": "pynetdicom", "receivers": 2}, "node.receivers", "must be 1 with"),
     ],
     ids=["unknown", "with-receivers"],
 )
 def test_a_bad_acceptor_setting_names_the_file_and_the_key(
-    tmp_path: Path, node: dict[str, object], key: str
+    tmp_path: Path, node: dict[str, object], key: str, why: str
 ) -> None:
     path = write_config(tmp_path / "config.toml", base_config(tmp_path, free_port(), **node))
     checked = dicom_node("check-config", "-c", str(path), timeout=60)
     assert checked.returncode == 2, checked.stdout + checked.stderr
-    assert f"{path}: {key}:" in checked.stderr
+    assert f"{path}: {key}: {why}" in checked.stderr
 
 
 def private_ct(folder: Path) -> Path:
