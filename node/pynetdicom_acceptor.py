@@ -22,6 +22,7 @@ accept thread), PDU size checks while receiving, and `node.receivers = 1` only.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import threading
@@ -75,8 +76,9 @@ class ArrivingFile:
     close() deletes the spill file, if any.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_size: int = 0) -> None:
         self.dataset = ArrivingDataset(folder)
+        self.max_size = max_size
         self.name = str(folder / f"pynetdicom-{uuid.uuid4().hex}.dcm")
         self._meta = bytearray()
         self._meta_size = META_LENGTH_END  # until the group length is known
@@ -97,9 +99,22 @@ class ArrivingFile:
             if len(self._meta) == META_LENGTH_END:
                 self._meta_size = META_LENGTH_END + _group_length(self._meta)
         if view:
+            self._check_size(len(view))
             self.dataset.region(len(view))[:] = view
             self.dataset.filled(len(view))
         return len(data)
+
+    def _check_size(self, more: int) -> None:
+        """Past limits.max_instance_size the rest is counted, not kept (answered 0xA700)."""
+        if (
+            self.max_size
+            and self.dataset.error is None
+            and self.dataset.size + more > self.max_size
+        ):
+            self.dataset.error = OSError(
+                errno.EFBIG,
+                f"instance is over limits.max_instance_size={self.max_size} bytes",
+            )
 
     def close(self) -> None:
         self.dataset.discard()
@@ -117,11 +132,12 @@ def _group_length(head: bytes | bytearray) -> int:
 class ArrivingFiles:
     """Stands in for tempfile.NamedTemporaryFile inside pynetdicom.dimse_messages."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, max_size: int = 0) -> None:
         self.folder = folder
+        self.max_size = max_size
 
     def __call__(self, *args: object, **kwargs: object) -> ArrivingFile:
-        return ArrivingFile(self.folder)
+        return ArrivingFile(self.folder, self.max_size)
 
 
 @dataclass(eq=False)  # one per association, compared by identity like ours
@@ -173,6 +189,7 @@ class PynetdicomSCP:
         self._views: dict[int, PeerAssociation] = {}
         self._lock = threading.Lock()
         self._servers: list[ThreadedAssociationServer] = []
+        self.arriving = ArrivingFiles(config.spool_dir / RECEIVING_DIR)
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.add_supported_context(Verification)
         self.ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -185,6 +202,7 @@ class PynetdicomSCP:
 
     def _apply_limits(self, config: Config) -> None:
         node = config.node
+        self.arriving.max_size = config.limits.max_instance_size
         self.ae.maximum_pdu_size = node.max_pdu
         self.ae.acse_timeout = node.acse_timeout or None
         self.ae.dimse_timeout = node.dimse_timeout or None
@@ -192,9 +210,8 @@ class PynetdicomSCP:
 
     def start(self) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
-        folder = self.config.spool_dir / RECEIVING_DIR
         # Module-local, not tempfile.tempdir: nothing else in the process is affected.
-        pynetdicom.dimse_messages.NamedTemporaryFile = ArrivingFiles(folder)  # type: ignore[assignment]
+        pynetdicom.dimse_messages.NamedTemporaryFile = self.arriving  # type: ignore[assignment]
         tls = self.config.security.tls
         context = server_context(tls) if tls.enabled else None
         if context is None or tls.plain_listener:

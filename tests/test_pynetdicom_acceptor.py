@@ -196,3 +196,21 @@ def test_sigterm_drains_the_open_association_and_metrics_count_it(
     assert statuses == [0x0000] * 5
     assert not assoc.is_aborted
     assert "association released" in node.log()
+
+
+@BOTH_ACCEPTORS
+def test_an_instance_over_max_instance_size_is_out_of_resources(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    def limited(sections: dict[str, object]) -> None:
+        sections["limits"] = {"min_free_space": 0, "max_instance_size": 60_000}
+
+    source = pydicom.dcmread(CT_SMALL)  # 39 KB of dataset, then 30 KB more
+    source.SOPInstanceUID = generate_uid()
+    source.add_new(0x00091010, "OB", b"\x02" * 30_000)
+    sent = tmp_path / "over.dcm"
+    source.save_as(sent, enforce_file_format=True)
+    node = start_node(limited)
+    assert pynetdicom_store(node.port, sent) == OUT_OF_RESOURCES, node.log()
+    assert pynetdicom_store(node.port, CT_SMALL) == 0x0000
+    assert "max_instance_size=60000" in node.log()
