@@ -27,6 +27,7 @@ from pydicom.uid import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from tests.certs import Certificates
 from tests.conftest import StartNode
 from tests.foundation_helpers import CT_SMALL, associate, pynetdicom_store
 from tests.support import (
@@ -34,12 +35,15 @@ from tests.support import (
     base_config,
     dicom_node,
     free_port,
+    storescu,
+    wait_for_port,
     wait_until,
     write_config,
 )
 from tests.test_acceptor import dataset_bytes
 from tests.test_foundation_durability import put_on, small_disk  # noqa: F401 (a fixture)
 from tests.test_metrics import scrape, value
+from tests.test_security import certs, client_tls_args, tls_section  # noqa: F401 (a fixture)
 
 PRIVATE_SOP_CLASS = UID("1.2.826.0.1.3680043.9.9999.1")
 OUT_OF_RESOURCES = 0xA700
@@ -214,3 +218,49 @@ def test_an_instance_over_max_instance_size_is_out_of_resources(
     assert pynetdicom_store(node.port, sent) == OUT_OF_RESOURCES, node.log()
     assert pynetdicom_store(node.port, CT_SMALL) == 0x0000
     assert "max_instance_size=60000" in node.log()
+
+
+@BOTH_ACCEPTORS
+def test_association_limits_hold_in_total_and_per_calling_ae(start_node: StartNode) -> None:
+    def per_ae(sections: dict[str, object]) -> None:
+        sections["security"] = {"max_associations_per_calling_aet": 1}
+
+    node = start_node(per_ae, max_associations=2)
+    echo: list[tuple[str, list[str]]] = [(Verification, [ImplicitVRLittleEndian])]
+    held = [associate(node.port, echo, calling="FIRST")]
+    try:
+        assert held[0].is_established
+        refused = [associate(node.port, echo, calling="FIRST")]  # the per-AE limit
+        held.append(associate(node.port, echo, calling="SECOND"))
+        assert held[1].is_established
+        refused.append(associate(node.port, echo, calling="THIRD"))  # the total
+        for assoc in refused:
+            primitive = assoc.acceptor.primitive
+            assert assoc.is_rejected and primitive is not None
+            assert (primitive.result, primitive.result_source, primitive.diagnostic) == (2, 3, 2)
+    finally:
+        for assoc in held:
+            assoc.release()
+    log = node.log()
+    assert "security.max_associations_per_calling_aet=1" in log
+    assert "node.max_associations=2" in log
+
+
+@pytest.mark.parametrize("acceptor", ["pynetdicom"], indirect=True)
+def test_pynetdicom_serves_tls_with_a_client_certificate(
+    start_node: StartNode,
+    tmp_path: Path,
+    certs: Certificates,  # noqa: F811
+) -> None:
+    tls_port = free_port()
+    node = start_node(
+        lambda sections: sections.update(
+            security=tls_section(certs, tls_port, require_client_cert=True)
+        )
+    )
+    wait_for_port(tls_port)
+    secure = storescu(tls_port, [CT_SMALL], *client_tls_args(certs))
+    assert secure.returncode == 0, secure.stderr + node.log()
+    anonymous = storescu(tls_port, [CT_SMALL], "+tla", "+cf", str(certs.ca), timeout=60)
+    assert anonymous.returncode != 0
+    assert wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) == 1, timeout=15)
