@@ -287,9 +287,13 @@ def _acceptor_ratio_row(results: dict[tuple, Result], pynetdicom: Result) -> str
     case = pynetdicom.case
     native = results.get(("ingest", "node", case.workload.name, case.associations))
     ratio = _ratio(native, pynetdicom) if native else "-"
+    # CPU per GB depends less on the machine's load than the rate does.
+    cpu = ""
+    if native and native.samples and pynetdicom.samples:
+        cpu = f"CPU s/GB {native.cpu_per_gb():.1f} vs {pynetdicom.cpu_per_gb():.1f}"
     return (
         f"| ingest | native/pynetdicom | {case.associations} | {case.workload.name}"
-        f" ({len(case.workload.files)}) | | | {ratio} | node vs {PYNETDICOM_NODE} | |"
+        f" ({len(case.workload.files)}) | | | {ratio} | node vs {PYNETDICOM_NODE} | {cpu} |"
     )
 
 

@@ -26,7 +26,6 @@ import errno
 import logging
 import struct
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from node import dimse
 from node.config import Config
 from node.intake import Intake, Status
 from node.receiving import ArrivingDataset
-from node.scp import RECEIVING_DIR, StorageNegotiation, StorageSCP
+from node.scp import RECEIVING_DIR, StorageNegotiation, StorageSCP, drain
 from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.tls import server_context
 
@@ -177,6 +176,9 @@ class PeerAssociation:
     def results(self) -> list[PresentationContext]:
         return [*self.assoc.accepted_contexts, *self.assoc.rejected_contexts]
 
+    def abort(self) -> None:
+        self.assoc.abort()
+
 
 class PynetdicomSCP:
     """pynetdicom's AE on node.port (and the TLS port), feeding node.scp's handlers."""
@@ -244,22 +246,7 @@ class PynetdicomSCP:
         for server in self._servers:
             server.shutdown()
         self._servers = []
-        deadline = time.monotonic() + drain_timeout
-        while self.active_associations() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = self.active_associations()
-        if remaining:
-            log.warning(
-                "%d associations still open after %.0f s: aborting them (their senders will"
-                " retry what was not acknowledged)",
-                len(remaining),
-                drain_timeout,
-            )
-            for view in remaining:
-                view.assoc.abort()
-            deadline = time.monotonic() + 5.0
-            while self.active_associations() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        drain(self.active_associations, drain_timeout)
 
     def active_associations(self) -> list[PeerAssociation]:
         self._forget_ended()

@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -156,6 +156,34 @@ def acceptor_settings(config: Config, receiving_folder: str) -> AcceptorSettings
     )
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+def drain(active: Callable[[], Sequence[Abortable]], drain_timeout: float) -> None:
+    """Wait up to `drain_timeout` s for the associations to end, then abort what is left.
+
+    An abort loses nothing: an instance is acknowledged only once it is durable,
+    and the sender keeps and retries the unacknowledged ones.
+    """
+    deadline = time.monotonic() + drain_timeout
+    while active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remaining = active()
+    if remaining:
+        log.warning(
+            "%d associations still open after %.0f s: aborting them (their senders will"
+            " retry what was not acknowledged)",
+            len(remaining),
+            drain_timeout,
+        )
+        for assoc in remaining:
+            assoc.abort()
+        deadline = time.monotonic() + 5.0
+        while active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 class StorageSCP:
     """The listening side of the node: associations whose handlers feed intake."""
 
@@ -210,22 +238,7 @@ class StorageSCP:
         if self._listeners is not None:
             self._listeners.close()
             self._listeners = None
-        deadline = time.monotonic() + drain_timeout
-        while self.active_associations() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = self.active_associations()
-        if remaining:
-            log.warning(
-                "%d associations still open after %.0f s: aborting them (their senders will"
-                " retry what was not acknowledged)",
-                len(remaining),
-                drain_timeout,
-            )
-            for assoc in remaining:
-                assoc.abort()
-            deadline = time.monotonic() + 5.0
-            while self.active_associations() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        drain(self.active_associations, drain_timeout)
 
     def active_associations(self) -> list[Association]:
         with self._lock:
