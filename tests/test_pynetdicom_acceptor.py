@@ -264,3 +264,17 @@ def test_pynetdicom_serves_tls_with_a_client_certificate(
     anonymous = storescu(tls_port, [CT_SMALL], "+tla", "+cf", str(certs.ca), timeout=60)
     assert anonymous.returncode != 0
     assert wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) == 1, timeout=15)
+
+
+def test_a_reload_keeps_the_running_acceptor_until_the_restart(tmp_path: Path) -> None:
+    from node.config import load_config
+    from node.lifecycle import restart_only_changes
+
+    port = free_port()
+    running = load_config(write_config(tmp_path / "a.toml", base_config(tmp_path, port)))
+    changed = base_config(tmp_path, port, acceptor="pynetdicom")
+    loaded = load_config(write_config(tmp_path / "b.toml", changed))
+    assert (running.node.acceptor, loaded.node.acceptor) == ("native", "pynetdicom")
+    effective, pending = restart_only_changes(running, loaded)
+    assert effective.node.acceptor == "native"
+    assert pending == ["node.acceptor"]
