@@ -17,7 +17,9 @@ returns, which is when pynetdicom closes (and so deletes) the arriving file.
 
 Left to pynetdicom, so different from the native acceptor: the listener (a
 thread per connection from its first byte; with TLS the handshake runs in the
-accept thread), PDU size checks while receiving, and `node.receivers = 1` only.
+accept thread), no PDU size checks while receiving (past limits.max_instance_size
+the bytes are dropped and the answer is 0xA700, where ours aborts at twice the
+limit), and `node.receivers = 1` only.
 """
 
 from __future__ import annotations
