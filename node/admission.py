@@ -6,19 +6,26 @@ refusals use the A-ASSOCIATE-RJ reasons of PS3.8 9.3.4:
   rejected-permanent / service-user / calling-AE-title-not-recognized (1, 1, 3)
   rejected-permanent / service-user / called-AE-title-not-recognized (1, 1, 7)
   rejected-transient / service-provider (presentation) / local-limit-exceeded (2, 3, 2)
+and, for a user identity that is required and missing, or wrong (PS3.7 D.3.3.7, whose
+note says "Rejection Permanent with a Source of DICOM UL service provider (ACSE
+related function)"; pynetdicom's own acceptor sends 2, 2, 1 instead):
+  rejected-permanent / service-provider (ACSE) / no-reason-given (1, 2, 1)
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from node.association import Refusal
 from node.config import Config
+from node.identity import IdentityOutcome, IdentityPolicy, parse_passcode_hash
+from node.pdu import UserIdentity
 
 CALLING_AET_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 CALLED_AET_NOT_RECOGNIZED = (0x01, 0x01, 0x07)
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+USER_IDENTITY_NOT_ACCEPTED = (0x01, 0x02, 0x01)
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class AdmissionRules:
     allowed_calling_aets: tuple[str, ...] = ()  # empty: anyone
     ae_title: str = ""
     require_called_aet: bool = True
+    identity: IdentityPolicy = field(default_factory=IdentityPolicy)
 
 
 class Admission:
@@ -46,6 +54,20 @@ class Admission:
             if refusal is None:
                 self._admitted[key] = calling_aet
             return refusal
+
+    def check_identity(
+        self, identity: UserIdentity | None
+    ) -> tuple[IdentityOutcome, Refusal | None]:
+        """The User Identity decision; outside the lock, since a passcode check takes ~0.1 s."""
+        if identity is None:
+            outcome = self.rules.identity.check(None)
+        else:
+            outcome = self.rules.identity.check(
+                identity.identity_type, identity.primary, identity.secondary
+            )
+        if outcome.accepted:
+            return outcome, None
+        return outcome, Refusal("user_identity_refused", USER_IDENTITY_NOT_ACCEPTED, outcome.reason)
 
     def release(self, key: object) -> None:
         with self._lock:
@@ -95,4 +117,13 @@ def rules_from(config: Config) -> AdmissionRules:
         allowed_calling_aets=tuple(aet.strip() for aet in config.security.allowed_calling_aets),
         ae_title=config.node.ae_title.strip(),
         require_called_aet=config.security.require_called_aet,
+        identity=identity_policy(config),
     )
+
+
+def identity_policy(config: Config) -> IdentityPolicy:
+    users = {
+        user.username: parse_passcode_hash(user.passcode_hash) if user.passcode_hash else None
+        for user in config.security.users
+    }
+    return IdentityPolicy(required=config.security.require_user_identity, users=users)

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from node import dimse, pdu
-from node.dimse import Command, CommandError
+from node.dimse import Answer, Command, CommandError
 from node.pduguard import ReceiveLimitExceeded, ReceiveLimits
 from node.receiving import ArrivingDataset
 
@@ -34,7 +34,15 @@ CHUNK = 1024 * 1024  # the most of one fragment read in a single call
 
 
 class ConnectionClosed(Exception):
-    """The peer closed the connection in the middle of the protocol."""
+    """The peer closed the connection in the middle of the protocol.
+
+    `between_pdus` says it closed where a new PDU would have begun: a peer that
+    hangs up without A-RELEASE, not one cut off while sending.
+    """
+
+    def __init__(self, message: str, between_pdus: bool = False) -> None:
+        super().__init__(message)
+        self.between_pdus = between_pdus
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,13 @@ class Association:
     request: pdu.AssociateRequest | None = None
     accepted: dict[int, str] = field(default_factory=dict)  # context ID -> transfer syntax
     results: list[pdu.ContextResult] = field(default_factory=list)
+    # Set by admit(): the Server-response of a positive User Identity reply, None for none.
+    user_identity_response: bytes | None = None
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
+    _abstract_syntaxes: dict[int, str] = field(default_factory=dict)  # of accepted contexts
+    _last_answered: Command | None = None  # what a late C-CANCEL-RQ may refer to
 
     @property
     def calling_ae_title(self) -> str:
@@ -102,6 +114,10 @@ class Association:
     @property
     def called_ae_title(self) -> str:
         return self.request.called_ae_title if self.request else ""
+
+    @property
+    def user_identity(self) -> pdu.UserIdentity | None:
+        return self.request.user_identity if self.request else None
 
     @property
     def address(self) -> str:
@@ -115,7 +131,8 @@ class Association:
             self.request = self._read_request()
             if self.request is None:
                 return
-            self._reader = self.sock.makefile("rb", buffering=READ_BUFFER)
+            # typeshed says IOBase for an int buffering; "rb" with buffering > 0 is a BufferedReader
+            self._reader = cast(BinaryIO, self.sock.makefile("rb", buffering=READ_BUFFER))
             refusal = self.handlers.admit(self)
             if refusal is not None:
                 self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
@@ -183,6 +200,7 @@ class Association:
                 self.settings.max_pdu,
                 self.settings.implementation_class_uid,
                 self.settings.implementation_version_name,
+                self.user_identity_response,
             )
         )
         self.sock.settimeout(self.settings.network_timeout)
@@ -200,7 +218,14 @@ class Association:
                 self.sock.gettimeout(),
             )
             self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
-        except (ConnectionClosed, OSError) as exc:
+        except ConnectionClosed as exc:
+            # Hanging up between PDUs, without A-RELEASE, loses nothing we acknowledged; a
+            # connection cut inside a PDU means a sender lost its link while sending.
+            level = logging.INFO if exc.between_pdus else logging.WARNING
+            log.log(
+                level, "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
+            )
+        except OSError as exc:
             log.warning(
                 "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
             )
@@ -225,6 +250,7 @@ class Association:
         """Handle PDUs until the association ends: True if released, False if aborted."""
         pending: Pending | None = None
         command_bytes = bytearray()
+        self._abstract_syntaxes = self._accepted_abstract_syntaxes()
         try:
             while True:
                 in_message = pending is not None or bool(command_bytes)
@@ -232,7 +258,7 @@ class Association:
                     self.settings.dimse_timeout if in_message else self.settings.network_timeout
                 )
                 self.sock.settimeout(timeout)
-                pdu_type, length = pdu.parse_header(self._read_exactly(6))
+                pdu_type, length = pdu.parse_header(self._read_pdu_header())
                 self._check_pdu_length(pdu_type, length)
                 if pdu_type == pdu.P_DATA_TF:
                     pending = self._read_pdvs(length, pending, command_bytes)
@@ -253,6 +279,14 @@ class Association:
         finally:
             if pending is not None and pending.dataset is not None:
                 pending.dataset.discard()
+
+    def _accepted_abstract_syntaxes(self) -> dict[int, str]:
+        contexts = self.request.contexts if self.request else []
+        return {
+            int(context.context_id): str(context.abstract_syntax)
+            for context in contexts
+            if context.context_id in self.accepted
+        }
 
     def _read_pdvs(
         self, length: int, pending: Pending | None, command_bytes: bytearray
@@ -288,7 +322,7 @@ class Association:
         command_bytes: bytearray,
     ) -> Pending | None:
         if pending is not None:
-            raise pdu.PDUError("a new command began before the last one's dataset ended")
+            return self._command_amid_dataset(size, control, pending)
         command_bytes += self._read_exactly(size)
         if len(command_bytes) > 64 * 1024:
             raise CommandError("a command set over 64 KiB")
@@ -301,6 +335,20 @@ class Association:
             return Pending(context_id, command, arriving)
         self._respond(Pending(context_id, command))
         return None
+
+    def _command_amid_dataset(self, size: int, control: int, pending: Pending) -> Pending:
+        """A command while a request's data set is arriving: only a C-CANCEL-RQ may come.
+
+        An SCU may send C-CANCEL-RQ while its request is in progress (PS3.7 9.3.2.3). A
+        C-STORE cannot be cancelled, so it is noted and its data set goes on arriving.
+        """
+        if size > 1024 or not control & 0x02:  # a C-CANCEL-RQ is one PDV of a few dozen bytes
+            raise pdu.PDUError("a new command began before the last one's dataset ended")
+        command = dimse.decode_command(self._read_exactly(size))
+        if command.command_field != dimse.C_CANCEL_RQ or command.has_dataset:
+            raise pdu.PDUError(f"a {command.name} began before the last one's dataset ended")
+        self._note_cancel(command, in_progress=pending.command)
+        return pending
 
     def _dataset_fragment(
         self, size: int, context_id: int, control: int, pending: Pending | None
@@ -334,23 +382,72 @@ class Association:
 
     def _respond(self, pending: Pending) -> None:
         command = pending.command
-        comment = ""
-        if command.command_field == dimse.C_STORE_RQ and pending.dataset is not None:
-            syntax = self.accepted[pending.context_id]
-            status, comment = self.handlers.store(self, command, syntax, pending.dataset)
-        elif command.command_field == dimse.C_ECHO_RQ:
-            status = self.handlers.echo(self, command)
-        else:
+        if command.command_field == dimse.C_CANCEL_RQ:
+            self._note_cancel(command)  # PS3.7 9.3.2.3: a C-CANCEL-RQ has no response
+            return
+        answer = self._answer(pending)
+        response = dimse.encode_response(
+            command, answer.status, answer.error_comment, answer.offending_elements
+        )
+        self._send(pdu.encode_command_pdu(pending.context_id, response))
+        self._last_answered = command
+
+    def _answer(self, pending: Pending) -> Answer:
+        command = pending.command
+        if command.command_field == dimse.C_STORE_RQ:
+            return self._answer_store(pending)
+        if command.command_field == dimse.C_ECHO_RQ:
+            return Answer(self.handlers.echo(self, command))
+        log.warning(
+            "%s from %s %r is not a service the node provides: answered 0x%04X",
+            command.name,
+            self.address,
+            self.calling_ae_title,
+            dimse.UNRECOGNIZED_OPERATION,
+        )
+        return Answer(dimse.UNRECOGNIZED_OPERATION)
+
+    def _answer_store(self, pending: Pending) -> Answer:
+        command = pending.command
+        syntax = self.accepted[pending.context_id]
+        refusal = dimse.store_refusal(
+            command,
+            pending.dataset is not None,
+            self._abstract_syntaxes.get(pending.context_id),
+            pending.context_id,
+        )
+        if refusal is not None:
             log.warning(
-                "%s from %s %r is not a service the node provides: answered 0x%04X",
-                command.name,
+                "refused C-STORE-RQ from %s %r, SOP Instance UID %s (transfer syntax %s)"
+                " with status 0x%04X: %s",
                 self.address,
                 self.calling_ae_title,
-                dimse.UNRECOGNIZED_OPERATION,
+                command.affected_sop_instance_uid or "(none)",
+                syntax,
+                refusal.status,
+                refusal.error_comment,
             )
-            status = dimse.UNRECOGNIZED_OPERATION
-        response = dimse.encode_response(command, status, comment)
-        self._send(pdu.encode_command_pdu(pending.context_id, response))
+            return refusal
+        assert pending.dataset is not None
+        status, comment = self.handlers.store(self, command, syntax, pending.dataset)
+        return Answer(status, comment)
+
+    def _note_cancel(self, command: Command, in_progress: Command | None = None) -> None:
+        responded_to = command.message_id_being_responded_to
+        last = self._last_answered
+        if in_progress is not None and in_progress.message_id == responded_to:
+            why = f"a {in_progress.name} cannot be cancelled, it goes on"
+        elif last is not None and last.message_id == responded_to:
+            why = f"its {last.name} was already answered"
+        else:
+            why = "no request with that Message ID is in progress"
+        log.info(
+            "C-CANCEL-RQ from %s %r for Message ID %s ignored: %s",
+            self.address,
+            self.calling_ae_title,
+            responded_to,
+            why,
+        )
 
     def _check_pdu_length(self, pdu_type: int, length: int) -> None:
         limit = self.settings.limits.pdu_limit(pdu_type)
@@ -359,11 +456,28 @@ class Association:
                 f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (limit {limit})"
             )
 
+    def _read_pdu_header(self) -> bytes:
+        assert self._reader is not None
+        header = self._reader.read(pdu.HEADER.size)
+        if not header:
+            raise ConnectionClosed(
+                "the peer closed the connection between PDUs, without A-RELEASE",
+                between_pdus=True,
+            )
+        if len(header) != pdu.HEADER.size:
+            raise ConnectionClosed(
+                f"the connection closed inside a PDU header, after {len(header)} of its"
+                f" {pdu.HEADER.size} bytes"
+            )
+        return header
+
     def _read_exactly(self, size: int) -> bytes:
         assert self._reader is not None
         data = self._reader.read(size)
         if len(data) != size:
-            raise ConnectionClosed(f"the connection closed {size - len(data)} bytes early")
+            raise ConnectionClosed(
+                f"the connection closed in the middle of a PDU, {size - len(data)} bytes early"
+            )
         return data
 
     def _receive_before(self, size: int, deadline: float | None) -> bytes:
@@ -371,15 +485,17 @@ class Association:
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
+        late = f"no complete association request in {self.settings.acse_timeout} s"
         while received < size:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"no complete association request in {self.settings.acse_timeout} s"
-                    )
+                    raise TimeoutError(late)
                 self.sock.settimeout(remaining)
-            count = self.sock.recv_into(view[received:])
+            try:
+                count = self.sock.recv_into(view[received:])
+            except TimeoutError:
+                raise TimeoutError(late) from None  # the deadline passed during the wait
             if not count:
                 raise ConnectionClosed(f"the connection closed {size - received} bytes early")
             received += count
@@ -390,7 +506,9 @@ class Association:
         while view:
             count = self._reader.readinto(view)  # type: ignore[attr-defined]
             if not count:
-                raise ConnectionClosed(f"the connection closed {len(view)} bytes early")
+                raise ConnectionClosed(
+                    f"the connection closed in the middle of a PDU, {len(view)} bytes early"
+                )
             view = view[count:]
 
     def _send(self, data: bytes) -> None:

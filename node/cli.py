@@ -13,7 +13,7 @@ from typing import Any
 from pydicom.uid import UID
 
 from node import __version__
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, UserConfig, load_config
 from node.logs import setup_logging
 from node.syntaxes import syntax_name
 from node.transcode.targets import Target
@@ -83,12 +83,15 @@ def _toml_value(value: Any) -> str:
 def _toml_table(header: str, table: Any, skip: frozenset[str] = frozenset()) -> list[str]:
     lines = [header]
     nested = []
+    arrays = []
     for item in fields(table):
         value = getattr(table, item.name)
         if item.name in skip:
             continue
         if is_dataclass(value):
             nested.append((item.name, value))
+        elif isinstance(value, tuple) and value and all(isinstance(v, UserConfig) for v in value):
+            arrays.append((item.name, value))  # [[security.users]]
         elif value is None:
             lines.append(f"# {item.name} is not set")
         else:
@@ -98,6 +101,9 @@ def _toml_table(header: str, table: Any, skip: frozenset[str] = frozenset()) -> 
         # A destination's TLS is the client side: the listener-only keys do not apply.
         only_server = _SERVER_TLS_KEYS if name == "destination" else frozenset()
         lines += ["", *_toml_table(f"[{name}.{key}]", value, only_server)]
+    for key, values in arrays:
+        for value in values:
+            lines += ["", *_toml_table(f"[[{name}.{key}]]", value)]
     return lines
 
 
@@ -152,6 +158,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if summary.failed_count == 0 else 1
 
 
+def cmd_hash_passcode(args: argparse.Namespace) -> int:
+    from node.identity import hash_passcode, read_passcode_interactively
+
+    try:
+        passcode = read_passcode_interactively()
+    except (ValueError, EOFError) as exc:
+        print(f"dicom-node: no hash made: {exc}", file=sys.stderr)
+        return 1
+    print(hash_passcode(passcode))
+    return 0
+
+
 def _add_peer_options(parser: argparse.ArgumentParser, default_to: str | None) -> None:
     parser.add_argument(
         "--to", required=default_to is None, default=default_to, help="peer as AE@host:port"
@@ -203,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peer_options(send, default_to=None)
     send.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     send.set_defaults(func=cmd_send)
+
+    hashing = commands.add_parser(
+        "hash-passcode",
+        help="print a [[security.users]] passcode_hash (passcode from a prompt or stdin)",
+    )
+    hashing.set_defaults(func=cmd_hash_passcode)
 
     for _name, add_parser, run_command in _optional_subcommands():
         before = set(commands.choices)

@@ -76,11 +76,23 @@ class AcceptConfig:
 
 
 @dataclass(frozen=True)
+class UserConfig:
+    """One [[security.users]] entry: a username and its scrypt passcode hash."""
+
+    username: str
+    # From `dicom-node hash-passcode`; empty: the user is known by name alone.
+    passcode_hash: str = ""
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     require_called_aet: bool = True
     max_associations_per_calling_aet: int = 0
     tls: TLSConfig = field(default_factory=TLSConfig)
+    # User Identity negotiation (PS3.7 D.3.3.7)
+    require_user_identity: bool = False
+    users: tuple[UserConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,10 @@ class DestinationConfig:
     allow_lossy: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    # User Identity sent in the A-ASSOCIATE-RQ: username alone, or with the passcode
+    # read from passcode_file when an association is opened (never kept in the config).
+    username: str = ""
+    passcode_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -341,9 +357,33 @@ def _read_security(table: _Table) -> SecurityConfig:
         require_called_aet=table.flag("require_called_aet", True),
         max_associations_per_calling_aet=table.integer("max_associations_per_calling_aet", 0),
         tls=_read_tls(table.table("tls"), server=True),
+        require_user_identity=table.flag("require_user_identity", False),
+        users=tuple(_read_user(t) for t in table.tables("users")),
     )
     table.finish()
+    _unique_names(table.file, table.key("users"), [u.username for u in security.users], "username")
+    if security.require_user_identity and not security.users:
+        raise table.error(
+            "require_user_identity",
+            "true needs at least one [[security.users]] entry: nobody could associate",
+        )
     return security
+
+
+def _read_user(table: _Table) -> UserConfig:
+    from node.identity import PasscodeHashError, parse_passcode_hash
+
+    user = UserConfig(
+        username=table.text("username"),
+        passcode_hash=table.text("passcode_hash", "", allow_empty=True),
+    )
+    table.finish()
+    if user.passcode_hash:
+        try:
+            parse_passcode_hash(user.passcode_hash)
+        except PasscodeHashError as exc:
+            raise table.error("passcode_hash", str(exc)) from None
+    return user
 
 
 def _read_limits(table: _Table) -> LimitsConfig:
@@ -441,8 +481,11 @@ def _read_destination(table: _Table) -> DestinationConfig:
         allow_lossy=table.flag("allow_lossy", False),
         retry=_read_retry(table.table("retry")),
         tls=_read_tls(table.table("tls"), server=False),
+        username=table.text("username", "", allow_empty=True),
+        passcode_file=table.path("passcode_file", None),
     )
     table.finish()
+    _check_destination_identity(table, destination)
     lossy = [n for n in destination.transfer_syntaxes if resolve_syntax(n) in LOSSY_OR_MIXED]
     if lossy and not destination.allow_lossy:
         # Listing a lossy syntax asks the node to encode into it; an instance that arrived
@@ -452,6 +495,29 @@ def _read_destination(table: _Table) -> DestinationConfig:
             f"{', '.join(lossy)} is lossy: set allow_lossy = true to opt in explicitly",
         )
     return destination
+
+
+def _check_destination_identity(table: _Table, destination: DestinationConfig) -> None:
+    if len(destination.username.encode("utf-8")) > 65535:
+        raise table.error("username", "is longer than a User Identity field (65535 bytes)")
+    path = destination.passcode_file
+    if path is None:
+        return
+    if not destination.username:
+        raise table.error("passcode_file", "needs a username to go with it")
+    from node.identity import read_passcode_file
+
+    try:
+        mode = path.stat().st_mode
+        read_passcode_file(path)  # checked now, read again (not kept) for each association
+    except OSError as exc:
+        raise table.error("passcode_file", f"cannot be read: {exc.strerror} ({path})") from None
+    except ValueError as exc:
+        raise table.error("passcode_file", f"{path}: {exc}") from None
+    if mode & 0o004:
+        raise table.error(
+            "passcode_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
+        )
 
 
 def _read_route(table: _Table) -> RouteConfig:
@@ -471,11 +537,11 @@ def _read_route(table: _Table) -> RouteConfig:
     return route
 
 
-def _unique_names(file: Path, section: str, names: list[str]) -> None:
+def _unique_names(file: Path, section: str, names: list[str], key: str = "name") -> None:
     seen: set[str] = set()
     for index, name in enumerate(names):
         if name in seen:
-            raise ConfigError(file, f"{section}[{index}].name", f"duplicate name {name!r}")
+            raise ConfigError(file, f"{section}[{index}].{key}", f"duplicate {key} {name!r}")
         seen.add(name)
 
 

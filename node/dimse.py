@@ -2,8 +2,8 @@
 
 A command set is a handful of group 0000 elements in Implicit VR Little Endian.
 Decoding one with pydicom costs more than the rest of a C-STORE's bookkeeping,
-so both directions are done here with struct, for exactly the elements C-ECHO
-and C-STORE use.
+so both directions are done here with struct, for exactly the elements C-ECHO,
+C-STORE and C-CANCEL use.
 """
 
 from __future__ import annotations
@@ -13,12 +13,32 @@ from dataclasses import dataclass
 
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
+# C-CANCEL-RQ (PS3.7 9.3.2.3) carries Message ID Being Responded To, not a Message ID of its
+# own, and is never answered.
+C_CANCEL_RQ = 0x0FFF
 RESPONSE_BIT = 0x8000
 C_STORE_RSP = C_STORE_RQ | RESPONSE_BIT
 NO_DATASET = 0x0101
 
-# Status 0x0211: Unrecognized Operation (PS3.7 C.5.6), for commands we do not provide.
-UNRECOGNIZED_OPERATION = 0x0211
+REQUEST_NAMES = {
+    C_STORE_RQ: "C-STORE-RQ",
+    0x0010: "C-GET-RQ",
+    0x0020: "C-FIND-RQ",
+    0x0021: "C-MOVE-RQ",
+    C_ECHO_RQ: "C-ECHO-RQ",
+    0x0100: "N-EVENT-REPORT-RQ",
+    0x0110: "N-GET-RQ",
+    0x0120: "N-SET-RQ",
+    0x0130: "N-ACTION-RQ",
+    0x0140: "N-CREATE-RQ",
+    0x0150: "N-DELETE-RQ",
+    C_CANCEL_RQ: "C-CANCEL-RQ",
+}
+
+# Statuses the protocol layer answers by itself (PS3.7 annex C, PS3.4 B.2.3).
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
+UNRECOGNIZED_OPERATION = 0x0211  # for commands we do not provide
+CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (C-STORE's Cxxx range)
 ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 
 _ELEMENT = struct.Struct("<HHL")  # group, element, value length
@@ -31,6 +51,7 @@ MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
 PRIORITY = 0x0700
 COMMAND_DATASET_TYPE = 0x0800
 STATUS = 0x0900
+OFFENDING_ELEMENT = 0x0901
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
 MOVE_ORIGINATOR_AE_TITLE = 0x1030
@@ -45,30 +66,78 @@ class Command:
     """A request's command set, as far as the node acts on it."""
 
     command_field: int
-    message_id: int
+    message_id: int  # 0 for a C-CANCEL-RQ, which has none
     has_dataset: bool
     affected_sop_class_uid: str = ""
     affected_sop_instance_uid: str = ""
     move_originator_ae_title: str = ""
+    message_id_being_responded_to: int | None = None  # a C-CANCEL-RQ's only reference
 
     @property
     def name(self) -> str:
-        return {C_STORE_RQ: "C-STORE-RQ", C_ECHO_RQ: "C-ECHO-RQ"}.get(
-            self.command_field, f"command 0x{self.command_field:04X}"
+        return REQUEST_NAMES.get(self.command_field, f"command 0x{self.command_field:04X}")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a response says: its status and the status's related fields."""
+
+    status: int
+    error_comment: str = ""
+    offending_elements: tuple[int, ...] = ()  # command elements, by element number
+
+
+def store_refusal(
+    command: Command, has_dataset: bool, abstract_syntax: str | None, context_id: int
+) -> Answer | None:
+    """Why a C-STORE-RQ is not a storage request at all, before anything looks at its data set.
+
+    `abstract_syntax` is that of the presentation context the request came on. Shared by
+    both acceptors, so they answer the same.
+    """
+    if not has_dataset:
+        # PS3.7 9.1.1.1: a C-STORE's Data Set is mandatory. pynetdicom's storescp answers
+        # 0xC210 too (its handler cannot decode the missing data set); storescp A-ABORTs.
+        return Answer(
+            CANNOT_UNDERSTAND,
+            "C-STORE-RQ without a data set (Command Data Set Type 0101H)",
+            (COMMAND_DATASET_TYPE,),
         )
+    if not command.affected_sop_class_uid:
+        return Answer(
+            CANNOT_UNDERSTAND,
+            "C-STORE-RQ without an Affected SOP Class UID",
+            (AFFECTED_SOP_CLASS_UID,),
+        )
+    if command.affected_sop_class_uid != abstract_syntax:
+        # The SOP Class was not agreed on this presentation context: "Refused: SOP Class not
+        # supported" (PS3.7 annex C, 0122H). Storing it anyway would let a peer bypass the
+        # negotiation's refusals. The data set may match its SOP Class perfectly, so 0xA900
+        # (data set does not match SOP Class) would mislead.
+        return Answer(
+            SOP_CLASS_NOT_SUPPORTED,
+            f"SOP Class {command.affected_sop_class_uid} not negotiated on context {context_id}",
+        )
+    return None
 
 
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
     elements = command_elements(data)
     try:
         command_field = _us(elements[COMMAND_FIELD])
-        message_id = _us(elements[MESSAGE_ID])
+        if command_field == C_CANCEL_RQ:
+            message_id = 0
+            responded_to: int | None = _us(elements[MESSAGE_ID_BEING_RESPONDED_TO])
+        else:
+            message_id = _us(elements[MESSAGE_ID])
+            responded_to = None
         dataset_type = _us(elements[COMMAND_DATASET_TYPE])
     except KeyError as exc:
         raise CommandError(f"the command set lacks (0000,{exc.args[0]:04X})") from None
     return Command(
         command_field=command_field,
         message_id=message_id,
+        message_id_being_responded_to=responded_to,
         has_dataset=dataset_type != NO_DATASET,
         affected_sop_class_uid=_text(elements.get(AFFECTED_SOP_CLASS_UID)),
         affected_sop_instance_uid=_text(elements.get(AFFECTED_SOP_INSTANCE_UID)),
@@ -91,8 +160,17 @@ def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: 
     return _with_group_length(body)
 
 
-def encode_response(request: Command, status: int, error_comment: str = "") -> bytes:
-    """The response command set to `request`, with `status` (no dataset follows)."""
+def encode_response(
+    request: Command,
+    status: int,
+    error_comment: str = "",
+    offending_elements: tuple[int, ...] = (),
+) -> bytes:
+    """The response command set to `request`, with `status` (no dataset follows).
+
+    `offending_elements` are command elements (group 0000, by element number) that
+    Offending Element (0000,0901) names, as PS3.4 B.2.3 allows for a Cxxx status.
+    """
     elements = []
     if request.affected_sop_class_uid:
         elements.append(_uid(AFFECTED_SOP_CLASS_UID, request.affected_sop_class_uid))
@@ -100,6 +178,9 @@ def encode_response(request: Command, status: int, error_comment: str = "") -> b
     elements.append(_ushort(MESSAGE_ID_BEING_RESPONDED_TO, request.message_id))
     elements.append(_ushort(COMMAND_DATASET_TYPE, NO_DATASET))
     elements.append(_ushort(STATUS, status))
+    if offending_elements:
+        tags = b"".join(_US.pack(0) + _US.pack(element) for element in offending_elements)
+        elements.append(_ELEMENT.pack(0, OFFENDING_ELEMENT, len(tags)) + tags)
     if error_comment and status not in (0x0000,):
         elements.append(_text_element(ERROR_COMMENT, error_comment[:ERROR_COMMENT_MAX]))
     if request.affected_sop_instance_uid:
@@ -155,7 +236,7 @@ def _ushort(element: int, value: int) -> bytes:
 
 
 def _uid(element: int, uid: str) -> bytes:
-    value = uid.encode("ascii")
+    value = uid.encode("ascii", errors="replace")  # echoes a peer's UID, which may be garbage
     if len(value) % 2:
         value += b"\0"
     return _ELEMENT.pack(0, element, len(value)) + value

@@ -33,6 +33,7 @@ from node import metrics
 from node.completions import Completions, Delivery
 from node.config import DestinationConfig, NodeConfig, RetryPolicy
 from node.derived import DerivedFiles, Untranscodable
+from node.identity import destination_identity
 from node.queue import Job, JobKind, Queue
 from node.spool import Spool
 from node.storelink import (
@@ -227,6 +228,10 @@ class DestinationLink:
             dimse=self.node.dimse_timeout,
             network=self.node.network_timeout,
         )
+        try:  # read for each association: a rotated passcode file needs no reload
+            identity = destination_identity(d.username, d.passcode_file)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot read passcode_file {d.passcode_file}: {exc}") from None
         try:
             association = associate(
                 Peer(d.ae_title, d.host, d.port),
@@ -235,10 +240,12 @@ class DestinationLink:
                 max_pdu=self.node.max_pdu,
                 timeouts=timeouts,
                 tls=_client_tls(d),
+                user_identity=identity,
             )
         except AssociationRejected as exc:
+            ours = " and our destination username/passcode" if identity else ""
             raise TransportError(
-                f"{exc}: check its AE title and whether it knows our calling AE title"
+                f"{exc}: check its AE title and whether it knows our calling AE title{ours}"
             ) from None
         except LinkError as exc:
             raise TransportError(str(exc)) from None

@@ -90,14 +90,18 @@ class Intake:
         refusal = self._refuse_early(request)
         if refusal:
             return refusal
+        # DatasetError is the header parser's only way to fail (node.header): raised
+        # while the bytes are walked and parsed, or while the identity check or the
+        # routing rules first read a value. Hostile bytes get 0xC210 and the
+        # association goes on; any other exception is our bug and aborts it.
         try:
             header = self._read_checked_header(request)
+            mismatch = _identity_mismatch(header, request)
+            if mismatch:
+                return IntakeResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
+            jobs = self.plan_jobs(header, request)
         except DatasetError as exc:
             return IntakeResult(Status.CANNOT_UNDERSTAND, str(exc))
-        mismatch = _identity_mismatch(header, request)
-        if mismatch:
-            return IntakeResult(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, mismatch)
-        jobs = self.plan_jobs(header, request)
         duplicate_in = self.find_duplicate(request.sop_instance_uid, jobs)
         if duplicate_in:
             return IntakeResult(
@@ -107,6 +111,9 @@ class Intake:
         return self._spool_and_record(request, jobs)
 
     def _refuse_early(self, request: StoreRequest) -> IntakeResult | None:
+        unusable = _unusable_identifiers(request)
+        if unusable:
+            return IntakeResult(Status.CANNOT_UNDERSTAND, unusable)
         size = len(request.dataset)
         if self.max_instance_size and size > self.max_instance_size:
             return IntakeResult(
@@ -170,8 +177,31 @@ def _identity_mismatch(header: Dataset, request: StoreRequest) -> str | None:
     }
     for keyword, expected in in_message.items():
         found = in_dataset[keyword]
-        if found is not None and str(found) != expected:
-            return f"{keyword} in the dataset is {found}, but the C-STORE request says {expected}"
+        if found is None:
+            # Type 1 in the SOP Common Module (PS3.3 C.12.1). Without it the storage
+            # layout would name the file UNKNOWN, where the next such instance lands too.
+            return f"the dataset has no {keyword}, which the SOP Common Module requires"
+        if str(found) != expected:
+            # repr: the value is the sender's bytes, and goes into the log as it is.
+            return (
+                f"{keyword} in the dataset is {str(found)!r},"
+                f" but the C-STORE request says {expected}"
+            )
+    return None
+
+
+def _unusable_identifiers(request: StoreRequest) -> str | None:
+    """The C-STORE request's UIDs go into the spooled file's meta and the queue: they must
+    be there, and be ASCII text (PS3.5 9.1), not the sender's bytes decoded with
+    replacement characters."""
+    for name, uid in (
+        ("Affected SOP Class UID", request.sop_class_uid),
+        ("Affected SOP Instance UID", request.sop_instance_uid),
+    ):
+        if not uid:
+            return f"the C-STORE request has no {name}"
+        if not (uid.isascii() and uid.isprintable()):
+            return f"the C-STORE request's {name} {uid!r} is not a UID"
     return None
 
 
@@ -182,8 +212,10 @@ def _describe(exc: OSError) -> str:
 
 
 def describe_request(request: StoreRequest) -> str:
+    uid = request.sop_instance_uid
+    shown = uid if uid.isascii() and uid.isprintable() else repr(uid)
     return (
-        f"SOP Instance UID {request.sop_instance_uid} from {request.calling_ae_title!r}"
+        f"SOP Instance UID {shown or '(none)'} from {request.calling_ae_title!r}"
         f" in {syntax_name(request.transfer_syntax)}"
     )
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ as _AssociateRQDecoder
-from pynetdicom.pdu_primitives import MaximumLengthNotification
+from pynetdicom.pdu_primitives import (
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+    UserIdentityNegotiation,
+)
 from pynetdicom.presentation import PresentationContext
 
 A_ASSOCIATE_RQ = 0x01
@@ -36,6 +40,10 @@ REASON_NOT_SPECIFIED = 0x00
 UNRECOGNIZED_PDU = 0x01
 UNEXPECTED_PDU = 0x02
 INVALID_PDU_PARAMETER = 0x06
+# User Information sub-items (PS3.7 Annex D.3.3)
+ROLE_SELECTION_ITEM = 0x54
+USER_IDENTITY_RQ_ITEM = 0x58
+USER_IDENTITY_AC_ITEM = 0x59
 
 
 class PDUError(Exception):
@@ -44,6 +52,16 @@ class PDUError(Exception):
     def __init__(self, message: str, reason: int = REASON_NOT_SPECIFIED) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class UserIdentity:
+    """The User Identity sub-item of an A-ASSOCIATE-RQ (PS3.7 D.3.3.7.1)."""
+
+    identity_type: int  # 1 username, 2 username and passcode, 3 Kerberos, 4 SAML, 5 JWT
+    positive_response_requested: bool
+    primary: bytes  # the username (types 1 and 2)
+    secondary: bytes = b""  # the passcode (type 2): never log it
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,9 @@ class AssociateRequest:
     max_pdu: int  # the requestor's Maximum Length Received; 0 is unlimited
     raw_called: bytes  # the 16 bytes as sent, returned unchanged in the A-ASSOCIATE-AC
     raw_calling: bytes
+    # SCP/SCU Role Selection (PS3.7 D.3.3.4): SOP Class UID -> (SCU role, SCP role) proposed
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    user_identity: UserIdentity | None = None
 
 
 def decode_associate_rq(pdu: bytes) -> AssociateRequest:
@@ -69,9 +90,20 @@ def decode_associate_rq(pdu: bytes) -> AssociateRequest:
     except Exception as exc:  # pynetdicom raises whatever its item parsers hit
         raise PDUError(f"A-ASSOCIATE-RQ cannot be decoded: {exc}", INVALID_PDU_PARAMETER) from exc
     max_pdu = 0
+    roles: dict[str, tuple[bool, bool]] = {}
+    identity = None
     for item in primitive.user_information:
         if isinstance(item, MaximumLengthNotification):
             max_pdu = item.maximum_length_received or 0
+        elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
+            roles[str(item.sop_class_uid)] = (bool(item.scu_role), bool(item.scp_role))
+        elif isinstance(item, UserIdentityNegotiation) and item.user_identity_type:
+            identity = UserIdentity(
+                identity_type=int(item.user_identity_type),
+                positive_response_requested=bool(item.positive_response_requested),
+                primary=bytes(item.primary_field or b""),
+                secondary=bytes(item.secondary_field or b""),
+            )
     return AssociateRequest(
         calling_ae_title=str(primitive.calling_ae_title).strip(),
         called_ae_title=str(primitive.called_ae_title).strip(),
@@ -79,6 +111,8 @@ def decode_associate_rq(pdu: bytes) -> AssociateRequest:
         max_pdu=max_pdu,
         raw_called=bytes(pdu[10:26]),
         raw_calling=bytes(pdu[26:42]),
+        roles=roles,
+        user_identity=identity,
     )
 
 
@@ -91,6 +125,10 @@ class ContextResult:
         int  # 0 acceptance, 1 user rejection, 2 no reason, 3 abstract syntax, 4 transfer syntaxes
     )
     transfer_syntax: str
+    abstract_syntax: str = ""
+    # The SCP/SCU Role Selection reply for this context's SOP class, (SCU role, SCP role)
+    # of the requestor; None: the requestor proposed none, so none is sent.
+    role: tuple[bool, bool] | None = None
 
 
 def encode_associate_ac(
@@ -99,17 +137,26 @@ def encode_associate_ac(
     max_pdu: int,
     implementation_class_uid: str,
     implementation_version_name: str,
+    user_identity_response: bytes | None = None,
 ) -> bytes:
+    """user_identity_response: the Server-response of a positive User Identity reply, if any."""
     items = [item(0x10, APPLICATION_CONTEXT_NAME)]
+    roles: dict[str, tuple[bool, bool]] = {}
     for context in results:
         syntax = item(0x40, context.transfer_syntax.encode("ascii"))
         fields = struct.pack(">BxBx", context.context_id, context.result)
         items.append(item(0x21, fields + syntax))
+        if context.result == 0 and context.role is not None and context.abstract_syntax:
+            roles.setdefault(context.abstract_syntax, context.role)
     user = (
         item(0x51, struct.pack(">L", max_pdu))
         + item(0x52, implementation_class_uid.encode("ascii"))
+        + b"".join(encode_role_item(uid, *role) for uid, role in roles.items())
         + item(0x55, implementation_version_name.encode("ascii")[:16])
     )
+    if user_identity_response is not None:
+        response = struct.pack(">H", len(user_identity_response)) + user_identity_response
+        user += item(USER_IDENTITY_AC_ITEM, response)
     items.append(item(0x50, user))
     body = (
         struct.pack(">H2x", 1)  # protocol version 1
@@ -119,6 +166,30 @@ def encode_associate_ac(
         + b"".join(items)
     )
     return encode_pdu(A_ASSOCIATE_AC, body)
+
+
+def encode_role_item(sop_class_uid: str, scu_role: bool, scp_role: bool) -> bytes:
+    """SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4), the same in RQ and AC."""
+    uid = sop_class_uid.encode("ascii")
+    return item(
+        ROLE_SELECTION_ITEM, struct.pack(">H", len(uid)) + uid + bytes([scu_role, scp_role])
+    )
+
+
+def encode_user_identity_rq(
+    username: str, passcode: bytes | None, positive_response_requested: bool = False
+) -> bytes:
+    """User Identity sub-item of an A-ASSOCIATE-RQ: type 2 with a passcode, else type 1."""
+    primary = username.encode("utf-8")
+    identity_type = 2 if passcode is not None else 1
+    secondary = passcode or b""
+    value = (
+        struct.pack(">BBH", identity_type, positive_response_requested, len(primary))
+        + primary
+        + struct.pack(">H", len(secondary))
+        + secondary
+    )
+    return item(USER_IDENTITY_RQ_ITEM, value)
 
 
 def encode_associate_rj(result: int, source: int, diagnostic: int) -> bytes:

@@ -35,10 +35,12 @@ from typing import Any, cast
 
 import pynetdicom.dimse_messages
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -48,7 +50,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import dimse
+from node import dimse, pdu
 from node.config import Config
 from node.intake import Intake, Status
 from node.receiving import ArrivingDataset
@@ -148,6 +150,7 @@ class PeerAssociation:
     assoc: PynetdicomAssociation
     established: bool = False
     aborted: bool = False
+    user_identity_response: bytes | None = None  # set by admit(), sent in the A-ASSOCIATE-AC
 
     @property
     def peer(self) -> tuple[str, int]:
@@ -177,6 +180,18 @@ class PeerAssociation:
     @property
     def results(self) -> list[PresentationContext]:
         return [*self.assoc.accepted_contexts, *self.assoc.rejected_contexts]
+
+    @property
+    def user_identity(self) -> pdu.UserIdentity | None:
+        item = self.assoc.requestor.user_identity
+        if item is None or not item.user_identity_type:
+            return None
+        return pdu.UserIdentity(
+            identity_type=int(item.user_identity_type),
+            positive_response_requested=bool(item.positive_response_requested),
+            primary=bytes(item.primary_field or b""),
+            secondary=bytes(item.secondary_field or b""),
+        )
 
     def abort(self) -> None:
         self.assoc.abort()
@@ -279,6 +294,11 @@ class PynetdicomSCP:
             self.handlers.rejected(view, refusal)
             event.assoc.kill()  # as pynetdicom's own rejections do: waits for the RJ to go out
             return
+        if view.user_identity_response is not None:
+            # With no EVT_USER_ID handler pynetdicom accepts the identity and adds no reply.
+            reply = UserIdentityNegotiation()
+            reply.server_response = view.user_identity_response
+            event.assoc.acceptor.add_negotiation_item(reply)
         event.assoc.acceptor.supported_contexts = self._supported_for(event.assoc)
 
     def _supported_for(self, assoc: PynetdicomAssociation) -> list[PresentationContext]:
@@ -346,22 +366,37 @@ class PynetdicomSCP:
 
     def _on_store(self, event: evt.Event) -> Dataset:
         request = cast(C_STORE, event.request)
+        arriving = getattr(request, "_dataset_file", None)
         command = dimse.Command(
             command_field=dimse.C_STORE_RQ,
             message_id=int(request.MessageID or 0),
-            has_dataset=True,
-            affected_sop_class_uid=str(request.AffectedSOPClassUID),
-            affected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            has_dataset=isinstance(arriving, ArrivingFile),
+            affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
+            affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
         )
-        arriving = getattr(request, "_dataset_file", None)
-        if isinstance(arriving, ArrivingFile):
-            syntax = str(event.context.transfer_syntax)
-            status, comment = self.handlers.store(
-                self._view(event.assoc), command, syntax, arriving.dataset
+        context = event.context
+        refusal = dimse.store_refusal(
+            command,
+            command.has_dataset,
+            str(context.abstract_syntax),
+            int(context.context_id or 0),
+        )
+        view = self._view(event.assoc)
+        if refusal is not None:
+            log.warning(
+                "refused C-STORE-RQ from %s %r, SOP Instance UID %s with status 0x%04X: %s",
+                view.address,
+                view.calling_ae_title,
+                command.affected_sop_instance_uid or "(none)",
+                refusal.status,
+                refusal.error_comment,
             )
-        else:
-            status, comment = int(Status.CANNOT_UNDERSTAND), "the C-STORE request has no data set"
-        return _response(status, comment)
+            return _response(refusal)
+        assert isinstance(arriving, ArrivingFile)
+        status, comment = self.handlers.store(
+            view, command, str(context.transfer_syntax), arriving.dataset
+        )
+        return _response(dimse.Answer(status, comment))
 
 
 def _serve_as_storage(abstract_syntax: str) -> None:
@@ -380,9 +415,11 @@ def _serve_as_storage(abstract_syntax: str) -> None:
         )
 
 
-def _response(status: int, comment: str) -> Dataset:
+def _response(answer: dimse.Answer) -> Dataset:
     response = Dataset()
-    response.Status = status
-    if comment and status != Status.SUCCESS:
-        response.ErrorComment = comment[: dimse.ERROR_COMMENT_MAX]
+    response.Status = answer.status
+    if answer.error_comment and answer.status != Status.SUCCESS:
+        response.ErrorComment = answer.error_comment[: dimse.ERROR_COMMENT_MAX]
+    if answer.offending_elements:
+        response.OffendingElement = [Tag(0x0000, element) for element in answer.offending_elements]
     return response

@@ -516,7 +516,8 @@ class TargetReport:
 
 
 def _target_filter(kind: JobKind | None, target: str | None) -> tuple[str, list[object]]:
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[object] = []
     if kind is not None:
         clauses.append("kind = ?")
         params.append(kind)

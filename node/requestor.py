@@ -43,4 +43,4 @@ def _keep_stray_responses(association: Association) -> None:
             return
         serve_request(message, context_id)
 
-    association._serve_request = serve  # type: ignore[method-assign]
+    association._serve_request = serve  # type: ignore[method-assign, assignment]

@@ -19,9 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID, ImplicitVRLittleEndian
-from pynetdicom.presentation import PresentationContext, build_context, negotiate_unrestricted
-from pynetdicom.sop_class import Verification
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
+    _STORAGE_CLASSES,
+    Verification,
+)
 
 from node import metrics, pdu
 from node.admission import Admission, rules_from
@@ -43,6 +47,7 @@ RECEIVING_DIR = ".receiving"
 VERIFICATION_CONTEXT = build_context(Verification)
 # Presentation context results (PS3.8 9.3.3.2)
 ACCEPTANCE = 0x00
+USER_REJECTION = 0x01
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
@@ -52,10 +57,17 @@ class StorageNegotiation:
 
     For each proposed context the first of our syntaxes that the requestor also
     proposed wins (pynetdicom's unrestricted mode would take the requestor's
-    first). Verification is accepted too; anything else is refused with
-    "abstract syntax not supported". Built with pynetdicom's PresentationContext
-    objects this took 17 ms for storescu's 128 contexts, so the decision for
-    each abstract syntax is made once and remembered.
+    first). Verification is accepted too; any other SOP class we know of (query,
+    worklist, commitment, print...) is refused with "abstract syntax not
+    supported". Built with pynetdicom's PresentationContext objects this took
+    17 ms for storescu's 128 contexts, so the decision for each abstract syntax
+    is made once and remembered.
+
+    SCP/SCU Role Selection is answered as pynetdicom's negotiate_as_acceptor
+    does for a context that accepts the requestor as SCU and not as SCP: the
+    reply is (SCU role 1, SCP role 0), and a context whose requestor proposes
+    not to be SCU (it wants us to send it C-STOREs, as getscu does) is refused
+    with "user rejection", since the node never acts as a Storage SCU there.
     """
 
     def __init__(self, transfer_syntaxes: Sequence[UID]) -> None:
@@ -63,21 +75,26 @@ class StorageNegotiation:
         self._candidates: dict[str, tuple[str, ...]] = {}
 
     def __call__(self, request: pdu.AssociateRequest) -> list[pdu.ContextResult]:
-        return [self._answer(context) for context in request.contexts]
+        return [self._answer(context, request.roles) for context in request.contexts]
 
-    def _answer(self, context: PresentationContext) -> pdu.ContextResult:
+    def _answer(
+        self, context: PresentationContext, roles: dict[str, tuple[bool, bool]]
+    ) -> pdu.ContextResult:
         context_id = int(context.context_id or 0)
-        candidates = self.candidates_for(str(context.abstract_syntax))
+        abstract_syntax = str(context.abstract_syntax)
+        candidates = self.candidates_for(abstract_syntax)
         if not candidates:
             return pdu.ContextResult(
-                context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian
+                context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian, abstract_syntax
             )
         proposed = {str(syntax) for syntax in context.transfer_syntax}
         for syntax in candidates:
             if syntax in proposed:
-                return pdu.ContextResult(context_id, ACCEPTANCE, syntax)
+                return _with_role(
+                    pdu.ContextResult(context_id, ACCEPTANCE, syntax, abstract_syntax), roles
+                )
         return pdu.ContextResult(
-            context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian
+            context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian, abstract_syntax
         )
 
     def candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
@@ -92,18 +109,58 @@ class StorageNegotiation:
     def _decide(self, abstract_syntax: str) -> tuple[str, ...]:
         if abstract_syntax == Verification:
             return tuple(str(syntax) for syntax in VERIFICATION_CONTEXT.transfer_syntax)
-        return self.transfer_syntaxes if _is_storage_like(abstract_syntax) else ()
+        return self.transfer_syntaxes if is_storage_like(abstract_syntax) else ()
 
 
-def _is_storage_like(abstract_syntax: str) -> bool:
-    # Reuse pynetdicom's own notion of "storage-like" (a storage, private or
-    # unknown SOP class): its unrestricted negotiator accepts exactly those.
-    probe = PresentationContext()
-    probe.context_id = 1
-    probe.abstract_syntax = abstract_syntax
-    probe.transfer_syntax = [ImplicitVRLittleEndian]
-    result, _ = negotiate_unrestricted([probe], [], None)
-    return bool(result) and result[0].result == ACCEPTANCE
+def _with_role(result: pdu.ContextResult, roles: dict[str, tuple[bool, bool]]) -> pdu.ContextResult:
+    proposed = roles.get(result.abstract_syntax)
+    if proposed is None:
+        return result  # default roles: the requestor is SCU, we are SCP
+    scu_role, _scp_role = proposed
+    if not scu_role:
+        return dataclasses.replace(result, result=USER_REJECTION, role=None)
+    return dataclasses.replace(result, role=(True, False))
+
+
+def is_storage_like(abstract_syntax: str) -> bool:
+    """A storage SOP class, or a private or unknown one that is not a known non-storage class."""
+    if abstract_syntax in STORAGE_SOP_CLASSES:
+        return True
+    return abstract_syntax not in KNOWN_NON_STORAGE
+
+
+def _storage_sop_classes() -> frozenset[str]:
+    # pynetdicom's list, plus the classes pydicom names "... Storage" that pynetdicom files
+    # under their own service classes (Hanging Protocol, Color Palette, Implant Template,
+    # Protocol, Inventory Storage; retired and trial ones): all of them arrive by C-STORE.
+    storage = {str(uid) for uid in _STORAGE_CLASSES.values()}
+    for uid, (name, kind, *_rest) in UID_dictionary.items():
+        if kind == "SOP Class" and _named_as_storage(name):
+            storage.add(uid)
+    return frozenset(storage)
+
+
+def _named_as_storage(name: str) -> bool:
+    words = name.replace(" - ", " ").split()
+    return (
+        "Storage" in words
+        and "Commitment" not in words  # Storage Commitment Push/Pull: N-ACTION, N-EVENT
+        and not name.startswith("Media Storage Directory")  # DICOMDIR: media only
+    )
+
+
+def _known_non_storage() -> frozenset[str]:
+    # Every other UID the dictionary knows (query/retrieve, worklist, print, commitment,
+    # notification, Meta SOP Classes, transfer syntaxes...) is not something to store.
+    known = {uid for uid in UID_dictionary if uid not in STORAGE_SOP_CLASSES}
+    known.discard(str(Verification))
+    return frozenset(known | DCMTK_PRIVATE_NON_STORAGE)
+
+
+# DCMTK's private Shutdown SOP class (storescp/dcmqrscp shut down on a request for it).
+DCMTK_PRIVATE_NON_STORAGE = frozenset({"1.2.276.0.7230010.3.4.1915765545.18030.917282194.0"})
+STORAGE_SOP_CLASSES = _storage_sop_classes()
+KNOWN_NON_STORAGE = _known_non_storage()
 
 
 class AssociationView(Protocol):
@@ -121,6 +178,11 @@ class AssociationView(Protocol):
     def accepted(self) -> Mapping[int, str]: ...  # context ID -> transfer syntax
     @property
     def results(self) -> Sequence[object]: ...  # one per proposed presentation context
+    @property
+    def user_identity(self) -> pdu.UserIdentity | None: ...  # as the A-ASSOCIATE-RQ had it
+
+    # The Server-response of a positive User Identity reply, set by admit().
+    user_identity_response: bytes | None
 
 
 @dataclass
@@ -130,6 +192,7 @@ class AssociationStats:
     failed: int = 0
     received_bytes: int = 0
     contexts: str = "no contexts negotiated"
+    user: str = ""  # the User Identity's username, when one was offered and accepted
 
 
 def contexts_summary(assoc: AssociationView) -> str:
@@ -195,6 +258,7 @@ class StorageSCP:
         self._settings = acceptor_settings(config, receiving_dir)
         prepare_receiving_folder(self._settings.receiving_folder)
         self._stats: dict[int, AssociationStats] = {}
+        self._users: dict[int, str] = {}  # admitted, not yet established: its username
         self._active: set[Association] = set()
         self._lock = threading.Lock()
         self._listeners: Listeners | None = None
@@ -227,6 +291,7 @@ class StorageSCP:
             self.admission.release(assoc)
             with self._lock:
                 self._active.discard(assoc)
+                self._users.pop(id(assoc), None)
 
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Close the listening socket, then give open associations `drain_timeout` s to finish.
@@ -254,6 +319,8 @@ class StorageSCP:
 
     def admit(self, assoc: AssociationView) -> Refusal | None:
         refusal = self.admission.decide(assoc, assoc.calling_ae_title, assoc.called_ae_title)
+        if refusal is None:
+            refusal = self._admit_user(assoc)
         if refusal is not None:
             log.warning(
                 "refused association from %s calling AE %r: %s (A-ASSOCIATE-RJ %d/%d/%d); %s",
@@ -265,12 +332,35 @@ class StorageSCP:
             )
         return refusal
 
+    def _admit_user(self, assoc: AssociationView) -> Refusal | None:
+        """The User Identity check, once the association is counted (which bounds the cost)."""
+        identity = assoc.user_identity
+        outcome, refusal = self.admission.check_identity(identity)
+        if refusal is not None:
+            self.admission.release(assoc)
+            return refusal
+        if identity is not None:
+            log.debug(
+                "association from %s calling AE %r: user %r (%s)",
+                assoc.peer[0],
+                assoc.calling_ae_title,
+                outcome.username,
+                outcome.reason,
+            )
+            with self._lock:
+                self._users[id(assoc)] = outcome.username
+            # PS3.7 D.3.3.7.2: for a username (and passcode) the Server-response is empty.
+            if outcome.verified and identity.positive_response_requested:
+                assoc.user_identity_response = b""
+        return None
+
     def rejected(self, assoc: AssociationView, refusal: Refusal) -> None:
         metrics.record_association_rejected(refusal.reason)
 
     def established(self, assoc: AssociationView) -> None:
-        stats = AssociationStats(contexts=contexts_summary(assoc))
         with self._lock:
+            user = self._users.pop(id(assoc), "")
+            stats = AssociationStats(contexts=contexts_summary(assoc), user=user)
             self._stats[id(assoc)] = stats
         metrics.record_association_accepted()
         log.debug(
@@ -286,10 +376,11 @@ class StorageSCP:
             stats = self._stats.pop(id(assoc), AssociationStats())
         metrics.record_association_closed(aborted)
         log.info(
-            "association %s: %s %r -> %r, %s, %d instances received (%.2f MB), %d refused, %.1f s",
+            "association %s: %s %r%s -> %r, %s, %d instances received (%.2f MB), %d refused, %.1f s",
             "aborted" if aborted else "released",
             assoc.address,
             assoc.calling_ae_title,
+            f" (user {stats.user!r})" if stats.user else "",
             assoc.called_ae_title,
             stats.contexts,
             stats.received,
@@ -353,4 +444,6 @@ _REJECTION_ADVICE = {
     " if this is routine",
     "too_many_for_calling_ae": "the sender should retry later; raise"
     " security.max_associations_per_calling_aet if this is routine",
+    "user_identity_refused": "the sender must offer a username and passcode listed in"
+    " [[security.users]] (e.g. storescu --user NAME --password PASSCODE)",
 }

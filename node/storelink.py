@@ -27,6 +27,7 @@ import ssl
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +49,7 @@ from node.pdu import (
     encode_pdu,
     encode_release_rp,
     encode_release_rq,
+    encode_user_identity_rq,
     item,
 )
 from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PREAMBLE
@@ -57,6 +59,8 @@ PROTOCOL_VERSION = 1
 COMMAND, LAST = 0x01, 0x02
 # With an unlimited peer maximum (0), datasets still go in pieces of this size: bounded memory.
 UNLIMITED_PDV = 4 * 1024 * 1024
+# What a destination identifies us by: a username, and a passcode (None: type 1, username only).
+UserIdentity = tuple[str, bytes | None]
 # Largest PDU we accept from a peer whatever it claims: a response is a few hundred bytes.
 MAX_INCOMING_PDU = 16 * 1024 * 1024
 REJECT_SOURCES = {
@@ -143,9 +147,17 @@ def _ae(title: str) -> bytes:
 
 
 def associate_rq(
-    called: str, calling: str, contexts: Sequence[tuple[str, str]], max_pdu: int
+    called: str,
+    calling: str,
+    contexts: Sequence[tuple[str, str]],
+    max_pdu: int,
+    user_identity: UserIdentity | None = None,
 ) -> bytes:
-    """A-ASSOCIATE-RQ (PS3.8 9.3.2); context i gets ID 2i+1 (IDs are odd, PS3.8 9.3.2.2)."""
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2); context i gets ID 2i+1 (IDs are odd, PS3.8 9.3.2.2).
+
+    user_identity (username, passcode or None) adds a User Identity sub-item
+    (PS3.7 D.3.3.7) of type 2, or type 1 without a passcode.
+    """
     items = [item(0x10, APPLICATION_CONTEXT_NAME)]
     for index, (abstract, transfer) in enumerate(contexts):
         sub = item(0x30, abstract.encode("ascii")) + item(0x40, transfer.encode("ascii"))
@@ -155,6 +167,8 @@ def associate_rq(
         + item(0x52, str(IMPLEMENTATION_CLASS_UID).encode("ascii"))
         + item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii"))
     )
+    if user_identity is not None:
+        user += encode_user_identity_rq(*user_identity)
     items.append(item(0x50, user))
     fixed = struct.pack(">HH", PROTOCOL_VERSION, 0) + _ae(called) + _ae(calling) + bytes(32)
     return encode_pdu(A_ASSOCIATE_RQ, fixed + b"".join(items))
@@ -302,7 +316,7 @@ class StoreAssociation:
     def _send_command(self, context_id: int, command: bytes) -> None:
         self.sock.sendall(encode_command_pdu(context_id, command))
 
-    def _send_dataset(self, context_id: int, stream: BinaryIO, offset: int) -> None:
+    def _send_dataset(self, context_id: int, stream: BufferedReader, offset: int) -> None:
         """Stream the dataset from the file in P-DATA-TF PDUs of one PDV each."""
         stream.seek(0, 2)
         remaining = stream.tell() - offset
@@ -464,11 +478,13 @@ def associate(
     max_pdu: int,
     timeouts: Timeouts,
     tls: tuple[ssl.SSLContext, str] | None = None,
+    user_identity: UserIdentity | None = None,
 ) -> StoreAssociation:
     """Connect and negotiate; contexts are (SOP class, transfer syntax) pairs, one per context."""
     sock = _connect(peer, timeouts.acse, tls)
     try:
-        sock.sendall(associate_rq(peer.ae_title, calling_ae_title, contexts, max_pdu))
+        request = associate_rq(peer.ae_title, calling_ae_title, contexts, max_pdu, user_identity)
+        sock.sendall(request)
         pdu_type, body = _read_negotiation(sock, str(peer), timeouts.acse)
     except BaseException:
         sock.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,10 +32,33 @@ def dicom_node(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     )
 
 
+# Ports for servers the tests start come from below the kernel's ephemeral range
+# (32768-60999): a port taken from that range with bind(0) can be handed to the
+# local end of an outgoing connection (storescu, a forwarding SCU) before the
+# server that was meant to listen on it has bound it. Each port is given out once.
+_TEST_PORTS = range(20000, 32768)
+_given_ports: set[int] = set()
+_next_port = [_TEST_PORTS.start + (os.getpid() * 97) % len(_TEST_PORTS)]
+
+
 def free_port() -> int:
+    for _ in range(len(_TEST_PORTS)):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < _TEST_PORTS.stop else _TEST_PORTS.start
+        if port in _given_ports or not _bindable(port):
+            continue
+        _given_ports.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
@@ -48,28 +70,6 @@ def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
-
-
-def _path_without_virtualenv() -> str:
-    # pynetdicom installs apps named storescu, storescp, echoscu... into the
-    # virtualenv's bin; an activated venv would shadow DCMTK's programs with them.
-    venv_bin = Path(sys.executable).parent.resolve()
-    entries = os.environ.get("PATH", "").split(os.pathsep)
-    return os.pathsep.join(e for e in entries if e and Path(e).resolve() != venv_bin)
-
-
-def require_tool(name: str) -> str:
-    """Path of an external program, or skip the test with a reason (CI installs them all).
-
-    Never a same-named script from our own virtualenv: the tests need the real
-    DCMTK, Orthanc, GDCM and dicom3tools programs.
-    """
-    found = shutil.which(name, path=_path_without_virtualenv())
-    if found is None:
-        pytest.skip(
-            f"{name} is not installed (apt-get install dcmtk orthanc libgdcm-tools dicom3tools)"
-        )
-    return found
 
 
 def toml_value(value: object) -> str:

@@ -246,26 +246,55 @@ def test_an_internal_error_aborts_the_association_and_says_so(tmp_path: Path) ->
     assert handlers.ended == [True]
 
 
+def trickle(sock: socket.socket, stop: threading.Event, gaps: list[float]) -> None:
+    """A byte every 0.1 s until told to stop or the node closes the connection."""
+    last = time.monotonic()
+    while not stop.wait(0.1):
+        try:
+            sock.sendall(b"\0")
+        except OSError:
+            return
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+
+
 def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout(
     tmp_path: Path,
 ) -> None:
-    node = start_node(tmp_path, acse_timeout=2.0)
+    # The deadline covers the whole A-ASSOCIATE-RQ, so the node closes the connection about
+    # acse_timeout after accepting it, however slowly this machine runs. The trickle would take
+    # 100 s to complete the 1000-byte request (50 x acse_timeout), with each gap far inside the
+    # timeout: a per-read timeout would keep the connection open for all of that.
+    acse_timeout = 2.0
+    node = start_node(tmp_path, acse_timeout=acse_timeout)
+    stop = threading.Event()
     try:
-        sock = socket.create_connection(("127.0.0.1", node.port))
-        sock.sendall(struct.pack(">BxL", pdu.A_ASSOCIATE_RQ, 200))
         started = time.monotonic()
-        closed_after = None
-        for _ in range(20):  # a byte every 0.5 s: each read alone would be within the timeout
-            time.sleep(0.5)
-            try:
-                sock.sendall(b"\0")
-            except OSError:
-                closed_after = time.monotonic() - started
-                break
-        assert closed_after is not None and closed_after < 4.5, closed_after
-        assert "no complete association request in 2.0 s" in node.log()
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall(struct.pack(">BxL", pdu.A_ASSOCIATE_RQ, 1000))
+        gaps: list[float] = []
+        trickler = threading.Thread(target=trickle, args=(sock, stop, gaps), daemon=True)
+        trickler.start()
+        sock.settimeout(10 * acse_timeout)
+        try:
+            answer = sock.recv(1)  # b"" when the node closes (FIN)
+        except ConnectionResetError:  # it closed with our bytes unread (RST)
+            answer = b""
+        except TimeoutError:
+            pytest.fail(f"still open after {10 * acse_timeout} s of trickling")
+        closed_after = time.monotonic() - started
+        stop.set()
+        trickler.join()
+        sock.close()
+        assert answer == b"", answer
+        assert acse_timeout <= closed_after < 10 * acse_timeout, closed_after
+        # The bytes kept coming until the end, so no single read waited the timeout out.
+        assert len(gaps) > 2 and max(gaps) < acse_timeout / 2, gaps
+        assert f"no complete association request in {acse_timeout} s" in node.log()
         assert node.alive()
     finally:
+        stop.set()
         assert node.stop() == 0, node.log()
 
 

@@ -19,6 +19,7 @@ from tests.conftest import StartNode
 from tests.corpus import corpus_dirs
 from tests.storescu_profiles import send_as_is
 from tests.support import BOTH_ACCEPTORS, NodeProcess, require_tool, storescu, wait_until
+from tests.tools import missing_tool
 
 OUT_OF_RESOURCES = 0xA700
 CT_SMALL = corpus_dirs()[0] / "CT_small.dcm"
@@ -44,7 +45,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+        missing_tool(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
     try:
         yield mount_point
     finally:
@@ -181,7 +182,8 @@ def queue_duplicates(data_dir: Path) -> list[tuple[str, int]]:
 def restart_and_drain(node: NodeProcess, tmp_path: Path, expected: set[str]) -> list[str]:
     node.start()
     archive = tmp_path / "archive"
-    wait_until(lambda: expected <= set(archived_uids(archive)), timeout=60)
+    drained = wait_until(lambda: expected <= set(archived_uids(archive)), timeout=60)
+    assert drained, f"{len(expected - set(archived_uids(archive)))} lost:\n{node.log()[-3000:]}"
     uids = archived_uids(archive)
     assert node.stop() == 0, node.log()
     return uids
@@ -238,7 +240,8 @@ def test_kill_9_while_store_workers_are_busy_loses_nothing(
         env={**os.environ, "TCP_NODELAY": "1"},
     )
     # Kill once the workers have stored some instances but not all of them.
-    wait_until(lambda: len(archived(archive)) >= 10, timeout=60, interval=0.01)
+    stored_some = wait_until(lambda: len(archived(archive)) >= 10, timeout=60, interval=0.01)
+    assert stored_some, node.log()[-3000:]
     node.signal(signal.SIGKILL)
     sender.wait(timeout=60)
     transcript.close()

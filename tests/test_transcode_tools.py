@@ -20,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLoss
 from node.transcode import parse_target, transcode_file
 from node.transcode.targets import LOSSLESS_TARGETS
 from tests.corpus import find
+from tests.tools import require_tool
 from tests.transcode_support import source_pixels
 
 _DCIODVFY_CANNOT_READ = (DeflatedExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL)
@@ -32,9 +33,9 @@ def _dciodvfy_errors(path: Path) -> set[str]:
     return {re.sub(r"\s+", " ", line) for line in lines if line.startswith("Error")}
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) missing")
 @pytest.mark.parametrize("name", ONE_PER_MODALITY)
 def test_dciodvfy_finds_no_new_errors(name: str, tmp_path: Path) -> None:
+    require_tool("dciodvfy")
     src = find(name)
     before = _dciodvfy_errors(src)
     # The installed dciodvfy cannot inflate Deflated Explicit VR Little Endian and does not

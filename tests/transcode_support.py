@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -15,6 +14,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
 from node.transcode.pixels import DecodedPixels, decode_pixels, same_pixels
+from tests.tools import have_tool
 
 # syntax -> command that decompresses IN to OUT (a native file), from another code base.
 _TOOLS: dict[UID, list[str]] = {
@@ -44,7 +44,7 @@ def has_independent_decoder(syntax: UID) -> bool:
     if syntax in _HTJ2K:
         return True
     tool = _TOOLS.get(syntax)
-    return bool(tool and shutil.which(tool[0]))
+    return bool(tool and have_tool(tool[0]))
 
 
 def independent_check(path: Path, expected: DecodedPixels, workdir: Path) -> str:

@@ -60,7 +60,8 @@ def decode_pixels(ds: Dataset, plugin: str = "") -> DecodedPixels:
     available one when empty). Raises (any exception) when the pixels cannot be decoded."""
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     as_rgb = syntax in _CODEC_OWNS_COLOUR
-    array, meta = get_decoder(syntax).as_array(ds, as_rgb=as_rgb, decoding_plugin=plugin)
+    # pydicom annotates **kwargs as DecodeOptions where it means Unpack[DecodeOptions]
+    array, meta = get_decoder(syntax).as_array(ds, as_rgb=as_rgb, decoding_plugin=plugin)  # type: ignore[arg-type]
     info = _info_from(ds, meta)
     # pydicom drops the frame axis for single frames; we always keep it.
     frame_ndim = 2 if info.samples_per_pixel == 1 else 3

@@ -15,10 +15,11 @@ import signal
 import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
+from node.logs import setup_logging
 from node.transcode.codecs import codec_for, current_overrides, install_overrides
 from node.transcode.ladder import Outcome, walk_ladder
 from node.transcode.rung import RungResult, try_rung
@@ -35,7 +36,7 @@ class WorkerDied(Exception):
 class _Worker:
     """One worker process and the pipe to it. Used by one thread at a time."""
 
-    def __init__(self, context: BaseContext) -> None:
+    def __init__(self, context: ForkServerContext) -> None:
         self.conn, child_end = context.Pipe()
         self.process = context.Process(target=_serve, args=(child_end,), daemon=True)
         self.process.start()
@@ -73,6 +74,7 @@ class _Worker:
 
 def _serve(conn: Connection) -> None:
     """Worker loop: one rung per message, a RungResult (or an OSError) per reply."""
+    setup_logging("WARNING")  # pydicom's warnings from codec work reach journald prefixed too
     while True:
         try:
             task = conn.recv()
@@ -117,6 +119,7 @@ class TranscodePool:
 
     def _attempt(self, src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungResult:
         task = (src, dst, target, allow_lossy, current_overrides())
+        worker: _Worker | None  # None once it died: its slot then starts a new one lazily
         worker = self._take()
         try:
             return worker.run(task, self._timeout)
