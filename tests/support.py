@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
