@@ -419,7 +419,7 @@ def _response(answer: dimse.Answer) -> Dataset:
     response = Dataset()
     response.Status = answer.status
     if answer.error_comment and answer.status != Status.SUCCESS:
-        response.ErrorComment = answer.error_comment[: dimse.ERROR_COMMENT_MAX]
+        response.ErrorComment = dimse.error_comment_value(answer.error_comment)
     if answer.offending_elements:
         response.OffendingElement = [Tag(0x0000, element) for element in answer.offending_elements]
     return response
