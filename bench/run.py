@@ -36,6 +36,8 @@ TRANSCODE_TARGETS = (
     ("J2K", "JPEG2000Lossless"),
 )
 MIB = 1024 * 1024
+# The same node with pynetdicom as its acceptor (node.acceptor): how much our own layer gains.
+PYNETDICOM_NODE = "node pynetdicom"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,14 @@ def ingest_cases(workloads: list[Workload], associations: tuple[int, ...]) -> li
                 Case("ingest", "storescp", w, count, single(Storescp, fork=count > 1)),
                 Case("ingest", "Orthanc", w, count, single(Orthanc), anchor="storescp"),
                 Case("ingest", "node", w, count, single(Node), anchor="storescp"),
+                Case(
+                    "ingest",
+                    PYNETDICOM_NODE,
+                    w,
+                    count,
+                    single(Node, node_options={"acceptor": "pynetdicom"}),
+                    anchor="storescp",
+                ),
             ]
     return cases
 
@@ -259,6 +269,8 @@ def print_table(results: dict[tuple, Result], codec: dict[tuple[str, str], float
             f" ({len(case.workload.files)}) | {fmt(result.inst_per_s())} | {fmt(result.mb_per_s())}"
             f" | {ratio} | {vs} | {note} |"
         )
+        if case.section == "ingest" and case.label == PYNETDICOM_NODE:
+            print(_acceptor_ratio_row(results, result))
     print("\n| node case | assoc | data | peak RSS MB | CPU s/GB |")
     print("|---|---:|---|---:|---:|")
     for result in results.values():
@@ -268,6 +280,21 @@ def print_table(results: dict[tuple, Result], codec: dict[tuple[str, str], float
                 f"| {case.section} {case.label} | {case.associations} | {case.workload.name}"
                 f" ({_size_mb(case.workload)} MB) | {result.peak_rss_mb():.0f} | {result.cpu_per_gb():.1f} |"
             )
+
+
+def _acceptor_ratio_row(results: dict[tuple, Result], pynetdicom: Result) -> str:
+    """native/pynetdicom: the same node and the same data, our acceptor against pynetdicom's."""
+    case = pynetdicom.case
+    native = results.get(("ingest", "node", case.workload.name, case.associations))
+    ratio = _ratio(native, pynetdicom) if native else "-"
+    # CPU per GB depends less on the machine's load than the rate does.
+    cpu = ""
+    if native and native.samples and pynetdicom.samples:
+        cpu = f"CPU s/GB {native.cpu_per_gb():.1f} vs {pynetdicom.cpu_per_gb():.1f}"
+    return (
+        f"| ingest | native/pynetdicom | {case.associations} | {case.workload.name}"
+        f" ({len(case.workload.files)}) | | | {ratio} | node vs {PYNETDICOM_NODE} | {cpu} |"
+    )
 
 
 def _size_mb(workload: Workload) -> str:

@@ -116,6 +116,10 @@ class Association:
         return self.request.called_ae_title if self.request else ""
 
     @property
+    def user_identity(self) -> pdu.UserIdentity | None:
+        return self.request.user_identity if self.request else None
+
+    @property
     def address(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}"
 

@@ -19,6 +19,7 @@ from node.transcode.targets import Target, parse_target
 
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+Acceptor = Literal["native", "pynetdicom"]
 
 DEFAULT_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
@@ -64,6 +65,9 @@ class NodeConfig:
     # Processes accepting associations on node.port (SO_REUSEPORT); 1 = the main process only.
     receivers: int = 1
     log_level: LogLevel = "INFO"
+    # Who speaks the Upper Layer and DIMSE on the listener: our own code, or pynetdicom
+    # (the reference implementation, kept so that the two can be compared).
+    acceptor: Acceptor = "native"
 
 
 @dataclass(frozen=True)
@@ -300,9 +304,14 @@ def _read_node(table: _Table) -> NodeConfig:
         workers=table.integer("workers", 0, minimum=0),
         receivers=table.integer("receivers", 1, minimum=1, maximum=64),
         log_level=table.choice("log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        acceptor=table.choice("acceptor", "native", ("native", "pynetdicom")),
     )
     if 0 < node.max_pdu < 4096:
         raise table.error("max_pdu", f"must be 0 (unlimited) or at least 4096, got {node.max_pdu}")
+    if node.acceptor == "pynetdicom" and node.receivers > 1:
+        raise table.error(
+            "receivers", 'must be 1 with acceptor = "pynetdicom" (receiver processes run ours)'
+        )
     table.finish()
     return node
 

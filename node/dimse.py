@@ -41,6 +41,12 @@ UNRECOGNIZED_OPERATION = 0x0211  # for commands we do not provide
 CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (C-STORE's Cxxx range)
 ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 
+
+def error_comment_value(reason: str) -> str:
+    """A reason as one LO value: at most 64 characters, no backslash (LO's value separator)."""
+    return reason.replace("\\", "/")[:ERROR_COMMENT_MAX]
+
+
 _ELEMENT = struct.Struct("<HHL")  # group, element, value length
 _US = struct.Struct("<H")
 
@@ -182,7 +188,7 @@ def encode_response(
         tags = b"".join(_US.pack(0) + _US.pack(element) for element in offending_elements)
         elements.append(_ELEMENT.pack(0, OFFENDING_ELEMENT, len(tags)) + tags)
     if error_comment and status not in (0x0000,):
-        elements.append(_text_element(ERROR_COMMENT, error_comment[:ERROR_COMMENT_MAX]))
+        elements.append(_text_element(ERROR_COMMENT, error_comment_value(error_comment)))
     if request.affected_sop_instance_uid:
         elements.append(_uid(AFFECTED_SOP_INSTANCE_UID, request.affected_sop_instance_uid))
     return _with_group_length(b"".join(elements))

@@ -90,6 +90,7 @@ def restart_only_changes(running: Config, loaded: Config) -> tuple[Config, list[
         data_dir=running.node.data_dir,
         workers=running.node.workers,
         receivers=running.node.receivers,
+        acceptor=running.node.acceptor,
     )
     security = replace(loaded.security, tls=running.security.tls)
     effective = replace(loaded, node=node, security=security, metrics=running.metrics)
@@ -101,6 +102,7 @@ def restart_only_changes(running: Config, loaded: Config) -> tuple[Config, list[
             ("node.data_dir", running.node.data_dir, loaded.node.data_dir),
             ("node.workers", running.node.workers, loaded.node.workers),
             ("node.receivers", running.node.receivers, loaded.node.receivers),
+            ("node.acceptor", running.node.acceptor, loaded.node.acceptor),
             ("security.tls", running.security.tls, loaded.security.tls),
             ("metrics.address", running.metrics.address, loaded.metrics.address),
         )

@@ -15,8 +15,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID, ImplicitVRLittleEndian
@@ -81,7 +82,7 @@ class StorageNegotiation:
     ) -> pdu.ContextResult:
         context_id = int(context.context_id or 0)
         abstract_syntax = str(context.abstract_syntax)
-        candidates = self._candidates_for(abstract_syntax)
+        candidates = self.candidates_for(abstract_syntax)
         if not candidates:
             return pdu.ContextResult(
                 context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, ImplicitVRLittleEndian, abstract_syntax
@@ -96,7 +97,7 @@ class StorageNegotiation:
             context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian, abstract_syntax
         )
 
-    def _candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
+    def candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
         """Our syntaxes for this abstract syntax, in preference order; () if we refuse it."""
         known = self._candidates.get(abstract_syntax)
         if known is None:
@@ -162,6 +163,28 @@ STORAGE_SOP_CLASSES = _storage_sop_classes()
 KNOWN_NON_STORAGE = _known_non_storage()
 
 
+class AssociationView(Protocol):
+    """What the handlers below read of an association: ours, or pynetdicom_acceptor's."""
+
+    @property
+    def peer(self) -> tuple[str, int]: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def calling_ae_title(self) -> str: ...
+    @property
+    def called_ae_title(self) -> str: ...
+    @property
+    def accepted(self) -> Mapping[int, str]: ...  # context ID -> transfer syntax
+    @property
+    def results(self) -> Sequence[object]: ...  # one per proposed presentation context
+    @property
+    def user_identity(self) -> pdu.UserIdentity | None: ...  # as the A-ASSOCIATE-RQ had it
+
+    # The Server-response of a positive User Identity reply, set by admit().
+    user_identity_response: bytes | None
+
+
 @dataclass
 class AssociationStats:
     started: float = field(default_factory=time.monotonic)
@@ -172,7 +195,7 @@ class AssociationStats:
     user: str = ""  # the User Identity's username, when one was offered and accepted
 
 
-def contexts_summary(assoc: Association) -> str:
+def contexts_summary(assoc: AssociationView) -> str:
     """'3/5 contexts accepted (ExplicitVRLittleEndian, JPEGLSLossless)': what was negotiated."""
     syntaxes = sorted({syntax_name(syntax) for syntax in assoc.accepted.values()})
     return (
@@ -194,6 +217,34 @@ def acceptor_settings(config: Config, receiving_folder: str) -> AcceptorSettings
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
         implementation_version_name=IMPLEMENTATION_VERSION_NAME,
     )
+
+
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+def drain(active: Callable[[], Sequence[Abortable]], drain_timeout: float) -> None:
+    """Wait up to `drain_timeout` s for the associations to end, then abort what is left.
+
+    An abort loses nothing: an instance is acknowledged only once it is durable,
+    and the sender keeps and retries the unacknowledged ones.
+    """
+    deadline = time.monotonic() + drain_timeout
+    while active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remaining = active()
+    if remaining:
+        log.warning(
+            "%d associations still open after %.0f s: aborting them (their senders will"
+            " retry what was not acknowledged)",
+            len(remaining),
+            drain_timeout,
+        )
+        for assoc in remaining:
+            assoc.abort()
+        deadline = time.monotonic() + 5.0
+        while active() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class StorageSCP:
@@ -252,22 +303,7 @@ class StorageSCP:
         if self._listeners is not None:
             self._listeners.close()
             self._listeners = None
-        deadline = time.monotonic() + drain_timeout
-        while self.active_associations() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = self.active_associations()
-        if remaining:
-            log.warning(
-                "%d associations still open after %.0f s: aborting them (their senders will"
-                " retry what was not acknowledged)",
-                len(remaining),
-                drain_timeout,
-            )
-            for assoc in remaining:
-                assoc.abort()
-            deadline = time.monotonic() + 5.0
-            while self.active_associations() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        drain(self.active_associations, drain_timeout)
 
     def active_associations(self) -> list[Association]:
         with self._lock:
@@ -281,7 +317,7 @@ class StorageSCP:
 
     # Handlers, called from the association's thread (node.association.Handlers).
 
-    def admit(self, assoc: Association) -> Refusal | None:
+    def admit(self, assoc: AssociationView) -> Refusal | None:
         refusal = self.admission.decide(assoc, assoc.calling_ae_title, assoc.called_ae_title)
         if refusal is None:
             refusal = self._admit_user(assoc)
@@ -296,9 +332,9 @@ class StorageSCP:
             )
         return refusal
 
-    def _admit_user(self, assoc: Association) -> Refusal | None:
+    def _admit_user(self, assoc: AssociationView) -> Refusal | None:
         """The User Identity check, once the association is counted (which bounds the cost)."""
-        identity = assoc.request.user_identity if assoc.request else None
+        identity = assoc.user_identity
         outcome, refusal = self.admission.check_identity(identity)
         if refusal is not None:
             self.admission.release(assoc)
@@ -318,10 +354,10 @@ class StorageSCP:
                 assoc.user_identity_response = b""
         return None
 
-    def rejected(self, assoc: Association, refusal: Refusal) -> None:
+    def rejected(self, assoc: AssociationView, refusal: Refusal) -> None:
         metrics.record_association_rejected(refusal.reason)
 
-    def established(self, assoc: Association) -> None:
+    def established(self, assoc: AssociationView) -> None:
         with self._lock:
             user = self._users.pop(id(assoc), "")
             stats = AssociationStats(contexts=contexts_summary(assoc), user=user)
@@ -335,7 +371,7 @@ class StorageSCP:
             stats.contexts,
         )
 
-    def closed(self, assoc: Association, aborted: bool) -> None:
+    def closed(self, assoc: AssociationView, aborted: bool) -> None:
         with self._lock:
             stats = self._stats.pop(id(assoc), AssociationStats())
         metrics.record_association_closed(aborted)
@@ -357,7 +393,11 @@ class StorageSCP:
         return 0x0000
 
     def store(
-        self, assoc: Association, command: Command, transfer_syntax: str, dataset: ArrivingDataset
+        self,
+        assoc: AssociationView,
+        command: Command,
+        transfer_syntax: str,
+        dataset: ArrivingDataset,
     ) -> tuple[int, str]:
         try:
             with dataset.contents() as (data, on_disk):
@@ -370,12 +410,13 @@ class StorageSCP:
                     dataset=data,
                     dataset_file=on_disk,
                 )
-                return self._answer_store(assoc, request)
+                return self.answer_store(assoc, request)
         except ReceiveFailed as exc:
             log.warning("refused a C-STORE: cannot write the arriving dataset: %s", exc.strerror)
             return int(Status.OUT_OF_RESOURCES), str(exc.strerror)
 
-    def _answer_store(self, assoc: Association, request: StoreRequest) -> tuple[int, str]:
+    def answer_store(self, assoc: AssociationView, request: StoreRequest) -> tuple[int, str]:
+        """Run intake for one C-STORE, count and log it; the status and Error Comment to send."""
         result = self.intake.receive(request)
         metrics.record_received(result.status.name.lower(), len(request.dataset))
         with self._lock:

@@ -13,6 +13,7 @@ from node.forward import Forwarder
 from node.intake import Intake, free_space_probe
 from node.logs import set_level
 from node.metrics import MetricsEndpoint, start_metrics
+from node.pynetdicom_acceptor import PynetdicomSCP
 from node.queue import JobKind, JobSpec, Queue
 from node.receivers import ReceiverProcesses
 from node.route import Router
@@ -78,7 +79,11 @@ class Node:
             max_instance_size=config.limits.max_instance_size,
             on_recorded=self._wake_workers,
         )
-        self.scp = StorageSCP(config, self.intake)
+        self.scp: StorageSCP | PynetdicomSCP = (
+            PynetdicomSCP(config, self.intake)
+            if config.node.acceptor == "pynetdicom"
+            else StorageSCP(config, self.intake)
+        )
         # node.receivers > 1: more processes accept associations on the same port (opt-in).
         self.receivers = (
             ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None

@@ -15,8 +15,15 @@ StartNode = Callable[..., NodeProcess]
 
 
 @pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[StartNode]:
+def acceptor(request: pytest.FixtureRequest) -> str:
+    """node.acceptor for start_node: "native" unless a test is marked BOTH_ACCEPTORS."""
+    return str(getattr(request, "param", "native"))
+
+
+@pytest.fixture
+def start_node(tmp_path: Path, acceptor: str) -> Iterator[StartNode]:
     started: list[NodeProcess] = []
+    chosen = {} if acceptor == "native" else {"acceptor": acceptor}
 
     def start(
         edit: Callable[[dict[str, object]], None] | None = None,
@@ -27,7 +34,7 @@ def start_node(tmp_path: Path) -> Iterator[StartNode]:
     ) -> NodeProcess:
         folder = root or tmp_path
         port = free_port()
-        sections = base_config(folder, port, **node)
+        sections = base_config(folder, port, **{**chosen, **node})
         if edit is not None:
             edit(sections)
         config = write_config(folder / f"config-{port}.toml", sections)

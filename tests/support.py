@@ -11,9 +11,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The core end-to-end tests run against both acceptors (node.acceptor): our own
+# Upper Layer, and pynetdicom's as the reference. Parametrizes conftest's `acceptor`.
+ACCEPTORS = ("native", "pynetdicom")
+BOTH_ACCEPTORS = pytest.mark.parametrize("acceptor", ACCEPTORS, indirect=True)
 
 
 def dicom_node(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

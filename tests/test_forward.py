@@ -28,7 +28,7 @@ from tests.forward_support import (
     sop_instance_uid,
 )
 from tests.orthanc import Orthanc
-from tests.support import NodeProcess, free_port, storescu, wait_until, write_config
+from tests.support import BOTH_ACCEPTORS, NodeProcess, free_port, storescu, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,7 +77,10 @@ def by_uid(blobs: list[bytes]) -> dict[str, pydicom.Dataset]:
     return {str(ds.SOPInstanceUID): ds for ds in datasets}
 
 
-def test_happy_path_mixed_set_arrives_in_orthanc_in_accepted_syntax(tmp_path: Path) -> None:
+@BOTH_ACCEPTORS
+def test_happy_path_mixed_set_arrives_in_orthanc_in_accepted_syntax(
+    tmp_path: Path, acceptor: str
+) -> None:
     sources = [
         find("CT_small.dcm"),  # CT, Explicit VR LE: encoded to JPEG 2000 lossless
         find("MR_small_RLE.dcm"),  # MR, RLE: decoded once, then encoded
@@ -97,6 +100,7 @@ def test_happy_path_mixed_set_arrives_in_orthanc_in_accepted_syntax(tmp_path: Pa
                 )
             ],
         )
+        config["node"]["acceptor"] = acceptor  # type: ignore[index]
         path = write_config(tmp_path / "node.toml", config)
         with NodeProcess(path, port) as node:
             send_as_is(port, sources)

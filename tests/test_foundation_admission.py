@@ -18,7 +18,7 @@ from tests.foundation_helpers import (
     pynetdicom_store,
     store_raw_bytes,
 )
-from tests.support import require_tool, wait_until
+from tests.support import BOTH_ACCEPTORS, require_tool, wait_until
 
 CANNOT_UNDERSTAND = 0xC210
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, 2 = rejected-transient;
@@ -53,6 +53,7 @@ def spool_files(root: Path) -> list[Path]:
     return sorted(p for p in (root / "data" / "spool").rglob("*") if p.is_file())
 
 
+@BOTH_ACCEPTORS
 def test_unparseable_datasets_are_refused_and_the_node_keeps_serving(
     start_node: StartNode, tmp_path: Path
 ) -> None:
@@ -79,6 +80,7 @@ def echo_contexts() -> list[tuple[str, list[str]]]:
     return [(Verification, ["1.2.840.10008.1.2"])]
 
 
+@BOTH_ACCEPTORS
 def test_calling_ae_not_in_allowlist_is_rejected(start_node: StartNode) -> None:
     def allow_only_modality(sections: dict[str, object]) -> None:
         sections["security"] = {"allowed_calling_aets": ["MODALITY"]}
@@ -98,6 +100,7 @@ def test_calling_ae_not_in_allowlist_is_rejected(start_node: StartNode) -> None:
     assert "INTRUDER" in node.log() and "allowed_calling_aets" in node.log()
 
 
+@BOTH_ACCEPTORS
 def test_wrong_called_ae_is_rejected_when_required(start_node: StartNode) -> None:
     node = start_node()
     rejected = associate(node.port, echo_contexts(), called="SOMEONEELSE")
@@ -117,6 +120,7 @@ def test_any_called_ae_is_accepted_when_not_required(start_node: StartNode) -> N
     accepted.release()
 
 
+@BOTH_ACCEPTORS
 def test_max_associations_is_honoured(start_node: StartNode) -> None:
     # pynetdicom counts every connection it is serving, even one still negotiating;
     # the node's limit is therefore a limit on connections, which is what protects it.

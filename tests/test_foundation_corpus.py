@@ -32,7 +32,7 @@ from tests.storescu_profiles import (
     classify,
     send_as_is,
 )
-from tests.support import NodeProcess, wait_until
+from tests.support import BOTH_ACCEPTORS, NodeProcess, wait_until
 
 HTJ2K_SYNTAXES = {_uid.HTJ2KLossless, _uid.HTJ2KLosslessRPCL, _uid.HTJ2K}
 
@@ -263,6 +263,7 @@ def classified() -> Classified:
     return found
 
 
+@BOTH_ACCEPTORS
 def test_corpus_from_storescu_is_stored_as_sent(
     start_node: StartNode, tmp_path: Path, classified: Classified
 ) -> None:
@@ -279,6 +280,7 @@ def test_corpus_from_storescu_is_stored_as_sent(
     assert not report.refused, {p.name: hex(s) for p, s in report.refused.items()}
 
 
+@BOTH_ACCEPTORS
 def test_corpus_from_pynetdicom_is_stored_byte_exact(
     start_node: StartNode, tmp_path: Path, classified: Classified
 ) -> None:

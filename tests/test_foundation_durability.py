@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tests.conftest import StartNode
 from tests.corpus import corpus_dirs
 from tests.storescu_profiles import send_as_is
-from tests.support import NodeProcess, require_tool, storescu, wait_until
+from tests.support import BOTH_ACCEPTORS, NodeProcess, require_tool, storescu, wait_until
 from tests.tools import missing_tool
 
 OUT_OF_RESOURCES = 0xA700
@@ -96,6 +96,7 @@ def store_status(node: NodeProcess, path: Path, workdir: Path) -> int:
     return run.statuses[path]
 
 
+@BOTH_ACCEPTORS
 def test_full_disk_answers_out_of_resources_and_recovers(
     small_disk: Path, start_node: StartNode, tmp_path: Path
 ) -> None:
@@ -188,6 +189,7 @@ def restart_and_drain(node: NodeProcess, tmp_path: Path, expected: set[str]) -> 
     return uids
 
 
+@BOTH_ACCEPTORS
 def test_kill_9_right_after_acknowledgement_loses_nothing(
     start_node: StartNode, tmp_path: Path
 ) -> None:

@@ -66,6 +66,16 @@ def test_a_c_store_response_reads_back_with_pydicom() -> None:
     assert ds.ErrorComment.startswith("the disk is full") and len(ds.ErrorComment) <= 64
 
 
+def test_an_error_comment_is_one_lo_value_even_with_a_backslash_in_the_reason() -> None:
+    # A Windows path in a reason would otherwise split (0000,0902) into several values.
+    encoded = dimse.encode_response(
+        dimse.decode_command(command_bytes(store_request())), 0xC210, r"cannot read C:\spool\x"
+    )
+    response = read_dataset(BytesIO(encoded), is_implicit_VR=True, is_little_endian=True)
+    assert response["ErrorComment"].VM == 1
+    assert response.ErrorComment == "cannot read C:/spool/x"
+
+
 def test_a_success_carries_no_error_comment() -> None:
     request = dimse.decode_command(command_bytes(store_request()))
     ds = read_dataset(

@@ -22,6 +22,7 @@ from node.config import ConfigError, parse_config
 from node.storelink import associate_rq
 from tests.forward_support import destination, forwarding_config
 from tests.support import (
+    ACCEPTORS,
     NodeProcess,
     base_config,
     dicom_node,
@@ -59,11 +60,13 @@ def alice_hash() -> str:
     return hash_with_cli(PASSCODE)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, alice_hash: str) -> Iterator[NodeProcess]:
+@pytest.fixture(scope="module", params=ACCEPTORS)
+def node(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, alice_hash: str
+) -> Iterator[NodeProcess]:
     tmp = tmp_path_factory.mktemp("identity")
     port = free_port()
-    config = base_config(tmp, port)
+    config = base_config(tmp, port, acceptor=request.param)
     config["security"] = {
         "require_user_identity": True,
         # bob is known by name alone: username-only identity (type 1) is enough for him.
