@@ -11,11 +11,9 @@ three things by value:
   only, where the pixels are compared with the file's decoded pixels too);
 - the node's log line for each stored instance, which names the calling AE and the
   transfer syntax.
+Every test runs against both acceptors, the native one and pynetdicom's.
 DCMTK storescu/echoscu/findscu/getscu and Orthanc as a destination are covered elsewhere.
 """
-
-# TODO(lead): decorate these tests with @BOTH_ACCEPTORS once main has the pynetdicom acceptor
-# (all 18 runs pass against both acceptors on branch pynetacceptor at fc3da0e, in ~26 s).
 
 from __future__ import annotations
 
@@ -39,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from tests.conftest import StartNode
 from tests.orthanc import Orthanc
-from tests.support import NodeProcess, require_tool, wait_until
+from tests.support import BOTH_ACCEPTORS, NodeProcess, require_tool, wait_until
 
 PEER_TIMEOUT = 60.0
 TRAILING_PADDING = 0xFFFCFFFC
@@ -218,6 +216,7 @@ def pynetdicom_app(app: str, *args: str | Path) -> subprocess.CompletedProcess[s
 # ---------------------------------------------------------------------------- DCMTK dcmsend
 
 
+@BOTH_ACCEPTORS
 def test_dcmsend_sends_a_folder_of_ct_mr_and_jpeg_ls(start_node: StartNode, tmp_path: Path) -> None:
     """dcmsend --scan-directories on a folder of a CT, an MR and a JPEG-LS Lossless MR, one
     association: dcmsend proposes each file's own transfer syntax, the node accepts it and
@@ -244,6 +243,7 @@ def test_dcmsend_sends_a_folder_of_ct_mr_and_jpeg_ls(start_node: StartNode, tmp_
     assert (line["accepted"], line["proposed"], line["instances"]) == ("3", "3", "3"), line[0]
 
 
+@BOTH_ACCEPTORS
 def test_dcmsend_decompresses_for_a_node_that_accepts_native_only(
     start_node: StartNode, tmp_path: Path
 ) -> None:
@@ -271,6 +271,7 @@ def test_dcmsend_decompresses_for_a_node_that_accepts_native_only(
 # ----------------------------------------------------------------------- pynetdicom's apps
 
 
+@BOTH_ACCEPTORS
 def test_pynetdicom_echoscu(start_node: StartNode) -> None:
     """`python -m pynetdicom echoscu`: the Verification context is accepted, exit status 0,
     and the node logs the association with the calling AE."""
@@ -284,6 +285,7 @@ def test_pynetdicom_echoscu(start_node: StartNode) -> None:
     assert (line["accepted"], line["proposed"], line["instances"]) == ("1", "1", "0"), line[0]
 
 
+@BOTH_ACCEPTORS
 def test_pynetdicom_storescu_sends_ct_mr_and_rle(start_node: StartNode, tmp_path: Path) -> None:
     """`python -m pynetdicom storescu -cx` on a CT, an MR and an RLE Lossless MR: exit status 0,
     a Success response for each. pynetdicom's storescu re-encodes each file with pydicom
@@ -306,6 +308,7 @@ def test_pynetdicom_storescu_sends_ct_mr_and_rle(start_node: StartNode, tmp_path
     assert (line["instances"], line["refused"]) == ("3", "0"), line[0]
 
 
+@BOTH_ACCEPTORS
 def test_pynetdicom_storescu_re_encodes_to_implicit_vr(
     start_node: StartNode, tmp_path: Path
 ) -> None:
@@ -345,6 +348,7 @@ def assert_gdcmscu_finished(result: subprocess.CompletedProcess[str]) -> None:
         assert result.returncode == 0, result.stderr
 
 
+@BOTH_ACCEPTORS
 def test_gdcmscu_echo(start_node: StartNode) -> None:
     """gdcmscu --echo. gdcm 3.0.21 (Debian) aborts on the client side after the release,
     "ProtocolStream as nullptr is invalid", exit status -6 (SIGABRT), against DCMTK storescp
@@ -362,6 +366,7 @@ def test_gdcmscu_echo(start_node: StartNode) -> None:
     assert (line["accepted"], line["proposed"], line["instances"]) == ("1", "1", "0"), line[0]
 
 
+@BOTH_ACCEPTORS
 def test_gdcmscu_store_sends_a_folder(start_node: StartNode, tmp_path: Path) -> None:
     """gdcmscu --store -i FOLDER with a CT, an MR and a JPEG-LS Lossless MR, one association
     proposing each file's own transfer syntax. Exit status -6 (SIGABRT) after the release, as
@@ -400,6 +405,7 @@ def post(orthanc: Orthanc, path: str, body: bytes, content_type: str) -> Any:
         return json.loads(response.read())
 
 
+@BOTH_ACCEPTORS
 def test_orthanc_sends_ct_and_jpeg_ls_to_the_node(start_node: StartNode, tmp_path: Path) -> None:
     """Orthanc as a sending modality: instances uploaded by REST (POST /instances), then
     POST /modalities/node/store makes Orthanc C-STORE them to the node, synchronously.
@@ -438,6 +444,7 @@ def test_orthanc_sends_ct_and_jpeg_ls_to_the_node(start_node: StartNode, tmp_pat
     assert all(line["refused"] == "0" for line in associations), node.log()
 
 
+@BOTH_ACCEPTORS
 def test_orthanc_decompresses_for_a_node_that_accepts_native_only(
     start_node: StartNode, tmp_path: Path
 ) -> None:
