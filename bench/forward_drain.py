@@ -27,11 +27,11 @@ from bench.inputs import build_workloads
 from bench.measure import send
 from bench.receivers import Storescp
 from bench.run import OUT
-from node.config import DestinationConfig, NodeConfig
-from node.derived import DerivedFiles
-from node.forward import Forwarder
-from node.queue import JobKind, JobSpec, Queue, ReceivedInstance
-from node.spool import Spool
+from node.config.model import DestinationConfig, NodeConfig
+from node.forward.derived import DerivedFiles
+from node.forward.forwarder import Forwarder
+from node.ingest.spool import Spool
+from node.jobs.queue import JobKind, JobSpec, Queue, ReceivedInstance
 
 TIMEOUT = 300.0
 

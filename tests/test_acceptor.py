@@ -23,10 +23,10 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from node import pdu
-from node.association import AcceptorSettings, Association
-from node.pduguard import ReceiveLimits
-from node.receiving import ArrivingDataset
+from node.ingest.receiving import ArrivingDataset
+from node.net import pdu
+from node.net.association import AcceptorSettings, Association
+from node.net.pduguard import ReceiveLimits
 from tests.foundation_helpers import CT_SMALL, pynetdicom_store
 from tests.support import (
     NodeProcess,

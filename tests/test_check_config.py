@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from node.config import load_config, parse_config
+from node.config.model import load_config, parse_config
 from tests.support import dicom_node
 
 CONFIG = """

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-from node.scp import STORAGE_SOP_CLASSES
-from node.syntaxes import ALL_DECODABLE
+from node.dicom.syntaxes import ALL_DECODABLE
+from node.ingest.scp import STORAGE_SOP_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 STATEMENT = REPO / "docs" / "conformance.md"
@@ -64,7 +64,7 @@ def test_generated_tables_match_the_code() -> None:
 
 
 def test_statement_names_every_status_intake_returns() -> None:
-    from node.intake import Status
+    from node.ingest.intake import Status
 
     text = STATEMENT.read_text()
     missing = [f"0x{s.value:04X}" for s in Status if f"0x{s.value:04X}" not in text]

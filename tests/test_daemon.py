@@ -23,7 +23,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.notify import Notifier, watchdog_interval
+from node.daemon.notify import Notifier, watchdog_interval
 from tests.forward_support import StoreSCP
 from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
 from tests.test_daemon_status import status

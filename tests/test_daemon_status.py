@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from node.queue import JobKind, JobSpec, Queue, ReceivedInstance
+from node.jobs.queue import JobKind, JobSpec, Queue, ReceivedInstance
 from tests.support import base_config, dicom_node, free_port, write_config
 
 

@@ -34,7 +34,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
-from node import pdu
+from node.net import pdu
 from tests.foundation_helpers import CT_SMALL, associate, raw_sending, status_of
 from tests.support import REPO, NodeProcess, base_config, free_port, wait_until, write_config
 
@@ -476,7 +476,7 @@ JOURNAL_LINE = re.compile(r"^<[0-7]>[\w.\[\]]+: ")
 def test_setup_logging_sends_python_warnings_through_the_journald_formatter() -> None:
     program = (
         "import warnings\n"
-        "from node.logs import setup_logging\n"
+        "from node.daemon.logs import setup_logging\n"
         "setup_logging('INFO')\n"
         "warnings.warn('a value pydicom did not like\\nsecond line')\n"
         "from pydicom.misc import warn_and_log\n"

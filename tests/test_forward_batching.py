@@ -7,12 +7,12 @@ import sqlite3
 import time
 from pathlib import Path
 
-from node.completions import Completions, Delivery
-from node.config import DestinationConfig, NodeConfig, RetryPolicy
-from node.derived import DerivedFiles
-from node.forward import CLAIM_BATCH, Forwarder
-from node.queue import JobKind, JobSpec, Queue
-from node.spool import Spool
+from node.config.model import DestinationConfig, NodeConfig, RetryPolicy
+from node.forward.completions import Completions, Delivery
+from node.forward.derived import DerivedFiles
+from node.forward.forwarder import CLAIM_BATCH, Forwarder
+from node.ingest.spool import Spool
+from node.jobs.queue import JobKind, JobSpec, Queue
 from tests.support import free_port, wait_until
 from tests.test_forward_rules import record
 

@@ -19,10 +19,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from node.cli import main as cli_main
-from node.config import DestinationConfig, RetryPolicy
-from node.derived import DerivedFiles, Untranscodable
-from node.forward import (
+from node.cli.main import main as cli_main
+from node.config.model import DestinationConfig, RetryPolicy
+from node.dicom.syntaxes import resolve_syntax
+from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.forwarder import (
     MAX_CONTEXTS,
     Proposal,
     RetrySchedule,
@@ -32,9 +33,8 @@ from node.forward import (
     proposed_syntaxes,
     sending_order,
 )
-from node.queue import JobKind, JobSpec, JobState, QueueOperations, ReceivedInstance
-from node.spool import Spool
-from node.syntaxes import resolve_syntax
+from node.ingest.spool import Spool
+from node.jobs.queue import JobKind, JobSpec, JobState, QueueOperations, ReceivedInstance
 from node.transcode import Outcome, transcode_file
 from tests.corpus import find
 

@@ -100,7 +100,7 @@ def test_shipped_config_is_valid_and_relative_paths_follow_the_file() -> None:
 
 
 def test_a_lossy_destination_syntax_needs_allow_lossy(tmp_path: Path) -> None:
-    from node.config import ConfigError, parse_config
+    from node.config.model import ConfigError, parse_config
 
     destination = {"name": "ai", "ae_title": "AI", "host": "127.0.0.1", "port": 104}
     lossy = {**destination, "transfer_syntaxes": ["JPEG2000Lossless", "JPEGBaseline8Bit"]}

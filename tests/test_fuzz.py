@@ -29,10 +29,10 @@ from pydicom.filereader import _read_file_meta_info, read_file_meta_info, read_p
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 
-from node.header import DatasetError, _Walker, check_structure, decode_received, read_header
-from node.intake import Intake, Status, StoreRequest
-from node.queue import JobKind, JobSpec, Queue
-from node.spool import Spool
+from node.dicom.header import DatasetError, _Walker, check_structure, decode_received, read_header
+from node.ingest.intake import Intake, Status, StoreRequest
+from node.ingest.spool import Spool
+from node.jobs.queue import JobKind, JobSpec, Queue
 from node.transcode import TranscodePool, parse_target
 from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
 

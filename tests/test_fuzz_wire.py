@@ -37,8 +37,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom.association import Association
 
-from node.header import DatasetError, read_header
-from node.intake import Status, StoreRequest
+from node.dicom.header import DatasetError, read_header
+from node.ingest.intake import Status, StoreRequest
 from tests.conftest import StartNode
 from tests.corpus import find
 from tests.foundation_helpers import associate, part10_file, raw_sending, store_raw_bytes

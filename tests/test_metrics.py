@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
-from node import metrics
-from node.queue import JobKind, JobSpec, Queue
+from node.daemon import metrics
+from node.jobs.queue import JobKind, JobSpec, Queue
 from tests.support import (
     NodeProcess,
     base_config,

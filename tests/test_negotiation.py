@@ -21,8 +21,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from node import pdu
-from node.scp import StorageNegotiation
+from node.ingest.scp import StorageNegotiation
+from node.net import pdu
 from tests.support import NodeProcess, base_config, free_port, require_tool, write_config
 
 # Refused with "abstract syntax not supported" (3): SOP classes the node has no service for.

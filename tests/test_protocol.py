@@ -17,7 +17,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from node import dimse, pdu
+from node.net import dimse, pdu
 
 
 def command_bytes(ds: Dataset) -> bytes:
@@ -183,7 +183,7 @@ def proposal(*contexts: tuple[str, list[str]]) -> pdu.AssociateRequest:
 def test_negotiation_prefers_our_order_and_refuses_what_is_not_storage() -> None:
     from pydicom.uid import JPEGLSLossless
 
-    from node.scp import StorageNegotiation
+    from node.ingest.scp import StorageNegotiation
 
     negotiate = StorageNegotiation([JPEGLSLossless, ExplicitVRLittleEndian])
     request = proposal(

@@ -267,8 +267,8 @@ def test_pynetdicom_serves_tls_with_a_client_certificate(
 
 
 def test_a_reload_keeps_the_running_acceptor_until_the_restart(tmp_path: Path) -> None:
-    from node.config import load_config
-    from node.lifecycle import restart_only_changes
+    from node.config.model import load_config
+    from node.daemon.lifecycle import restart_only_changes
 
     port = free_port()
     running = load_config(write_config(tmp_path / "a.toml", base_config(tmp_path, port)))

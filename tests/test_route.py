@@ -9,11 +9,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
-from node import metrics
-from node.config import ConfigError, parse_config
-from node.intake import StoreRequest
-from node.queue import JobKind, JobSpec
-from node.route import Router
+from node.config.model import ConfigError, parse_config
+from node.daemon import metrics
+from node.ingest.intake import StoreRequest
+from node.ingest.route import Router
+from node.jobs.queue import JobKind, JobSpec
 
 
 def router(tmp_path: Path, routes: list[dict[str, Any]], **routing: str) -> Router:

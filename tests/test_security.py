@@ -455,7 +455,7 @@ def test_oversized_pdus_and_messages_are_cut_off_while_receiving(tmp_path: Path)
 
 
 def test_tls_settings_are_checked_when_the_config_is_read(tmp_path: Path) -> None:
-    from node.config import ConfigError, parse_config
+    from node.config.model import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match=r"security\.tls\.plain_listener: false needs enabled"):
         parse_config({"security": {"tls": {"plain_listener": False}}}, tmp_path / "c.toml")

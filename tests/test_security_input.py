@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-from node.intake import Status, StoreRequest
-from node.store import MAX_COMPONENT_LENGTH
+from node.ingest.intake import Status, StoreRequest
+from node.store.layout import MAX_COMPONENT_LENGTH
 from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
 from tests.test_fuzz import TEST_FILES, IntakeRig, seed
 

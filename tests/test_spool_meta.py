@@ -8,7 +8,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
 
-from node.spool import (
+from node.ingest.spool import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     PREAMBLE,

@@ -6,8 +6,8 @@ import threading
 import time
 from pathlib import Path
 
-from node.queue import JobKind
-from node.workers import StoreWorkers
+from node.jobs.queue import JobKind
+from node.store.workers import StoreWorkers
 
 
 class FakeQueue:

@@ -22,8 +22,8 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
-from node.config import TLSConfig
-from node.storelink import (
+from node.config.model import TLSConfig
+from node.net.storelink import (
     AssociationRejected,
     LinkError,
     Peer,
@@ -32,7 +32,7 @@ from node.storelink import (
     associate,
     read_part10_meta,
 )
-from node.tls import client_context
+from node.net.tls import client_context
 from tests.certs import make_certificates
 from tests.corpus import find
 from tests.forward_support import StoreSCP

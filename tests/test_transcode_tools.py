@@ -77,7 +77,7 @@ def test_cli_transcodes_a_folder_and_summarises(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "node.transcode_cli",
+            "node.cli.transcode_cli",
             str(folder),
             "--to",
             "JPEGLSLossless,ExplicitVRLittleEndian",

@@ -18,8 +18,8 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from node.config import ConfigError, parse_config
-from node.storelink import associate_rq
+from node.config.model import ConfigError, parse_config
+from node.net.storelink import associate_rq
 from tests.forward_support import destination, forwarding_config
 from tests.support import (
     ACCEPTORS,
@@ -223,7 +223,7 @@ def test_identity_types_we_cannot_check_are_refused_when_identity_is_required(
 
 
 def test_a_wrong_passcode_is_refused_even_when_identity_is_optional(alice_hash: str) -> None:
-    from node.identity import IdentityPolicy, parse_passcode_hash
+    from node.ingest.identity import IdentityPolicy, parse_passcode_hash
 
     policy = IdentityPolicy(required=False, users={"alice": parse_passcode_hash(alice_hash)})
     assert policy.check(None).accepted  # no identity: let in, as before
@@ -242,7 +242,7 @@ def test_a_wrong_passcode_is_refused_even_when_identity_is_optional(alice_hash: 
 
 
 def test_hash_passcode_prints_a_salted_scrypt_hash_that_verifies(alice_hash: str) -> None:
-    from node.identity import parse_passcode_hash, verify_passcode
+    from node.ingest.identity import parse_passcode_hash, verify_passcode
 
     scheme, n, r, p, _salt, _key = alice_hash.split("$")
     assert (scheme, n, r, p) == ("scrypt", "16384", "8", "1")

@@ -1,5 +1,12 @@
-"""Transcoding that never corrupts an image: verified encodes, a fallback ladder, and
-codecs isolated in worker processes."""
+"""Stage 5: transcoding that never corrupts an image.
+
+Verified encodes (every lossless output is decoded by an independent decoder
+and compared by value), a fallback ladder whose last rung is the instance as
+received, and codecs isolated in worker processes, since some abort or
+segfault the interpreter.
+
+May import: node.dicom, node.daemon.logs (worker processes set up logging).
+"""
 
 from node.transcode.ladder import Outcome, transcode_file, verification_mismatches
 from node.transcode.pool import TranscodePool

@@ -19,7 +19,7 @@ from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
-from node.logs import setup_logging
+from node.daemon.logs import setup_logging
 from node.transcode.codecs import codec_for, current_overrides, install_overrides
 from node.transcode.ladder import Outcome, walk_ladder
 from node.transcode.rung import RungResult, try_rung

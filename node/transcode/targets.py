@@ -9,7 +9,7 @@ from typing import Any
 from pydicom import uid as _uid
 from pydicom.uid import UID
 
-from node.syntaxes import NATIVE, resolve_syntax, syntax_name
+from node.dicom.syntaxes import NATIVE, resolve_syntax, syntax_name
 
 # Syntaxes whose encoders never lose information (the written pixels decode to the source).
 LOSSLESS_TARGETS: tuple[UID, ...] = (

@@ -1,0 +1,153 @@
+"""Server lifecycle: build the stages from a Config, start them in order, stop them in reverse."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from node.config.model import Config
+from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
+from node.daemon.logs import set_level
+from node.daemon.metrics import MetricsEndpoint, start_metrics
+from node.daemon.receivers import ReceiverProcesses
+from node.forward.derived import DerivedFiles
+from node.forward.forwarder import Forwarder
+from node.ingest.intake import Intake, free_space_probe
+from node.ingest.pynetdicom_acceptor import PynetdicomSCP
+from node.ingest.route import Router
+from node.ingest.scp import StorageSCP
+from node.ingest.spool import Spool
+from node.jobs.queue import Queue
+from node.store.targets import StorageTarget, duplicate_checker
+from node.store.workers import StoreWorkers, transcoding_stager
+from node.transcode import TranscodePool
+
+log = logging.getLogger("node.server")
+
+# How long SIGTERM waits for open associations before aborting them; stays well under
+# the unit's TimeoutStopSec so that the jobs and the database are closed cleanly too.
+
+
+class Node:
+    """The running node: queue, spool, storage workers and the SCP."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.queue = Queue(config.queue_path)
+        self.spool = Spool(config.spool_dir)
+        self.targets = {s.name: StorageTarget(s) for s in config.storage}
+        self.router = Router(config)
+        # Codec worker processes start on first use: a node that never transcodes has none.
+        self.transcode_pool = TranscodePool(config.node.workers or None)
+        self.store_workers = StoreWorkers(
+            self.queue, self.spool, self.targets, transcoding_stager(self.transcode_pool.transcode)
+        )
+        self.forwarder = Forwarder(
+            config.destinations,
+            config.node,
+            self.queue,
+            self.spool,
+            DerivedFiles(config.spool_dir, self.transcode_pool.transcode),
+        )
+        self.intake = Intake(
+            spool=self.spool,
+            queue=self.queue,
+            plan_jobs=self.router.plan,
+            find_duplicate=duplicate_checker(self.queue, self.targets),
+            has_headroom=free_space_probe(self._watched_folders(), config.limits.min_free_space),
+            max_instance_size=config.limits.max_instance_size,
+            on_recorded=self._wake_workers,
+        )
+        self.scp: StorageSCP | PynetdicomSCP = (
+            PynetdicomSCP(config, self.intake)
+            if config.node.acceptor == "pynetdicom"
+            else StorageSCP(config, self.intake)
+        )
+        # node.receivers > 1: more processes accept associations on the same port (opt-in).
+        self.receivers = (
+            ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None
+        )
+        self._stopped = threading.Event()
+        self.metrics: MetricsEndpoint | None = None
+
+    def _wake_workers(self) -> None:
+        self.store_workers.wake.set()
+        self.forwarder.wake()
+
+    def _watched_folders(self) -> list[Path]:
+        return [self.config.spool_dir, *(t.root for t in self.targets.values())]
+
+    def start(self) -> None:
+        self.spool.prepare(recorded=self.queue.spool_paths())
+        for target in self.targets.values():
+            target.prepare()
+        requeued = self.queue.requeue_running()
+        if requeued:
+            log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
+        self.store_workers.start()
+        self.forwarder.start()
+        self.metrics = start_metrics(self.config.metrics.address, self.queue)
+        if self.receivers is not None:
+            # Before our own listener: once the port opens, every receiver shares the load.
+            self.receivers.start()
+        self.scp.start()
+
+    def reload(self, config: Config) -> None:
+        """Apply a reloaded config; associations in progress keep the settings they began with.
+
+        Everything new is built first, then swapped in, so a failure changes nothing.
+        """
+        targets = {s.name: StorageTarget(s) for s in config.storage}
+        for target in targets.values():
+            target.prepare(clean=False)
+        router = Router(config)
+        folders = [config.spool_dir, *(t.root for t in targets.values())]
+        has_headroom = free_space_probe(folders, config.limits.min_free_space)
+        forwarder = None
+        if config.destinations != self.config.destinations:
+            forwarder = Forwarder(
+                config.destinations, config.node, self.queue, self.spool, self.forwarder.derived
+            )
+        # self.targets is shared with the duplicate checker: update it in place.
+        self.targets.clear()
+        self.targets.update(targets)
+        self.store_workers.targets = dict(targets)
+        self.router = router
+        self.intake.plan_jobs = router.plan
+        self.intake.has_headroom = has_headroom
+        self.intake.max_instance_size = config.limits.max_instance_size
+        if forwarder is not None:
+            self._switch_forwarder(forwarder)
+        self.scp.reconfigure(config)
+        if self.receivers is not None:
+            self.receivers.reload(config)
+        set_level(config.node.log_level)
+        self.config = config
+
+    def _switch_forwarder(self, forwarder: Forwarder) -> None:
+        """New workers for the new destinations; C-STOREs in progress on the old ones finish."""
+        self.forwarder.stop()
+        self.forwarder = forwarder
+        forwarder.start()
+
+    def stop(self) -> None:
+        log.info("stopping: no new associations; finishing work in progress")
+        if self.receivers is not None:
+            self.receivers.stop_accepting()  # they drain while this process drains its own
+        self.scp.stop(ASSOCIATION_DRAIN_TIMEOUT)
+        if self.receivers is not None:
+            self.receivers.join(ASSOCIATION_DRAIN_TIMEOUT)
+        self.store_workers.stop()
+        self.forwarder.stop()
+        self.transcode_pool.close()
+        # Whatever a worker left unfinished is pending again, ready for the next start.
+        self.queue.requeue_running()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.queue.close()
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the config (see node.lifecycle)."""
+        Lifecycle(self).run()

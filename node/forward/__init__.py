@@ -1,0 +1,8 @@
+"""Stage 7: forwarding. One durable queue and worker threads per destination,
+retries with backoff and holds (forwarder), durable completions off the
+sending threads (completions) and transcoded copies made once per syntax
+(derived).
+
+May import: node.net, node.jobs, node.transcode, node.config, node.dicom,
+node.ingest (the spool), node.daemon.metrics.
+"""

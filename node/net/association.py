@@ -1,0 +1,527 @@
+"""One association as the acceptor: negotiate, then serve C-ECHO and C-STORE until it ends.
+
+Each association runs in its own thread and blocks on its socket: a PDU is
+handled the moment it arrives, with no polling loop between the network and
+the handler (pynetdicom's reactors sleep a millisecond at a time, which the
+profile showed as the largest cost of a small C-STORE). Messages are handled
+one at a time, in order, as the DICOM default of one outstanding operation
+requires. What the node does with a message (admission, intake, statistics)
+belongs to the handlers; this module only speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol, cast
+
+from node.ingest.receiving import ArrivingDataset
+from node.net import dimse, pdu
+from node.net.dimse import Answer, Command, CommandError
+from node.net.pduguard import ReceiveLimitExceeded, ReceiveLimits
+
+log = logging.getLogger("node.association")
+
+READ_BUFFER = 256 * 1024
+CHUNK = 1024 * 1024  # the most of one fragment read in a single call
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection in the middle of the protocol.
+
+    `between_pdus` says it closed where a new PDU would have begun: a peer that
+    hangs up without A-RELEASE, not one cut off while sending.
+    """
+
+    def __init__(self, message: str, between_pdus: bool = False) -> None:
+        super().__init__(message)
+        self.between_pdus = between_pdus
+
+
+@dataclass(frozen=True)
+class AcceptorSettings:
+    """What an association needs to know from the config; fixed for its lifetime."""
+
+    max_pdu: int  # ours, advertised in the A-ASSOCIATE-AC; 0 is unlimited
+    acse_timeout: float | None
+    dimse_timeout: float | None  # for the rest of a message once its first fragment came
+    network_timeout: float | None  # for an established association waiting for a message
+    limits: ReceiveLimits
+    receiving_folder: Path
+    negotiate: Callable[[pdu.AssociateRequest], list[pdu.ContextResult]]
+    implementation_class_uid: str
+    implementation_version_name: str
+    tls_context: ssl.SSLContext | None = None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # a short counter key
+    result_source_diagnostic: tuple[int, int, int]
+    message: str
+
+
+class Handlers(Protocol):
+    """What the node does at each step of an association."""
+
+    def admit(self, assoc: Association) -> Refusal | None: ...
+    def established(self, assoc: Association) -> None: ...
+    def rejected(self, assoc: Association, refusal: Refusal) -> None: ...
+    def closed(self, assoc: Association, aborted: bool) -> None: ...
+    def echo(self, assoc: Association, command: Command) -> int: ...
+    def store(
+        self, assoc: Association, command: Command, transfer_syntax: str, dataset: ArrivingDataset
+    ) -> tuple[int, str]: ...
+
+
+@dataclass
+class Pending:
+    """A request whose command has arrived and whose dataset may still be arriving."""
+
+    context_id: int
+    command: Command
+    dataset: ArrivingDataset | None = None
+
+
+@dataclass(eq=False)  # identity semantics: an association is a running thing, not a value
+class Association:
+    sock: socket.socket
+    peer: tuple[str, int]
+    settings: AcceptorSettings
+    handlers: Handlers
+    request: pdu.AssociateRequest | None = None
+    accepted: dict[int, str] = field(default_factory=dict)  # context ID -> transfer syntax
+    results: list[pdu.ContextResult] = field(default_factory=list)
+    # Set by admit(): the Server-response of a positive User Identity reply, None for none.
+    user_identity_response: bytes | None = None
+    _send_lock: threading.Lock = field(default_factory=threading.Lock)
+    _reader: BinaryIO | None = None
+    _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
+    _abstract_syntaxes: dict[int, str] = field(default_factory=dict)  # of accepted contexts
+    _last_answered: Command | None = None  # what a late C-CANCEL-RQ may refer to
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.request.calling_ae_title if self.request else ""
+
+    @property
+    def called_ae_title(self) -> str:
+        return self.request.called_ae_title if self.request else ""
+
+    @property
+    def user_identity(self) -> pdu.UserIdentity | None:
+        return self.request.user_identity if self.request else None
+
+    @property
+    def address(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}"
+
+    def run(self) -> None:
+        """The association's thread: from the first byte to the closed socket."""
+        try:
+            if self.settings.tls_context is not None and not self._handshake():
+                return
+            self.request = self._read_request()
+            if self.request is None:
+                return
+            # typeshed says IOBase for an int buffering; "rb" with buffering > 0 is a BufferedReader
+            self._reader = cast(BinaryIO, self.sock.makefile("rb", buffering=READ_BUFFER))
+            refusal = self.handlers.admit(self)
+            if refusal is not None:
+                self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
+                self.handlers.rejected(self, refusal)
+                return
+            self._accept()
+            self._serve_established()
+        except OSError as exc:  # the peer went away while we answered its request
+            log.info("connection from %s ended during association set-up: %s", self.address, exc)
+        finally:
+            self._close()
+
+    def abort(self) -> None:
+        """Abort from another thread (a shutdown that ran out of time)."""
+        with contextlib.suppress(OSError):
+            self._send(pdu.encode_abort())
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _handshake(self) -> bool:
+        context = self.settings.tls_context
+        assert context is not None
+        self.sock.settimeout(self.settings.acse_timeout)
+        try:
+            self.sock = context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self.sock.do_handshake()  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", self.address, exc)
+            return False
+        return True
+
+    def _read_request(self) -> pdu.AssociateRequest | None:
+        # One deadline for the whole request: a peer trickling a byte at a time must not
+        # hold this thread for longer than acse_timeout.
+        timeout = self.settings.acse_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            header = self._receive_before(6, deadline)
+            pdu_type, length = pdu.parse_header(header)
+            if pdu_type != pdu.A_ASSOCIATE_RQ:
+                raise pdu.PDUError(
+                    f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU
+                )
+            self._check_pdu_length(pdu_type, length)
+            return pdu.decode_associate_rq(header + self._receive_before(length, deadline))
+        except (ConnectionClosed, OSError) as exc:
+            log.info(
+                "connection from %s ended before an association request: %s", self.address, exc
+            )
+        except (pdu.PDUError, ReceiveLimitExceeded) as exc:
+            log.warning("refused a connection from %s: %s", self.address, exc)
+            self._send_abort_quietly(getattr(exc, "reason", pdu.REASON_NOT_SPECIFIED))
+        return None
+
+    def _accept(self) -> None:
+        assert self.request is not None
+        self.results = self.settings.negotiate(self.request)
+        self.accepted = {r.context_id: r.transfer_syntax for r in self.results if r.result == 0}
+        self._send(
+            pdu.encode_associate_ac(
+                self.request,
+                self.results,
+                self.settings.max_pdu,
+                self.settings.implementation_class_uid,
+                self.settings.implementation_version_name,
+                self.user_identity_response,
+            )
+        )
+        self.sock.settimeout(self.settings.network_timeout)
+        self.handlers.established(self)
+
+    def _serve_established(self) -> None:
+        aborted = True
+        try:
+            aborted = not self._serve_messages()
+        except TimeoutError:
+            log.warning(
+                "aborting the association from %s %r: no PDU for %s s",
+                self.address,
+                self.calling_ae_title,
+                self.sock.gettimeout(),
+            )
+            self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
+        except ConnectionClosed as exc:
+            # Hanging up between PDUs, without A-RELEASE, loses nothing we acknowledged; a
+            # connection cut inside a PDU means a sender lost its link while sending.
+            level = logging.INFO if exc.between_pdus else logging.WARNING
+            log.log(
+                level, "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
+            )
+        except OSError as exc:
+            log.warning(
+                "association from %s %r ended: %s", self.address, self.calling_ae_title, exc
+            )
+        except (pdu.PDUError, CommandError, ReceiveLimitExceeded) as exc:
+            log.warning(
+                "aborting the association from %s %r: %s", self.address, self.calling_ae_title, exc
+            )
+            self._send_abort_quietly(getattr(exc, "reason", pdu.REASON_NOT_SPECIFIED))
+        except Exception:
+            # A bug of ours: the peer gets an A-ABORT (its unacknowledged instance is retried
+            # by the sender), the traceback goes to the log, and the daemon serves on.
+            log.exception(
+                "aborting the association from %s %r after an internal error",
+                self.address,
+                self.calling_ae_title,
+            )
+            self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
+        finally:
+            self.handlers.closed(self, aborted)
+
+    def _serve_messages(self) -> bool:
+        """Handle PDUs until the association ends: True if released, False if aborted."""
+        pending: Pending | None = None
+        command_bytes = bytearray()
+        self._abstract_syntaxes = self._accepted_abstract_syntaxes()
+        try:
+            while True:
+                in_message = pending is not None or bool(command_bytes)
+                timeout = (
+                    self.settings.dimse_timeout if in_message else self.settings.network_timeout
+                )
+                self.sock.settimeout(timeout)
+                pdu_type, length = pdu.parse_header(self._read_pdu_header())
+                self._check_pdu_length(pdu_type, length)
+                if pdu_type == pdu.P_DATA_TF:
+                    pending = self._read_pdvs(length, pending, command_bytes)
+                elif pdu_type == pdu.A_RELEASE_RQ:
+                    self._read_exactly(length)
+                    self._send(pdu.encode_release_rp())
+                    return True
+                elif pdu_type == pdu.A_ABORT:
+                    self._read_exactly(length)
+                    log.info(
+                        "association from %s %r aborted by the peer",
+                        self.address,
+                        self.calling_ae_title,
+                    )
+                    return False
+                else:
+                    raise pdu.PDUError(f"unexpected PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU)
+        finally:
+            if pending is not None and pending.dataset is not None:
+                pending.dataset.discard()
+
+    def _accepted_abstract_syntaxes(self) -> dict[int, str]:
+        contexts = self.request.contexts if self.request else []
+        return {
+            int(context.context_id): str(context.abstract_syntax)
+            for context in contexts
+            if context.context_id in self.accepted
+        }
+
+    def _read_pdvs(
+        self, length: int, pending: Pending | None, command_bytes: bytearray
+    ) -> Pending | None:
+        remaining = length
+        while remaining:
+            if remaining < pdu.PDV_HEADER_SIZE:
+                raise pdu.PDUError(
+                    "a P-DATA-TF ends inside a PDV header", pdu.INVALID_PDU_PARAMETER
+                )
+            item_length, context_id, control = pdu.PDV_HEADER.unpack(self._read_exactly(6))
+            if item_length < 2 or item_length + 4 > remaining:
+                raise pdu.PDUError(f"a PDV claims {item_length} bytes", pdu.INVALID_PDU_PARAMETER)
+            remaining -= item_length + 4
+            if context_id not in self.accepted:
+                raise pdu.PDUError(
+                    f"a PDV on presentation context {context_id}, which was not accepted"
+                )
+            if control & 0x01:
+                pending = self._command_fragment(
+                    item_length - 2, context_id, control, pending, command_bytes
+                )
+            else:
+                pending = self._dataset_fragment(item_length - 2, context_id, control, pending)
+        return pending
+
+    def _command_fragment(
+        self,
+        size: int,
+        context_id: int,
+        control: int,
+        pending: Pending | None,
+        command_bytes: bytearray,
+    ) -> Pending | None:
+        if pending is not None:
+            return self._command_amid_dataset(size, control, pending)
+        command_bytes += self._read_exactly(size)
+        if len(command_bytes) > 64 * 1024:
+            raise CommandError("a command set over 64 KiB")
+        if not control & 0x02:
+            return None
+        command = dimse.decode_command(command_bytes)
+        command_bytes.clear()
+        if command.has_dataset:
+            arriving = ArrivingDataset(self.settings.receiving_folder, self._buffer)
+            return Pending(context_id, command, arriving)
+        self._respond(Pending(context_id, command))
+        return None
+
+    def _command_amid_dataset(self, size: int, control: int, pending: Pending) -> Pending:
+        """A command while a request's data set is arriving: only a C-CANCEL-RQ may come.
+
+        An SCU may send C-CANCEL-RQ while its request is in progress (PS3.7 9.3.2.3). A
+        C-STORE cannot be cancelled, so it is noted and its data set goes on arriving.
+        """
+        if size > 1024 or not control & 0x02:  # a C-CANCEL-RQ is one PDV of a few dozen bytes
+            raise pdu.PDUError("a new command began before the last one's dataset ended")
+        command = dimse.decode_command(self._read_exactly(size))
+        if command.command_field != dimse.C_CANCEL_RQ or command.has_dataset:
+            raise pdu.PDUError(f"a {command.name} began before the last one's dataset ended")
+        self._note_cancel(command, in_progress=pending.command)
+        return pending
+
+    def _dataset_fragment(
+        self, size: int, context_id: int, control: int, pending: Pending | None
+    ) -> Pending | None:
+        if pending is None or pending.dataset is None:
+            raise pdu.PDUError("a dataset fragment arrived without a command")
+        if context_id != pending.context_id:
+            raise pdu.PDUError(
+                "a dataset fragment on another presentation context than its command"
+            )
+        dataset = pending.dataset
+        limit = self.settings.limits.message_limit()
+        while size:
+            chunk = min(size, CHUNK)
+            if limit and dataset.size + chunk > limit:
+                raise ReceiveLimitExceeded(
+                    f"a dataset passed {dataset.size + chunk} bytes"
+                    f" (twice limits.max_instance_size: {limit})"
+                )
+            self._read_into(dataset.region(chunk))
+            dataset.filled(chunk)
+            size -= chunk
+        if not control & 0x02:
+            return pending
+        try:
+            self._respond(pending)
+        finally:
+            dataset.discard()
+            self._buffer = dataset.buffer
+        return None
+
+    def _respond(self, pending: Pending) -> None:
+        command = pending.command
+        if command.command_field == dimse.C_CANCEL_RQ:
+            self._note_cancel(command)  # PS3.7 9.3.2.3: a C-CANCEL-RQ has no response
+            return
+        answer = self._answer(pending)
+        response = dimse.encode_response(
+            command, answer.status, answer.error_comment, answer.offending_elements
+        )
+        self._send(pdu.encode_command_pdu(pending.context_id, response))
+        self._last_answered = command
+
+    def _answer(self, pending: Pending) -> Answer:
+        command = pending.command
+        if command.command_field == dimse.C_STORE_RQ:
+            return self._answer_store(pending)
+        if command.command_field == dimse.C_ECHO_RQ:
+            return Answer(self.handlers.echo(self, command))
+        log.warning(
+            "%s from %s %r is not a service the node provides: answered 0x%04X",
+            command.name,
+            self.address,
+            self.calling_ae_title,
+            dimse.UNRECOGNIZED_OPERATION,
+        )
+        return Answer(dimse.UNRECOGNIZED_OPERATION)
+
+    def _answer_store(self, pending: Pending) -> Answer:
+        command = pending.command
+        syntax = self.accepted[pending.context_id]
+        refusal = dimse.store_refusal(
+            command,
+            pending.dataset is not None,
+            self._abstract_syntaxes.get(pending.context_id),
+            pending.context_id,
+        )
+        if refusal is not None:
+            log.warning(
+                "refused C-STORE-RQ from %s %r, SOP Instance UID %s (transfer syntax %s)"
+                " with status 0x%04X: %s",
+                self.address,
+                self.calling_ae_title,
+                command.affected_sop_instance_uid or "(none)",
+                syntax,
+                refusal.status,
+                refusal.error_comment,
+            )
+            return refusal
+        assert pending.dataset is not None
+        status, comment = self.handlers.store(self, command, syntax, pending.dataset)
+        return Answer(status, comment)
+
+    def _note_cancel(self, command: Command, in_progress: Command | None = None) -> None:
+        responded_to = command.message_id_being_responded_to
+        last = self._last_answered
+        if in_progress is not None and in_progress.message_id == responded_to:
+            why = f"a {in_progress.name} cannot be cancelled, it goes on"
+        elif last is not None and last.message_id == responded_to:
+            why = f"its {last.name} was already answered"
+        else:
+            why = "no request with that Message ID is in progress"
+        log.info(
+            "C-CANCEL-RQ from %s %r for Message ID %s ignored: %s",
+            self.address,
+            self.calling_ae_title,
+            responded_to,
+            why,
+        )
+
+    def _check_pdu_length(self, pdu_type: int, length: int) -> None:
+        limit = self.settings.limits.pdu_limit(pdu_type)
+        if limit and length > limit:
+            raise ReceiveLimitExceeded(
+                f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (limit {limit})"
+            )
+
+    def _read_pdu_header(self) -> bytes:
+        assert self._reader is not None
+        header = self._reader.read(pdu.HEADER.size)
+        if not header:
+            raise ConnectionClosed(
+                "the peer closed the connection between PDUs, without A-RELEASE",
+                between_pdus=True,
+            )
+        if len(header) != pdu.HEADER.size:
+            raise ConnectionClosed(
+                f"the connection closed inside a PDU header, after {len(header)} of its"
+                f" {pdu.HEADER.size} bytes"
+            )
+        return header
+
+    def _read_exactly(self, size: int) -> bytes:
+        assert self._reader is not None
+        data = self._reader.read(size)
+        if len(data) != size:
+            raise ConnectionClosed(
+                f"the connection closed in the middle of a PDU, {size - len(data)} bytes early"
+            )
+        return data
+
+    def _receive_before(self, size: int, deadline: float | None) -> bytes:
+        """`size` bytes straight from the socket, all of them before `deadline`."""
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        late = f"no complete association request in {self.settings.acse_timeout} s"
+        while received < size:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(late)
+                self.sock.settimeout(remaining)
+            try:
+                count = self.sock.recv_into(view[received:])
+            except TimeoutError:
+                raise TimeoutError(late) from None  # the deadline passed during the wait
+            if not count:
+                raise ConnectionClosed(f"the connection closed {size - received} bytes early")
+            received += count
+        return bytes(buffer)
+
+    def _read_into(self, view: memoryview) -> None:
+        assert self._reader is not None
+        while view:
+            count = self._reader.readinto(view)  # type: ignore[attr-defined]
+            if not count:
+                raise ConnectionClosed(
+                    f"the connection closed in the middle of a PDU, {len(view)} bytes early"
+                )
+            view = view[count:]
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _send_abort_quietly(self, reason: int) -> None:
+        with contextlib.suppress(OSError):
+            self._send(pdu.encode_abort(pdu.SERVICE_PROVIDER, reason))
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(OSError):
+                self._reader.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
