@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
-
-from pydicom.uid import UID
 
 from node import __version__
-from node.config.model import Config, ConfigError, UserConfig, load_config
+from node.config.model import ConfigError, load_config
+from node.config.render import format_config
 from node.daemon.logs import setup_logging
-from node.dicom.syntaxes import syntax_name
-from node.transcode.targets import Target
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -38,89 +32,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.node.log_level)
     Node(config).serve_forever()
     return 0
-
-
-_TARGET_OPTIONS = {
-    "near": "near_lossless",
-    "ratio": "j2k_ratio",
-    "psnr": "j2k_psnr",
-    "quality": "jpeg_quality",
-}
-_SERVER_TLS_KEYS = frozenset({"require_client_cert", "port", "plain_listener"})
-
-
-@dataclass(frozen=True)
-class _Routing:
-    unrouted_storage: str | None
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Target):
-        options = {
-            option: getattr(value, attribute)
-            for option, attribute in _TARGET_OPTIONS.items()
-            if getattr(value, attribute) is not None
-        }
-        if not options:
-            return _toml_value(value.name)
-        pairs = [("syntax", value.name), *options.items()]
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in pairs) + " }"
-    if isinstance(value, UID):
-        return (
-            _toml_value(syntax_name(value)) if value.is_transfer_syntax else _toml_value(str(value))
-        )
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, tuple | list):
-        if value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
-            return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value) + " }"
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return str(value)
-
-
-def _toml_table(header: str, table: Any, skip: frozenset[str] = frozenset()) -> list[str]:
-    lines = [header]
-    nested = []
-    arrays = []
-    for item in fields(table):
-        value = getattr(table, item.name)
-        if item.name in skip:
-            continue
-        if is_dataclass(value):
-            nested.append((item.name, value))
-        elif isinstance(value, tuple) and value and all(isinstance(v, UserConfig) for v in value):
-            arrays.append((item.name, value))  # [[security.users]]
-        elif value is None:
-            lines.append(f"# {item.name} is not set")
-        else:
-            lines.append(f"{item.name} = {_toml_value(value)}")
-    name = header.strip("[]")
-    for key, value in nested:
-        # A destination's TLS is the client side: the listener-only keys do not apply.
-        only_server = _SERVER_TLS_KEYS if name == "destination" else frozenset()
-        lines += ["", *_toml_table(f"[{name}.{key}]", value, only_server)]
-    for key, values in arrays:
-        for value in values:
-            lines += ["", *_toml_table(f"[[{name}.{key}]]", value)]
-    return lines
-
-
-def format_config(config: Config) -> str:
-    """The effective config as TOML: every default filled in, syntaxes by keyword."""
-    lines = [f"# effective configuration of {config.source}"]
-    for name in ("node", "accept", "security", "limits", "metrics"):
-        lines += ["", *_toml_table(f"[{name}]", getattr(config, name))]
-    lines += ["", *_toml_table("[routing]", _Routing(config.unrouted_storage))]
-    for name, tables in (
-        ("storage", config.storage),
-        ("destination", config.destinations),
-        ("route", config.routes),
-    ):
-        for table in tables:
-            lines += ["", *_toml_table(f"[[{name}]]", table)]
-    return "\n".join(lines) + "\n"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

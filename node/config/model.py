@@ -1,5 +1,10 @@
 """The node's configuration: a TOML file parsed once into typed, frozen objects.
 
+These dataclasses are the one source of truth for every key: its type, its
+default and its bounds are the field's (node.config.schema reads TOML by
+them). What a field cannot say, checks across keys and values that another
+stage parses, is in the `_check_*` functions below.
+
 Every key is checked here, so the rest of the node never sees a raw dict. An
 unknown key or a bad value raises ConfigError naming the file and the key.
 """
@@ -7,15 +12,50 @@ unknown key or a bad value raises ConfigError naming the file and the key.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydicom.uid import UID
 
+from node.config.schema import (
+    Between,
+    Check,
+    ConfigError,
+    Reader,
+    Section,
+    Table,
+    TableCheck,
+    Without,
+    read_table,
+)
 from node.dicom.syntaxes import ALL_DECODABLE, LOSSY_OR_MIXED, resolve_syntax
 from node.transcode.targets import Target, parse_target
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "SECTIONS",
+    "AcceptConfig",
+    "Acceptor",
+    "Config",
+    "ConfigError",
+    "DestinationConfig",
+    "DuplicatePolicy",
+    "LimitsConfig",
+    "LogLevel",
+    "MetricsConfig",
+    "NodeConfig",
+    "RetryPolicy",
+    "RouteConfig",
+    "RoutingConfig",
+    "SecurityConfig",
+    "StorageConfig",
+    "TLSConfig",
+    "UserConfig",
+    "load_config",
+    "parse_config",
+]
 
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -24,15 +64,95 @@ Acceptor = Literal["native", "pynetdicom"]
 DEFAULT_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
 
-class ConfigError(Exception):
-    """A configuration problem, located by file and dotted key."""
+# Value checks and readers for the keys whose type alone does not say enough.
 
-    def __init__(self, file: Path | str, key: str, message: str) -> None:
-        self.file = str(file)
-        self.key = key
-        self.message = message
-        where = f"{self.file}: {key}" if key else self.file
-        super().__init__(f"{where}: {message}")
+
+def _check_ae_title(table: Table, key: str, value: str) -> None:
+    if len(value) > 16 or not value.isprintable() or "\\" in value or value.strip() != value:
+        raise table.error(
+            key, f"must be 1-16 printable characters without backslash, got {value!r}"
+        )
+
+
+def _check_layout(table: Table, key: str, layout: str) -> None:
+    from node.store.layout import LayoutError, parse_layout
+
+    try:
+        parse_layout(layout)
+    except LayoutError as exc:
+        raise table.error(key, str(exc)) from None
+
+
+def _check_passcode_hash(table: Table, key: str, value: str) -> None:
+    from node.ingest.identity import PasscodeHashError, parse_passcode_hash
+
+    if value:
+        try:
+            parse_passcode_hash(value)
+        except PasscodeHashError as exc:
+            raise table.error(key, str(exc)) from None
+
+
+def _check_metrics_address(table: Table, key: str, address: str) -> None:
+    port = address.rpartition(":")[2]
+    if address and not (port.isdigit() and 0 < int(port) < 65536):
+        raise table.error(key, f'must be host:port such as "127.0.0.1:9110", got {address!r}')
+
+
+def _check_syntax_names(table: Table, key: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        try:
+            resolve_syntax(name)
+        except ValueError as exc:
+            raise table.error(key, str(exc)) from None
+
+
+def _read_accepted_syntaxes(table: Table, key: str, default: tuple[UID, ...]) -> tuple[UID, ...]:
+    """`"all"` (the default: ALL_DECODABLE) or a non-empty list, first = preferred."""
+    value = table.raw(key, "all")
+    if value == "all":
+        return default
+    if not isinstance(value, list) or not value:
+        raise table.error(key, 'must be "all" or a non-empty list of syntaxes')
+    names = table.text_list(key)
+    _check_syntax_names(table, key, names)
+    return tuple(dict.fromkeys(resolve_syntax(name) for name in names))
+
+
+def _read_proposed_syntaxes(table: Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """One syntax or a list of them, kept as written."""
+    value = table.raw(key, default)
+    one = Table(table.file, table.name, {key: [value] if isinstance(value, str) else value})
+    names = one.text_list(key)
+    _check_syntax_names(table, key, names)
+    return names
+
+
+def _read_ladder(table: Table, key: str, default: tuple[Target, ...]) -> tuple[Target, ...]:
+    """A fallback ladder: one syntax, or a list of syntaxes and {syntax = ..., near = 2} tables."""
+    value = table.raw(key, [])
+    items = value if isinstance(value, list) else [value]
+    try:
+        return tuple(parse_target(item) for item in items)
+    except ValueError as exc:
+        raise table.error(key, str(exc)) from None
+
+
+def _read_match(
+    table: Table, key: str, default: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """A table of DICOM keyword = glob pattern; empty matches everything."""
+    match = table.table(key)
+    for name, value in match.data.items():
+        if not isinstance(value, str):
+            raise match.error(name, f"must be a glob pattern string, got {value!r}")
+    return tuple(match.data.items())
+
+
+AETitle = Annotated[str, Check(_check_ae_title)]
+Port = Annotated[int, Between(1, 65535)]
+# Keys a destination's (client side) TLS does not take: they configure the listener.
+LISTENER_ONLY_TLS = frozenset({"require_client_cert", "port", "plain_listener"})
 
 
 @dataclass(frozen=True)
@@ -45,25 +165,26 @@ class TLSConfig:
     ca_bundle: Path | None = None
     require_client_cert: bool = False
     min_version: Literal["1.2", "1.3"] = "1.2"
-    port: int = 2762
+    port: Port = 2762
     # Listener only: false leaves node.port closed, so every peer must use TLS.
     plain_listener: bool = True
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    ae_title: str = "DICOMNODE"
+    ae_title: AETitle = "DICOMNODE"
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: Port = 11112
     data_dir: Path = Path("data")
-    max_associations: int = 32
-    max_pdu: int = 262144
+    max_associations: Annotated[int, Between(1)] = 32
+    # 0 = unlimited; otherwise at least 4096 (_check_node).
+    max_pdu: Annotated[int, Between(0, 2**32 - 1)] = 262144
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     workers: int = 0
     # Processes accepting associations on node.port (SO_REUSEPORT); 1 = the main process only.
-    receivers: int = 1
+    receivers: Annotated[int, Between(1, 64)] = 1
     log_level: LogLevel = "INFO"
     # Who speaks the Upper Layer and DIMSE on the listener: our own code, or pynetdicom
     # (the reference implementation, kept so that the two can be compared).
@@ -72,7 +193,7 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class AcceptConfig:
-    transfer_syntaxes: tuple[UID, ...] = ALL_DECODABLE
+    transfer_syntaxes: Annotated[tuple[UID, ...], Reader(_read_accepted_syntaxes)] = ALL_DECODABLE
 
 
 @dataclass(frozen=True)
@@ -81,7 +202,7 @@ class UserConfig:
 
     username: str
     # From `dicom-node hash-passcode`; empty: the user is known by name alone.
-    passcode_hash: str = ""
+    passcode_hash: Annotated[str, Check(_check_passcode_hash)] = ""
 
 
 @dataclass(frozen=True)
@@ -103,16 +224,23 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    address: str = ""
+    address: Annotated[str, Check(_check_metrics_address)] = ""
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The [routing] table; Config keeps its one key as Config.unrouted_storage."""
+
+    unrouted_storage: str | None = None
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     name: str
     path: Path
-    layout: str = DEFAULT_LAYOUT
+    layout: Annotated[str, Check(_check_layout)] = DEFAULT_LAYOUT
     duplicates: DuplicatePolicy = "overwrite"
-    transfer_syntax: tuple[Target, ...] = ()
+    transfer_syntax: Annotated[tuple[Target, ...], Reader(_read_ladder)] = ()
     allow_lossy: bool = False
 
 
@@ -126,15 +254,15 @@ class RetryPolicy:
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    ae_title: str
+    ae_title: AETitle
     host: str
-    port: int
-    transfer_syntaxes: tuple[str, ...] = ()
-    max_associations: int = 1
+    port: Port
+    transfer_syntaxes: Annotated[tuple[str, ...], Reader(_read_proposed_syntaxes)] = ()
+    max_associations: Annotated[int, Between(1)] = 1
     idle_timeout: float = 10.0
     allow_lossy: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    tls: TLSConfig = field(default_factory=TLSConfig)
+    tls: Annotated[TLSConfig, Without(LISTENER_ONLY_TLS)] = field(default_factory=TLSConfig)
     # User Identity sent in the A-ASSOCIATE-RQ: username alone, or with the passcode
     # read from passcode_file when an association is opened (never kept in the config).
     username: str = ""
@@ -143,9 +271,9 @@ class DestinationConfig:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    match: tuple[tuple[str, str], ...]
-    storage: tuple[str, ...]
-    destinations: tuple[str, ...]
+    match: Annotated[tuple[tuple[str, str], ...], Reader(_read_match)] = ()
+    storage: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -169,322 +297,74 @@ class Config:
     def queue_path(self) -> Path:
         return self.node.data_dir / "queue.sqlite3"
 
-
-_MISSING: Any = object()
-
-
-class _Table:
-    """One TOML table being read: typed getters that remember what was used."""
-
-    def __init__(self, file: Path, name: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(file, name, f"must be a table, got {type(data).__name__}")
-        self.file = file
-        self.name = name
-        self.data: dict[str, Any] = data
-        self.used: set[str] = set()
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.file, self.key(key), message)
-
-    def _get(self, key: str, default: Any, kinds: tuple[type, ...], kind_name: str) -> Any:
-        self.used.add(key)
-        if key not in self.data:
-            if default is _MISSING:
-                raise self.error(key, "is required")
-            return default
-        value = self.data[key]
-        # bool is an int in Python, but `port = true` is a mistake, not 1.
-        if isinstance(value, bool) and bool not in kinds:
-            raise self.error(key, f"must be {kind_name}, got {value!r}")
-        if not isinstance(value, kinds):
-            raise self.error(key, f"must be {kind_name}, got {value!r}")
-        return value
-
-    def text(self, key: str, default: Any = _MISSING, *, allow_empty: bool = False) -> Any:
-        value = self._get(key, default, (str,), "a string")
-        if isinstance(value, str) and not value and not allow_empty:
-            raise self.error(key, "must not be empty")
-        return value
-
-    def integer(
-        self, key: str, default: Any = _MISSING, *, minimum: int = 0, maximum: int | None = None
-    ) -> Any:
-        value = self._get(key, default, (int,), "a whole number")
-        if value is None:
-            return value
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and {maximum}" if maximum is not None else ""
-            bound = f"between {minimum}{upper}" if maximum is not None else f">= {minimum}"
-            raise self.error(key, f"must be {bound}, got {value}")
-        return value
-
-    def number(self, key: str, default: Any = _MISSING, *, minimum: float = 0.0) -> Any:
-        value = self._get(key, default, (int, float), "a number")
-        if value < minimum:
-            raise self.error(key, f"must be >= {minimum}, got {value}")
-        return float(value)
-
-    def flag(self, key: str, default: Any = _MISSING) -> Any:
-        return self._get(key, default, (bool,), "true or false")
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> Any:
-        value = self.text(key, default)
-        if value not in choices:
-            raise self.error(key, f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def text_list(self, key: str, default: Any = _MISSING) -> tuple[str, ...]:
-        value = self._get(key, default, (list, tuple), "a list of strings")
-        for item in value:
-            if not isinstance(item, str) or not item:
-                raise self.error(key, f"must contain only non-empty strings, got {item!r}")
-        return tuple(value)
-
-    def path(self, key: str, default: Any = _MISSING) -> Any:
-        value = self.text(key, default)
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.file.parent / path).resolve()
-
-    def table(self, key: str) -> _Table:
-        self.used.add(key)
-        return _Table(self.file, self.key(key), self.data.get(key, {}))
-
-    def tables(self, key: str) -> Iterator[_Table]:
-        self.used.add(key)
-        items = self.data.get(key, [])
-        if not isinstance(items, list):
-            raise self.error(key, f"must be an array of tables ([[{key}]]), got a single value")
-        for index, item in enumerate(items):
-            yield _Table(self.file, f"{self.key(key)}[{index}]", item)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(
-                unknown[0], "unknown key (check the spelling; see README 'Configuration')"
-            )
+    @property
+    def routing(self) -> RoutingConfig:
+        return RoutingConfig(self.unrouted_storage)
 
 
-def _ae_title(table: _Table, key: str, default: Any = _MISSING) -> str:
-    value = table.text(key, default)
-    if len(value) > 16 or not value.isprintable() or "\\" in value or value.strip() != value:
-        raise table.error(
-            key, f"must be 1-16 printable characters without backslash, got {value!r}"
-        )
-    return value
+SECTIONS = (
+    Section("node", NodeConfig, "node"),
+    Section("accept", AcceptConfig, "accept"),
+    Section("security", SecurityConfig, "security"),
+    Section("limits", LimitsConfig, "limits"),
+    Section("metrics", MetricsConfig, "metrics"),
+    Section("routing", RoutingConfig, "routing"),
+    Section("storage", StorageConfig, "storage", many=True),
+    Section("destination", DestinationConfig, "destinations", many=True),
+    Section("route", RouteConfig, "routes", many=True),
+)
+"""The top-level TOML tables, in the order check-config prints them."""
 
 
-def _syntax_list(table: _Table, key: str, default: Any) -> tuple[str, ...]:
-    names = table.text_list(key, default)
-    for name in names:
-        try:
-            resolve_syntax(name)
-        except ValueError as exc:
-            raise table.error(key, str(exc)) from None
-    return names
+# Checks across the keys of one table, run once the table is read.
 
 
-def _read_node(table: _Table) -> NodeConfig:
-    node = NodeConfig(
-        ae_title=_ae_title(table, "ae_title", "DICOMNODE"),
-        host=table.text("host", "0.0.0.0"),
-        port=table.integer("port", 11112, minimum=1, maximum=65535),
-        data_dir=table.path("data_dir", "./data"),
-        max_associations=table.integer("max_associations", 32, minimum=1),
-        max_pdu=table.integer("max_pdu", 262144, minimum=0, maximum=2**32 - 1),
-        acse_timeout=table.number("acse_timeout", 30.0),
-        dimse_timeout=table.number("dimse_timeout", 60.0),
-        network_timeout=table.number("network_timeout", 60.0),
-        workers=table.integer("workers", 0, minimum=0),
-        receivers=table.integer("receivers", 1, minimum=1, maximum=64),
-        log_level=table.choice("log_level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        acceptor=table.choice("acceptor", "native", ("native", "pynetdicom")),
-    )
+def _check_node(table: Table, node: NodeConfig) -> None:
     if 0 < node.max_pdu < 4096:
         raise table.error("max_pdu", f"must be 0 (unlimited) or at least 4096, got {node.max_pdu}")
     if node.acceptor == "pynetdicom" and node.receivers > 1:
         raise table.error(
             "receivers", 'must be 1 with acceptor = "pynetdicom" (receiver processes run ours)'
         )
-    table.finish()
-    return node
 
 
-def _read_accept(table: _Table) -> AcceptConfig:
-    table.used.add("transfer_syntaxes")
-    value = table.data.get("transfer_syntaxes", "all")
-    table.finish()
-    if value == "all":
-        return AcceptConfig()
-    if not isinstance(value, list) or not value:
-        raise table.error("transfer_syntaxes", 'must be "all" or a non-empty list of syntaxes')
-    names = _syntax_list(table, "transfer_syntaxes", ())
-    return AcceptConfig(transfer_syntaxes=tuple(dict.fromkeys(resolve_syntax(n) for n in names)))
-
-
-def _read_tls(table: _Table, *, server: bool) -> TLSConfig:
-    tls = TLSConfig(
-        enabled=table.flag("enabled", False),
-        certificate=table.path("certificate", None),
-        private_key=table.path("private_key", None),
-        ca_bundle=table.path("ca_bundle", None),
-        require_client_cert=table.flag("require_client_cert", False) if server else False,
-        min_version=table.choice("min_version", "1.2", ("1.2", "1.3")),
-        port=table.integer("port", 2762, minimum=1, maximum=65535) if server else 2762,
-        plain_listener=table.flag("plain_listener", True) if server else True,
-    )
-    table.finish()
+def _check_tls(table: Table, tls: TLSConfig) -> None:
+    # A destination's TLS leaves the listener-only keys out (Without): it is a client.
+    listener = "port" in table.used
     if not tls.plain_listener and not tls.enabled:
         raise table.error("plain_listener", "false needs enabled = true: nothing would listen")
-    if tls.enabled and server and not (tls.certificate and tls.private_key):
+    if tls.enabled and listener and not (tls.certificate and tls.private_key):
         raise table.error("certificate", "TLS is enabled: certificate and private_key are required")
     if tls.require_client_cert and not tls.ca_bundle:
         raise table.error(
             "ca_bundle", "require_client_cert needs a ca_bundle to check clients against"
         )
-    return tls
 
 
-def _read_security(table: _Table) -> SecurityConfig:
-    security = SecurityConfig(
-        allowed_calling_aets=table.text_list("allowed_calling_aets", ()),
-        require_called_aet=table.flag("require_called_aet", True),
-        max_associations_per_calling_aet=table.integer("max_associations_per_calling_aet", 0),
-        tls=_read_tls(table.table("tls"), server=True),
-        require_user_identity=table.flag("require_user_identity", False),
-        users=tuple(_read_user(t) for t in table.tables("users")),
-    )
-    table.finish()
+def _check_security(table: Table, security: SecurityConfig) -> None:
     _unique_names(table.file, table.key("users"), [u.username for u in security.users], "username")
     if security.require_user_identity and not security.users:
         raise table.error(
             "require_user_identity",
             "true needs at least one [[security.users]] entry: nobody could associate",
         )
-    return security
 
 
-def _read_user(table: _Table) -> UserConfig:
-    from node.ingest.identity import PasscodeHashError, parse_passcode_hash
-
-    user = UserConfig(
-        username=table.text("username"),
-        passcode_hash=table.text("passcode_hash", "", allow_empty=True),
-    )
-    table.finish()
-    if user.passcode_hash:
-        try:
-            parse_passcode_hash(user.passcode_hash)
-        except PasscodeHashError as exc:
-            raise table.error("passcode_hash", str(exc)) from None
-    return user
-
-
-def _read_limits(table: _Table) -> LimitsConfig:
-    limits = LimitsConfig(
-        max_instance_size=table.integer("max_instance_size", 0),
-        min_free_space=table.integer("min_free_space", 256 * 1024 * 1024),
-    )
-    table.finish()
-    return limits
-
-
-def _read_metrics(table: _Table) -> MetricsConfig:
-    metrics = MetricsConfig(address=table.text("address", "", allow_empty=True))
-    port = metrics.address.rpartition(":")[2]
-    if metrics.address and not (port.isdigit() and 0 < int(port) < 65536):
-        raise table.error(
-            "address", f'must be host:port such as "127.0.0.1:9110", got {metrics.address!r}'
-        )
-    table.finish()
-    return metrics
-
-
-def _syntax_or_list(table: _Table, key: str) -> tuple[str, ...]:
-    value = table.data.get(key)
-    if isinstance(value, str):
-        table.data[key] = [value]
-    return _syntax_list(table, key, ())
-
-
-def _read_storage(table: _Table) -> StorageConfig:
-    storage = StorageConfig(
-        name=table.text("name"),
-        path=table.path("path"),
-        layout=table.text("layout", DEFAULT_LAYOUT),
-        duplicates=table.choice("duplicates", "overwrite", ("overwrite", "keep", "reject")),
-        transfer_syntax=_ladder(table, "transfer_syntax"),
-        allow_lossy=table.flag("allow_lossy", False),
-    )
-    table.finish()
-    _check_layout(table, storage.layout)
-    _check_lossy_opt_in(table, storage.transfer_syntax, storage.allow_lossy)
-    return storage
-
-
-def _ladder(table: _Table, key: str) -> tuple[Target, ...]:
-    """A fallback ladder: one syntax, or a list of syntaxes and {syntax = ..., near = 2} tables."""
-    table.used.add(key)
-    value = table.data.get(key, [])
-    items = value if isinstance(value, list) else [value]
-    try:
-        return tuple(parse_target(item) for item in items)
-    except ValueError as exc:
-        raise table.error(key, str(exc)) from None
-
-
-def _check_lossy_opt_in(table: _Table, ladder: tuple[Target, ...], allow_lossy: bool) -> None:
-    lossy = [rung.name for rung in ladder if rung.lossy]
-    if lossy and not allow_lossy:
+def _check_storage(table: Table, storage: StorageConfig) -> None:
+    lossy = [rung.name for rung in storage.transfer_syntax if rung.lossy]
+    if lossy and not storage.allow_lossy:
         raise table.error(
             "transfer_syntax",
             f"{', '.join(lossy)} is lossy: set allow_lossy = true to opt in explicitly",
         )
 
 
-def _check_layout(table: _Table, layout: str) -> None:
-    from node.store.layout import LayoutError, parse_layout
-
-    try:
-        parse_layout(layout)
-    except LayoutError as exc:
-        raise table.error("layout", str(exc)) from None
-
-
-def _read_retry(table: _Table) -> RetryPolicy:
-    retry = RetryPolicy(
-        initial_delay=table.number("initial_delay", 5.0),
-        max_delay=table.number("max_delay", 600.0),
-        max_attempts=table.integer("max_attempts", 0),
-    )
-    table.finish()
+def _check_retry(table: Table, retry: RetryPolicy) -> None:
     if retry.max_delay < retry.initial_delay:
         raise table.error("max_delay", "must be >= initial_delay")
-    return retry
 
 
-def _read_destination(table: _Table) -> DestinationConfig:
-    destination = DestinationConfig(
-        name=table.text("name"),
-        ae_title=_ae_title(table, "ae_title"),
-        host=table.text("host"),
-        port=table.integer("port", minimum=1, maximum=65535),
-        transfer_syntaxes=_syntax_or_list(table, "transfer_syntaxes"),
-        max_associations=table.integer("max_associations", 1, minimum=1),
-        idle_timeout=table.number("idle_timeout", 10.0),
-        allow_lossy=table.flag("allow_lossy", False),
-        retry=_read_retry(table.table("retry")),
-        tls=_read_tls(table.table("tls"), server=False),
-        username=table.text("username", "", allow_empty=True),
-        passcode_file=table.path("passcode_file", None),
-    )
-    table.finish()
+def _check_destination(table: Table, destination: DestinationConfig) -> None:
     _check_destination_identity(table, destination)
     lossy = [n for n in destination.transfer_syntaxes if resolve_syntax(n) in LOSSY_OR_MIXED]
     if lossy and not destination.allow_lossy:
@@ -494,10 +374,9 @@ def _read_destination(table: _Table) -> DestinationConfig:
             "transfer_syntaxes",
             f"{', '.join(lossy)} is lossy: set allow_lossy = true to opt in explicitly",
         )
-    return destination
 
 
-def _check_destination_identity(table: _Table, destination: DestinationConfig) -> None:
+def _check_destination_identity(table: Table, destination: DestinationConfig) -> None:
     if len(destination.username.encode("utf-8")) > 65535:
         raise table.error("username", "is longer than a User Identity field (65535 bytes)")
     path = destination.passcode_file
@@ -520,21 +399,20 @@ def _check_destination_identity(table: _Table, destination: DestinationConfig) -
         )
 
 
-def _read_route(table: _Table) -> RouteConfig:
-    match = table.table("match")
-    for key, value in match.data.items():
-        if not isinstance(value, str):
-            raise match.error(key, f"must be a glob pattern string, got {value!r}")
-    match.used.update(match.data)
-    route = RouteConfig(
-        match=tuple(match.data.items()),
-        storage=table.text_list("storage", ()),
-        destinations=table.text_list("destinations", ()),
-    )
-    table.finish()
+def _check_route(table: Table, route: RouteConfig) -> None:
     if not route.storage and not route.destinations:
         raise table.error("storage", "a route must name at least one storage or destination")
-    return route
+
+
+CHECKS: Mapping[type, TableCheck] = {
+    NodeConfig: _check_node,
+    TLSConfig: _check_tls,
+    SecurityConfig: _check_security,
+    StorageConfig: _check_storage,
+    RetryPolicy: _check_retry,
+    DestinationConfig: _check_destination,
+    RouteConfig: _check_route,
+}
 
 
 def _unique_names(file: Path, section: str, names: list[str], key: str = "name") -> None:
@@ -563,25 +441,19 @@ def _check_route_targets(file: Path, config: Config) -> None:
         )
 
 
+def _read_section(root: Table, section: Section) -> Any:
+    if section.many:
+        return tuple(read_table(t, section.cls, CHECKS) for t in root.tables(section.name))
+    return read_table(root.table(section.name), section.cls, CHECKS)
+
+
 def parse_config(data: dict[str, Any], file: Path) -> Config:
     """Build a Config from already-decoded TOML data (file is used for messages and paths)."""
-    root = _Table(file, "", data)
-    routing = root.table("routing")
-    unrouted = routing.text("unrouted_storage", None)
-    routing.finish()
-    config = Config(
-        source=file,
-        node=_read_node(root.table("node")),
-        accept=_read_accept(root.table("accept")),
-        security=_read_security(root.table("security")),
-        limits=_read_limits(root.table("limits")),
-        metrics=_read_metrics(root.table("metrics")),
-        storage=tuple(_read_storage(t) for t in root.tables("storage")),
-        destinations=tuple(_read_destination(t) for t in root.tables("destination")),
-        routes=tuple(_read_route(t) for t in root.tables("route")),
-        unrouted_storage=unrouted,
-    )
+    root = Table(file, "", data)
+    values = {section.attribute: _read_section(root, section) for section in SECTIONS}
     root.finish()
+    routing: RoutingConfig = values.pop("routing")
+    config = Config(source=file, unrouted_storage=routing.unrouted_storage, **values)
     _unique_names(file, "storage", [s.name for s in config.storage])
     _unique_names(file, "destination", [d.name for d in config.destinations])
     _check_route_targets(file, config)
