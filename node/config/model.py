@@ -11,6 +11,7 @@ unknown key or a bad value raises ConfigError naming the file and the key.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,6 +150,13 @@ def _read_match(
     return tuple(match.data.items())
 
 
+def _write_match(match: tuple[tuple[str, str], ...]) -> str:
+    # Always an inline table: `match = []` (an empty tuple's generic form) would not load.
+    if not match:
+        return "{}"
+    return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in match) + " }"
+
+
 AETitle = Annotated[str, Check(_check_ae_title)]
 Port = Annotated[int, Between(1, 65535)]
 # Keys a destination's (client side) TLS does not take: they configure the listener.
@@ -271,7 +279,7 @@ class DestinationConfig:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    match: Annotated[tuple[tuple[str, str], ...], Reader(_read_match)] = ()
+    match: Annotated[tuple[tuple[str, str], ...], Reader(_read_match, _write_match)] = ()
     storage: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
 

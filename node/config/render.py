@@ -10,7 +10,7 @@ from typing import Any
 from pydicom.uid import UID
 
 from node.config.model import SECTIONS, Config
-from node.config.schema import config_fields, excluded_keys, nested_class
+from node.config.schema import config_fields, excluded_keys, nested_class, writer_of
 from node.dicom.syntaxes import syntax_name
 from node.transcode.targets import Target
 
@@ -49,6 +49,12 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
+def toml_field_value(hint: Any, value: Any) -> str:
+    """A field's value as TOML, in the field's own form where it has one."""
+    write = writer_of(hint)
+    return write(value) if write is not None else toml_value(value)
+
+
 def _toml_table(
     header: str, name: str, table: Any, without: frozenset[str] = frozenset()
 ) -> list[str]:
@@ -70,7 +76,7 @@ def _toml_table(
         elif value is None:
             lines.append(f"# {item.name} is not set")
         else:
-            lines.append(f"{item.name} = {toml_value(value)}")
+            lines.append(f"{item.name} = {toml_field_value(hint, value)}")
     return lines + nested
 
 

@@ -157,9 +157,13 @@ class Check:
 
 @dataclass(frozen=True)
 class Reader:
-    """A key with a TOML form of its own: read(table, key, default) -> value."""
+    """A key with a TOML form of its own: read(table, key, default) -> value.
+
+    write(value) -> TOML text, for check-config, when the generic form would not read back.
+    """
 
     read: Callable[[Table, str, Any], Any]
+    write: Callable[[Any], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,11 @@ def config_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Any]]:
     hints = get_type_hints(cls, include_extras=True)
     for item in dataclasses.fields(cls):
         yield item, hints[item.name]
+
+
+def writer_of(hint: Any) -> Callable[[Any], str] | None:
+    reader = _marker(_split(hint)[1], Reader)
+    return reader.write if reader else None
 
 
 def excluded_keys(hint: Any) -> frozenset[str]:
