@@ -60,18 +60,19 @@ def _toml_table(
 ) -> list[str]:
     lines = [header]
     nested: list[str] = []
-    for item, hint in config_fields(type(table)):
+    cls: type = type(table)
+    for item, hint in config_fields(cls):
         if item.name in without:
             continue
         value = getattr(table, item.name)
-        cls, many = nested_class(hint)
+        sub, many = nested_class(hint)
         dotted = f"{name}.{item.name}"
-        if cls is not None and many and not value:
+        if sub is not None and many and not value:
             lines.append(f"{item.name} = []")
-        elif cls is not None and many:
+        elif sub is not None and many:
             for entry in value:
                 nested += ["", *_toml_table(f"[[{dotted}]]", dotted, entry)]
-        elif cls is not None:
+        elif sub is not None:
             nested += ["", *_toml_table(f"[{dotted}]", dotted, value, excluded_keys(hint))]
         elif value is None:
             lines.append(f"# {item.name} is not set")

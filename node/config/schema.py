@@ -14,6 +14,7 @@ Errors name the file and the dotted key, e.g. `storage[0].duplicates`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -194,7 +195,6 @@ class Setting:
     dotted: str
     section: str
     key: str
-    owner: type
     field: dataclasses.Field[Any]
     hint: Any
 
@@ -241,11 +241,11 @@ def _table_class(base: Any) -> type | None:
     return None
 
 
-def config_fields(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Any]]:
+@functools.cache
+def config_fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
     """The fields of a config dataclass with their resolved type hints."""
     hints = get_type_hints(cls, include_extras=True)
-    for item in dataclasses.fields(cls):
-        yield item, hints[item.name]
+    return tuple((item, hints[item.name]) for item in dataclasses.fields(cls))
 
 
 def writer_of(hint: Any) -> Callable[[Any], str] | None:
@@ -265,7 +265,8 @@ def nested_class(hint: Any) -> tuple[type | None, bool]:
         return None, False  # a form of its own, e.g. a ladder of Target
     if dataclasses.is_dataclass(base):
         return base, False  # type: ignore[return-value]
-    return _table_class(base), True
+    many = _table_class(base)
+    return (many, True) if many is not None else (None, False)
 
 
 def read_table(
@@ -317,6 +318,7 @@ def _read_plain(table: Table, key: str, default: Any, base: Any, markers: tuple[
     if base is int:
         return table.integer(key, default, minimum=between.minimum, maximum=between.maximum)
     if base is float:
+        assert between.maximum is None, "a number takes a minimum only"
         return table.number(key, default, minimum=float(between.minimum))
     if base is str:
         return table.text(key, default, allow_empty=default == "")
@@ -343,7 +345,7 @@ def _settings_of(prefix: str, cls: type, without: frozenset[str]) -> Iterator[Se
         if nested is not None:
             yield from _settings_of(f"{prefix}.{item.name}", nested, excluded_keys(hint))
         else:
-            yield Setting(f"{prefix}.{item.name}", prefix, item.name, cls, item, hint)
+            yield Setting(f"{prefix}.{item.name}", prefix, item.name, item, hint)
 
 
 def read_setting(setting: Setting, file: Path, *value: Any) -> Any:
