@@ -34,30 +34,6 @@ from node.config.schema import (
 from node.dicom.syntaxes import ALL_DECODABLE, LOSSY_OR_MIXED, resolve_syntax
 from node.transcode.targets import Target, parse_target
 
-__all__ = [
-    "DEFAULT_LAYOUT",
-    "SECTIONS",
-    "AcceptConfig",
-    "Acceptor",
-    "Config",
-    "ConfigError",
-    "DestinationConfig",
-    "DuplicatePolicy",
-    "LimitsConfig",
-    "LogLevel",
-    "MetricsConfig",
-    "NodeConfig",
-    "RetryPolicy",
-    "RouteConfig",
-    "RoutingConfig",
-    "SecurityConfig",
-    "StorageConfig",
-    "TLSConfig",
-    "UserConfig",
-    "load_config",
-    "parse_config",
-]
-
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
