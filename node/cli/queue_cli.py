@@ -13,8 +13,8 @@ from pathlib import Path
 from node.config.model import Config, load_config
 from node.ingest.spool import Spool
 from node.jobs.interface import QueueOperations
-from node.jobs.model import JobKind, JobState
-from node.jobs.reports import SqliteQueueOperations, TargetReport, open_jobs
+from node.jobs.model import JobKind, JobState, TargetReport, open_jobs
+from node.jobs.reports import SqliteQueueOperations
 from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
 
 STATES = {

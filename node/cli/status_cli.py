@@ -15,13 +15,8 @@ from pathlib import Path
 
 from node.config.model import Config, load_config
 from node.jobs.interface import QueueReports
-from node.jobs.reports import (
-    Failure,
-    SpoolSummary,
-    SqliteQueueOperations,
-    TargetSummary,
-    summarise_targets,
-)
+from node.jobs.model import Failure, SpoolSummary, TargetSummary, summarise_targets
+from node.jobs.reports import SqliteQueueOperations
 
 RECENT_FAILURES = 5
 WIDTH = 100

@@ -19,8 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from node.jobs.model import Job, JobKind, JobSpec, JobState, ReceivedInstance
-from node.jobs.reports import Failure, SpoolSummary, TargetReport
+from node.jobs.model import (
+    Failure,
+    Job,
+    JobKind,
+    JobSpec,
+    JobState,
+    ReceivedInstance,
+    SpoolSummary,
+    TargetReport,
+)
 
 
 class JobQueue(Protocol):

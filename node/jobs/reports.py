@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from node.jobs.database import Database
-from node.jobs.model import JobKind, JobState
+from node.jobs.model import Failure, JobKind, JobState, SpoolSummary, TargetReport
 
 # Newest error per (kind, target, state): SQLite takes the bare last_error from the row
 # that holds MAX(updated_at).
@@ -33,89 +31,6 @@ SELECT jobs.kind, jobs.target, jobs.state, COUNT(*), MIN(jobs.created_at),
 FROM jobs LEFT JOIN newest_error USING (kind, target, state)
 GROUP BY jobs.kind, jobs.target, jobs.state ORDER BY jobs.kind, jobs.target, jobs.state
 """
-
-
-@dataclass(frozen=True)
-class TargetReport:
-    """One line of `dicom-node queue status`: a target's jobs in one state."""
-
-    kind: str
-    target: str
-    state: str
-    count: int
-    oldest_created_at: float | None
-    next_attempt_at: float | None
-    max_attempts: int
-    last_error: str | None
-    last_error_at: float | None = None
-
-
-@dataclass(frozen=True)
-class TargetSummary:
-    """One target's jobs over all states (a line of `dicom-node status`)."""
-
-    kind: str
-    target: str
-    pending: int = 0
-    running: int = 0
-    failed: int = 0
-    oldest_pending: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A dead letter, newest first in `dicom-node status`."""
-
-    at: float
-    kind: str
-    target: str
-    sop_instance_uid: str
-    error: str
-
-
-@dataclass(frozen=True)
-class SpoolSummary:
-    """Instances waiting in the spool, their bytes, and when the oldest arrived."""
-
-    instances: int
-    size: int
-    oldest_received_at: float | None
-
-
-def open_jobs(rows: Iterable[TargetReport]) -> list[TargetReport]:
-    """The rows an operator looks at: done jobs only wait for their instance's other jobs."""
-    return [row for row in rows if row.state != JobState.DONE]
-
-
-def count_in(rows: Iterable[TargetReport], *states: JobState) -> int:
-    return sum(row.count for row in rows if row.state in states)
-
-
-def summarise_targets(
-    rows: Iterable[TargetReport], configured: Sequence[tuple[str, str]] = ()
-) -> list[TargetSummary]:
-    """One summary per configured (kind, target), then any other target with jobs."""
-    found = {key: TargetSummary(*key) for key in configured}
-    for row in rows:
-        key = (row.kind, row.target)
-        found[key] = _with_row(found.get(key) or TargetSummary(*key), row)
-    return list(found.values())
-
-
-def _with_row(summary: TargetSummary, row: TargetReport) -> TargetSummary:
-    changes: dict[str, Any] = {}
-    if row.state == JobState.PENDING:
-        changes.update(pending=row.count, oldest_pending=row.oldest_created_at)
-    elif row.state == JobState.RUNNING:
-        changes.update(running=row.count)
-    elif row.state == JobState.FAILED:
-        changes.update(failed=row.count)
-    newest = summary.last_error_at
-    if row.last_error is not None and (newest is None or (row.last_error_at or 0.0) > newest):
-        changes.update(last_error=row.last_error, last_error_at=row.last_error_at)
-    return replace(summary, **changes)
 
 
 def _target_filter(kind: JobKind | None, target: str | None) -> tuple[str, list[object]]:
