@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID
 
+from node.transcode.byteorder import ByteOrderError, convert_byte_order
 from node.transcode.capabilities import first_problem
 from node.transcode.codecs import Codec, codec_for
 from node.transcode.encoders import j2k_colour_transform
@@ -82,6 +83,11 @@ def encode_for_target(ds: Dataset, target: Target) -> bytes:
     codec = None if native else codec_for(syntax)
     if not native and codec is None:
         raise RungFailed("no encoder for this syntax")
+    if not syntax.is_little_endian:
+        # Explicit VR Big Endian is retired (PS3.5 A.3) and our pixel path writes little
+        # endian only; a big endian peer gets the instance as received or in another syntax.
+        raise RungFailed("big endian syntaxes are not written (retired)")
+    _convert_byte_order(ds, source_syntax, syntax)
     if pixel_keyword(ds) is None:
         if not native:
             raise RungFailed("no pixel data to compress")
@@ -124,6 +130,14 @@ def _compressed(ds: Dataset, source: DecodedPixels, target: Target, codec: Codec
     else:
         verify_lossless(encoded, source, codec.verifier)
     return encoded
+
+
+def _convert_byte_order(ds: Dataset, source_syntax: UID, syntax: UID) -> None:
+    # Before the pixel path, which converts the top-level pixel data itself.
+    try:
+        convert_byte_order(ds, source_syntax, syntax)
+    except ByteOrderError as error:
+        raise RungFailed(f"cannot convert byte order: {error}") from None
 
 
 def written_photometric(info: PixelInfo, target: Target, first_fragment: bytes) -> str:
