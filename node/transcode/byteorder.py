@@ -26,6 +26,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from node.transcode.pixels import PIXEL_KEYWORDS
 
@@ -92,7 +93,9 @@ def _parsed(ds: Dataset, tag: int) -> DataElement:
     raw = ds.get_item(tag)
     if isinstance(raw, RawDataElement) and raw.VR == "UN" and raw.length != 0xFFFFFFFF:
         # Kept as UN bytes (see the module docstring), not converted to the dictionary VR.
-        element = DataElement(raw.tag, "UN", raw.value or b"")
+        element = DataElement(raw.tag, "UN", b"")
+        element.VR = VR.UN  # the constructor swaps in the dictionary VR for a known tag
+        element.value = raw.value or b""
         ds[raw.tag] = element
         return element
     return ds[tag]
