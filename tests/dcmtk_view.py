@@ -81,8 +81,11 @@ def dcmtk_view(path: Path, workdir: Path, *, via_implicit: bool = False) -> View
     via_implicit: convert to Implicit VR Little Endian with DCMTK first, the reference
     for an Implicit VR output, where private elements lose their VR (PS3.5 7.1.3)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    syntax = UID(dcmread(path, stop_before_pixels=True).file_meta.get("TransferSyntaxUID", ""))
-    decompressed, pixels, decoder, problems = _decompressed(path, syntax, workdir)
+    try:
+        syntax = UID(dcmread(path, stop_before_pixels=True).file_meta.get("TransferSyntaxUID", ""))
+        decompressed, pixels, decoder, problems = _decompressed(path, syntax, workdir)
+    except Exception as error:  # pydicom can neither decode nor write it
+        return View((), None, "none", (f"unreadable: {str(error).splitlines()[0][:160]}",))
     if via_implicit:
         implicit = workdir / "implicit.dcm"
         done = _run(["dcmconv", "+ti", "-g", str(decompressed), str(implicit)])
@@ -108,17 +111,34 @@ def _decompressed(
         return path, None, "none", []
     problems: list[str] = []
     tool = _DECOMPRESSORS.get(syntax)
+    out = workdir / "decompressed.dcm"
     if tool:
-        out = workdir / "decompressed.dcm"
         done = _run([*tool, str(path), str(out)])
-        if done.returncode == 0:
-            if tool[0] in _PIXELS_ONLY:
-                # gdcmconv also rewrites elements (it expands Segmented Palette LUTs, for
-                # one): its output is trusted for the pixels only.
-                return _pydicom_decompressed(path, workdir), out, f"{tool[0]} (pixels)", []
+        if done.returncode == 0 and tool[0] not in _PIXELS_ONLY:
             return out, None, tool[0], []
-        problems.append(f"{tool[0]} failed: {(done.stderr or done.stdout).strip()[:160]}")
-    return _pydicom_decompressed(path, workdir), None, "pydicom", problems
+        if done.returncode != 0:
+            problems.append(f"{tool[0]} failed: {(done.stderr or done.stdout).strip()[:160]}")
+    pixels = out if tool and not problems else None
+    try:
+        # gdcmconv also rewrites elements (it expands Segmented Palette LUTs, for one):
+        # its output is trusted for the pixels only.
+        decoder = f"{tool[0]} (pixels)" if pixels else "pydicom"
+        return _pydicom_decompressed(path, workdir), pixels, decoder, problems
+    except Exception as error:
+        # Nothing decodes these pixels: the elements are already little endian, so
+        # DCMTK can still show them, from the compressed file without its pixels.
+        problems.append(f"pydicom cannot decode: {str(error).splitlines()[0][:120]}")
+        return _elements_only(path, workdir), None, "elements only", problems
+
+
+def _elements_only(path: Path, workdir: Path) -> Path:
+    ds = dcmread(path)
+    if "PixelData" in ds:
+        del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = _uid.ExplicitVRLittleEndian
+    out = workdir / "elements-only.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
 
 
 def _pydicom_decompressed(path: Path, workdir: Path) -> Path:

@@ -233,7 +233,8 @@ def _ele_only_storescp(folder: Path, sop_classes: list[str]) -> StoreSCP:
     lines = "\n".join(f"PresentationContext{i + 1} = {uid}\\ELE" for i, uid in enumerate(contexts))
     config = folder.parent / "storescp-ele-only.cfg"
     config.write_text(ELE_ONLY_PROFILE.format(contexts=lines))
-    return StoreSCP(folder, "ELEONLY", "-xf", str(config), "ELEOnly")
+    # +B: write what arrived, bit for bit (storescp drops Data Set Trailing Padding else).
+    return StoreSCP(folder, "ELEONLY", "+B", "-xf", str(config), "ELEOnly")
 
 
 def _big_endian_sources(workspace: Path) -> list[Path]:
