@@ -88,7 +88,9 @@ def dcmtk_view(path: Path, workdir: Path, *, via_implicit: bool = False) -> View
         return View((), None, "none", (f"unreadable: {str(error).splitlines()[0][:160]}",))
     if via_implicit:
         implicit = workdir / "implicit.dcm"
-        done = _run(["dcmconv", "+ti", "-g", str(decompressed), str(implicit)])
+        # -e: sequences of undefined length, so that a private one reads back as a
+        # sequence rather than as UN bytes (as pydicom writes them).
+        done = _run(["dcmconv", "+ti", "-g", "-e", str(decompressed), str(implicit)])
         if done.returncode != 0:
             return View((), None, decoder, (*problems, f"dcmconv +ti: {done.stderr[:200]}"))
         decompressed = implicit
@@ -97,7 +99,9 @@ def dcmtk_view(path: Path, workdir: Path, *, via_implicit: bool = False) -> View
     if done.returncode != 0:
         return View((), None, decoder, (*problems, f"dcmconv: {done.stderr.strip()[:200]}"))
     pixels = pixels or native
-    dump = _run(["dcmdump", "+L", "-Un", str(native)])
+    # +uc: a standard element sent as UN is shown with its dictionary VR, which is what
+    # pydicom writes once it has read it. The value must still be the same.
+    dump = _run(["dcmdump", "+L", "-Un", "+uc", str(native)])
     if dump.returncode != 0:
         return View((), pixels, decoder, (*problems, f"dcmdump: {dump.stderr.strip()[:200]}"))
     return View(tuple(comparable_lines(dump.stdout)), pixels, decoder, tuple(problems))
@@ -143,7 +147,7 @@ def _elements_only(path: Path, workdir: Path) -> Path:
 
 def _pydicom_decompressed(path: Path, workdir: Path) -> Path:
     ds = dcmread(path)
-    ds.decompress(generate_instance_uid=False)
+    ds.decompress(as_rgb=False, generate_instance_uid=False)  # YBR_FULL stays YBR_FULL
     out = workdir / "pydicom-decompressed.dcm"
     ds.save_as(out, enforce_file_format=True)
     return out

@@ -262,3 +262,18 @@ def test_odd_length_ow_is_refused_instead_of_being_half_swapped() -> None:
     with pytest.raises(ByteOrderError, match=r"\(0009,1001\) OW: 3 bytes"):
         convert_byte_order(ds, ExplicitVRBigEndian, ExplicitVRLittleEndian)
     assert convert_byte_order(ds, ExplicitVRLittleEndian, ImplicitVRLittleEndian) == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["rtplan_truncated.dcm", "emri_small_jpeg_2k_lossless_too_short.dcm"]
+)
+def test_a_truncated_source_is_kept_as_received_not_made_whole(name: str, tmp_path: Path) -> None:
+    """Found by the element-by-element check: pydicom reads a truncated file leniently
+    (a value cut short, or Pixel Data dropped), and writing that would give a well-formed
+    instance that lies. It falls back to the bytes as received instead."""
+    source = find(name)
+    dst = tmp_path / "out.dcm"
+    outcome = transcode_file(source, dst, [parse_target(ExplicitVRLittleEndian)])
+    assert outcome.fallback
+    assert "source truncated" in outcome.reasons[0]
+    assert dst.read_bytes() == source.read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import textwrap
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom import uid as _uid
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.derived import DerivedFiles, Untranscodable
 from node.syntaxes import syntax_name
@@ -56,6 +57,7 @@ class Row:
 @dataclass(frozen=True)
 class InputView:
     view: View
+    through_implicit: View  # the reference for Implicit VR outputs (private VRs lost)
     pixels: Path | None
     lossy: bool
 
@@ -87,8 +89,8 @@ def inputs(workspace: Path) -> dict[Path, InputView]:
     with _pool() as pool:
         views = list(pool.map(input_job, paths, folders, chunksize=4))
     return {
-        path: InputView(view, pixels, _syntax(path) in _LOSSY_SOURCES)
-        for path, (view, pixels) in zip(paths, views, strict=True)
+        path: InputView(view, implicit, pixels, _syntax(path) in _LOSSY_SOURCES)
+        for path, (view, implicit, pixels) in zip(paths, views, strict=True)
     }
 
 
@@ -120,6 +122,7 @@ def table(
     inputs: dict[Path, InputView],
     forwarded: dict[Path, Path | None],
 ) -> dict[str, Row]:
+    started = time.monotonic()
     jobs: list[tuple[str, Path, Path]] = []  # (row, input, output)
     rows: dict[str, Row] = {}
     for syntax in LOSSLESS_TARGETS:
@@ -152,15 +155,21 @@ def table(
             chunksize=8,
         )
         for (name, src, _), (view, pixels) in zip(jobs, views, strict=True):
-            _tally(rows[name], src, inputs[src], view, pixels)
-    _report(rows)
+            _tally(rows[name], src, inputs[src], view, pixels, name == _IMPLICIT)
+    _report(rows, f"{len(jobs)} outputs viewed in {time.monotonic() - started:.0f} s")
     return rows
 
 
-def _tally(row: Row, src: Path, expected: InputView, view: View, pixels: str) -> None:
-    diff = differences(expected.view, view, lossy_source=expected.lossy)
-    if not view.lines or not expected.view.lines:
-        problems = "; ".join((*expected.view.problems, *view.problems))
+_IMPLICIT = syntax_name(ImplicitVRLittleEndian)
+
+
+def _tally(
+    row: Row, src: Path, expected_views: InputView, view: View, pixels: str, implicit: bool
+) -> None:
+    expected = expected_views.through_implicit if implicit else expected_views.view
+    diff = differences(expected, view, lossy_source=expected_views.lossy)
+    if not view.lines or not expected.lines:
+        problems = "; ".join((*expected.problems, *view.problems))
         diff = diff or [f"no DCMTK view: {problems}"]
     if diff:
         row.element_differences += 1
@@ -170,7 +179,7 @@ def _tally(row: Row, src: Path, expected: InputView, view: View, pixels: str) ->
         row.details.append(f"{src.name}: pixels {pixels}")
 
 
-def _report(rows: dict[str, Row]) -> None:
+def _report(rows: dict[str, Row], timing: str) -> None:
     header = (
         f"{'target':<44} {'files':>5} {'converted':>9} {'fell back':>9} "
         f"{'element diffs':>13} {'pixel diffs':>11}"
@@ -183,6 +192,7 @@ def _report(rows: dict[str, Row]) -> None:
         )
     for name, row in rows.items():
         lines += [f"{name}: {detail}" for detail in row.details[:20]]
+    lines.append(timing)
     text = "\n".join(lines)
     REPORT.write_text(text + "\n")
     print("\n" + text)
@@ -270,4 +280,7 @@ def test_forward_of_big_endian_instances_to_an_ele_only_storescp(
         expected = dcmtk_view(src, tmp_path / "views" / f"{src.stem}.in")
         actual = dcmtk_view(received, tmp_path / "views" / f"{src.stem}.out")
         assert expected.lines, expected.problems
-        assert differences(expected, actual, lossy_source=False) == [], src.name
+        # DCMTK's storescu does not send Data Set Trailing Padding (PS3.10 7.2: it has
+        # no meaning), so the node never received it.
+        diff = differences(expected, actual, lossy_source=False)
+        assert [line for line in diff if not line.startswith("-(fffc,fffc)")] == [], src.name

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID
@@ -33,6 +35,8 @@ from node.transcode.pixels import (
 from node.transcode.targets import NATIVE_SYNTAXES, Target
 from node.transcode.verify import RungFailed, VerificationMismatch, verify_lossless, verify_lossy
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
 
 @dataclass(frozen=True)
 class RungResult:
@@ -52,9 +56,13 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
     if target.lossy and not allow_lossy:
         return RungResult(target, ok=False, reason="lossy target not allowed without opt-in")
     try:
-        ds = dcmread(src)
+        ds, truncation = read_source(src)
     except Exception as error:
         return RungResult(target, ok=False, reason=f"source unreadable: {_short(error)}")
+    if truncation:
+        # pydicom reads what is there; writing that would turn a damaged instance into a
+        # well-formed one with a value cut short or its Pixel Data gone.
+        return RungResult(target, ok=False, reason=f"source truncated: {truncation}")
     source_uid = str(ds.get("SOPInstanceUID", ""))
     try:
         encoded = encode_for_target(ds, target)
@@ -73,6 +81,30 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         size=len(encoded),
     )
+
+
+def read_source(src: Path) -> tuple[Dataset, str]:
+    """The data set, and why it is truncated ("" when it is whole)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = dcmread(src)
+    for warning in caught:
+        if "End of file reached" in str(warning.message):
+            return ds, str(warning.message).split(" in file ")[0]
+    return ds, _short_value(ds)
+
+
+def _short_value(ds: Dataset) -> str:
+    for raw in ds.elements():
+        # A defined-length value (a sequence's too) that the file ends in the middle of.
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.value is not None
+            and raw.length != _UNDEFINED_LENGTH
+            and len(raw.value) < raw.length
+        ):
+            return f"{raw.tag} has {len(raw.value)} of its {raw.length} bytes"
+    return ""
 
 
 def encode_for_target(ds: Dataset, target: Target) -> bytes:
