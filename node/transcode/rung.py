@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID
+from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from node.transcode.byteorder import ByteOrderError, convert_byte_order
 from node.transcode.capabilities import first_problem
@@ -21,6 +21,7 @@ from node.transcode.files import write_atomically
 from node.transcode.metadata import (
     keep_lossy_history,
     mark_lossy,
+    private_sequences_of_undefined_length,
     set_encapsulated_pixels,
     set_native_pixels,
     set_transfer_syntax,
@@ -120,6 +121,8 @@ def encode_for_target(ds: Dataset, target: Target) -> bytes:
         # endian only; a big endian peer gets the instance as received or in another syntax.
         raise RungFailed("big endian syntaxes are not written (retired)")
     _convert_byte_order(ds, source_syntax, syntax)
+    if syntax == ImplicitVRLittleEndian:
+        private_sequences_of_undefined_length(ds)
     if pixel_keyword(ds) is None:
         if not native:
             raise RungFailed("no pixel data to compress")
