@@ -277,3 +277,16 @@ def test_a_truncated_source_is_kept_as_received_not_made_whole(name: str, tmp_pa
     assert outcome.fallback
     assert "source truncated" in outcome.reasons[0]
     assert dst.read_bytes() == source.read_bytes()
+
+
+def test_implicit_vr_output_keeps_private_sequences_readable(tmp_path: Path) -> None:
+    """Found by the element check: a private sequence of explicit length (as dcmconv +tb
+    writes them) came out of an Implicit VR transcode as opaque UN bytes for any reader
+    without Philips' dictionary. Undefined length keeps it a sequence (CP 246)."""
+    written = _transcoded(find("OBXXXX1A_expb.dcm"), ImplicitVRLittleEndian, tmp_path)
+    assert written[0x200D110D].is_undefined_length
+    output = tmp_path / "OBXXXX1A_expb.ImplicitVRLittleEndian.dcm"
+    dump = subprocess.run(
+        [require_tool("dcmdump"), "+P", "200d,110d", str(output)], capture_output=True, text=True
+    )
+    assert dump.stdout.startswith("(200d,110d) SQ"), dump.stdout[:200]  # DCMTK: not UN
