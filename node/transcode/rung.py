@@ -86,13 +86,17 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
 
 def read_source(src: Path) -> tuple[Dataset, str]:
     """The data set, and why it is truncated ("" when it is whole)."""
+    # pydicom says "End of file reached" only as a warning. Recorded here (this runs in a
+    # worker process, one rung at a time) and passed on, so logging still sees them.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = dcmread(src)
+    truncation = ""
     for warning in caught:
-        if "End of file reached" in str(warning.message):
-            return ds, str(warning.message).split(" in file ")[0]
-    return ds, _short_value(ds)
+        if "End of file reached" in str(warning.message) and not truncation:
+            truncation = str(warning.message).split(" in file ")[0]
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return ds, truncation or _short_value(ds)
 
 
 def _short_value(ds: Dataset) -> str:
