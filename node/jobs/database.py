@@ -14,9 +14,11 @@ commit persists it.
 
 Lookups use a second connection, the reader. WAL lets a reader see the last
 commit while a writer holds its transaction, so a lookup never waits behind a
-commit's fsync. Python's sqlite3 connections may be shared between threads
-(check_same_thread=False) but not used by two at once, hence one lock per
-connection.
+commit's fsync. SQLite is built serialized here (sqlite3.threadsafety == 3), so
+sharing a connection between threads is safe (check_same_thread=False), but a
+connection has one transaction at a time: a thread's BEGIN would take in
+another's statements. Hence one lock per connection, held for a whole
+transaction or lookup; the reader's lock is never held through a commit.
 """
 
 from __future__ import annotations
