@@ -38,7 +38,9 @@ def database(tmp_path: Path) -> Iterator[Database]:
 def record(queue: SqliteJobQueue, folder: Path, uid: str, jobs: list[JobSpec]) -> Path:
     spooled = folder / f"{uid}.dcm"
     spooled.write_bytes(b"dicm")
-    instance = ReceivedInstance(uid, CTImageStorage, ExplicitVRLittleEndian, "CT", "NODE", spooled, 4)
+    instance = ReceivedInstance(
+        uid, CTImageStorage, ExplicitVRLittleEndian, "CT", "NODE", spooled, 4
+    )
     queue.record_instance(instance, jobs)
     return spooled
 
@@ -107,8 +109,9 @@ def store_workers(
 ) -> StoreWorkers:
     target = StorageTarget(StorageConfig("archive", tmp_path / "archive"))
     spool = Spool(tmp_path / "spool")
-    extra = {} if schedule is None else {"schedule": schedule}
-    return StoreWorkers(queue, spool, {"archive": target}, stage=failing_stage, **extra)
+    if schedule is None:  # the node's own
+        return StoreWorkers(queue, spool, {"archive": target}, stage=failing_stage)
+    return StoreWorkers(queue, spool, {"archive": target}, stage=failing_stage, schedule=schedule)
 
 
 def retry_delays(path: Path) -> list[float]:
