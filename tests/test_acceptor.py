@@ -27,6 +27,7 @@ from node.ingest.receiving import ArrivingDataset
 from node.net import pdu
 from node.net.association import AcceptorSettings, Association
 from node.net.pduguard import ReceiveLimits
+from tests.corpus import dataset_bytes
 from tests.foundation_helpers import CT_SMALL, pynetdicom_store
 from tests.support import (
     NodeProcess,
@@ -296,14 +297,6 @@ def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout
     finally:
         stop.set()
         assert node.stop() == 0, node.log()
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """A Part 10 file's dataset, as encoded (everything after the File Meta group)."""
-    with path.open("rb") as fp:
-        pydicom.filereader.read_preamble(fp, False)
-        pydicom.filereader._read_file_meta_info(fp)
-        return fp.read()
 
 
 @pytest.mark.parametrize(("pdu_size", "extra"), [(4096, 200_000), (16384, 12 * 1024 * 1024)])

@@ -24,11 +24,10 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.daemon.notify import Notifier, watchdog_interval
+from tests.corpus import CT_SMALL
 from tests.forward_support import StoreSCP
 from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
 from tests.test_daemon_status import status
-
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 
 
 class NotifyListener:

@@ -35,6 +35,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
 from node.net import pdu
+from tests.corpus import dataset_bytes
 from tests.foundation_helpers import CT_SMALL, associate, raw_sending, status_of
 from tests.support import REPO, NodeProcess, base_config, free_port, wait_until, write_config
 
@@ -72,14 +73,6 @@ def ct_file(folder: Path, sop_class: str = CTImageStorage) -> Path:
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """A Part 10 file's dataset as encoded: everything after the File Meta group."""
-    with path.open("rb") as fp:
-        pydicom.filereader.read_preamble(fp, False)
-        pydicom.filereader._read_file_meta_info(fp)
-        return fp.read()
 
 
 def stored_files(tmp_path: Path) -> list[Path]:

@@ -17,15 +17,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.corpus import find
+from tests.corpus import copies_with_new_uids, find, sop_instance_uid
 from tests.forward_support import (
     RefusingSCP,
     StoreSCP,
-    copies_with_new_uids,
     destination,
     forwarding_config,
     queue_cli,
-    sop_instance_uid,
 )
 from tests.orthanc import Orthanc
 from tests.support import BOTH_ACCEPTORS, NodeProcess, free_port, storescu, wait_until, write_config

@@ -7,13 +7,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pydicom
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from node.daemon import metrics
 from node.jobs.queue import JobKind, JobSpec, Queue
+from tests.corpus import CT_SMALL, copies_with_new_uids, dataset_bytes
 from tests.support import (
     NodeProcess,
     base_config,
@@ -24,7 +24,6 @@ from tests.support import (
 )
 from tests.test_daemon_status import queued_instance
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 N = 3
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -44,30 +43,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def distinct_ct_files(folder: Path, count: int) -> list[Path]:
-    folder.mkdir()
-    files = []
-    for index in range(count):
-        ds = pydicom.dcmread(CT_SMALL)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = folder / f"ct{index}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
-
-
-def dataset_bytes(path: Path) -> int:
-    """Bytes after the Part 10 header: the dataset as the C-STORE carried it."""
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    return path.stat().st_size - (128 + 4 + 12 + meta.FileMetaInformationGroupLength)
-
-
 def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     config = base_config(tmp_path, port)
     config["security"] = {"allowed_calling_aets": ["STORESCU"]}
     config["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
-    files = distinct_ct_files(tmp_path / "send", N)
+    files = copies_with_new_uids(CT_SMALL, tmp_path / "send", N)
     path = write_config(tmp_path / "config.toml", config)
     # journald mode: the log lines are checked below too.
     node = NodeProcess(path, port, env={"JOURNAL_STREAM": "8:4242"}).start()
@@ -95,7 +76,9 @@ def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -
     assert value(samples, "dicom_node_associations_active") == 0
     assert value(samples, "dicom_node_instances_received_total", status="success") == N
     # Stored as received (no transcoding configured): the archive files hold the received bytes.
-    assert value(samples, "dicom_node_received_bytes_total") == sum(map(dataset_bytes, archive))
+    assert value(samples, "dicom_node_received_bytes_total") == sum(
+        len(dataset_bytes(f)) for f in archive
+    )
     assert value(samples, "dicom_node_stored_bytes_total", storage="archive") == sum(
         f.stat().st_size for f in archive
     )

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import urllib.request
@@ -31,11 +30,11 @@ from typing import Any
 
 import numpy
 import pydicom
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from tests.conftest import StartNode
+from tests.corpus import dataset_bytes, find
 from tests.orthanc import Orthanc
 from tests.support import BOTH_ACCEPTORS, NodeProcess, require_tool, wait_until
 
@@ -43,17 +42,9 @@ PEER_TIMEOUT = 60.0
 TRAILING_PADDING = 0xFFFCFFFC
 PIXEL_DATA = 0x7FE00010
 LOSSLESS_FILES = ("MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm")
-# Explicit VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
-LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 # gdcm 3.0.21 as packaged by Debian throws from its client after the association is
 # released, whatever the SCP (DCMTK storescp too), and the uncaught exception aborts it.
 GDCMSCU_ABORT = "ProtocolStream as nullptr is invalid"
-
-
-def pydicom_file(name: str) -> Path:
-    found = get_testdata_file(name)
-    assert found is not None, f"pydicom test file {name} is missing"
-    return Path(str(found))
 
 
 def fresh_copy(name: str, folder: Path) -> Path:
@@ -61,7 +52,7 @@ def fresh_copy(name: str, folder: Path) -> Path:
     syntax, so that files sharing a UID (MR_small and its compressed variants) do not
     overwrite each other in the archive."""
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = pydicom.dcmread(pydicom_file(name))
+    dataset = pydicom.dcmread(find(name))
     uid = generate_uid()
     dataset.SOPInstanceUID = uid
     dataset.file_meta.MediaStorageSOPInstanceUID = uid
@@ -77,25 +68,6 @@ def fresh_copy(name: str, folder: Path) -> Path:
     path = folder / f"{uid}.dcm"
     dataset.save_as(path, enforce_file_format=True)
     return path
-
-
-def dataset_bytes(encoded: bytes) -> bytes:
-    """The data set of a DICOM file: everything after the preamble, 'DICM' and the
-    (always Explicit VR Little Endian) group 0002 file meta elements."""
-    assert encoded[128:132] == b"DICM", "not a DICOM file with a preamble"
-    offset = 132
-    while offset < len(encoded):
-        (group,) = struct.unpack_from("<H", encoded, offset)
-        if group != 0x0002:
-            break
-        vr = encoded[offset + 4 : offset + 6]
-        if vr in LONG_LENGTH_VRS:
-            (length,) = struct.unpack_from("<I", encoded, offset + 8)
-            offset += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", encoded, offset + 6)
-            offset += 8 + length
-    return encoded[offset:]
 
 
 def stored_files(node: NodeProcess) -> dict[str, Path]:

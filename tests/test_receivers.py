@@ -8,31 +8,13 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
-
+from tests.corpus import CT_SMALL, copies_with_new_uids
 from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 # The kernel picks the process for each connection by a hash: enough rounds that two
 # processes all but surely both serve some, without a test that waits for luck.
 MAX_ROUNDS = 12
 ASSOCIATION_LINE = re.compile(r"node\.scp\[(\d+)\]: association released")
-
-
-def make_instances(folder: Path, count: int) -> list[Path]:
-    """Copies of CT_small, each with its own SOP Instance UID."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for _ in range(count):
-        dataset = pydicom.dcmread(CT_SMALL)
-        uid = generate_uid()
-        dataset.SOPInstanceUID = uid
-        dataset.file_meta.MediaStorageSOPInstanceUID = uid
-        path = folder / f"{uid}.dcm"
-        dataset.save_as(path)
-        files.append(path)
-    return files
 
 
 def children_of(pid: int) -> set[int]:
@@ -70,7 +52,9 @@ def send_in_pairs(port: int, folder: Path, until: set[int], node: NodeProcess) -
     sent: list[Path] = []
     with ThreadPoolExecutor(2) as pool:
         for round_number in range(MAX_ROUNDS):
-            batches = [make_instances(folder / f"{round_number}-{i}", 3) for i in range(2)]
+            batches = [
+                copies_with_new_uids(CT_SMALL, folder / f"{round_number}-{i}", 3) for i in range(2)
+            ]
             for result in pool.map(lambda files: storescu(port, files), batches):
                 assert result.returncode == 0, result.stderr
             sent += [path for batch in batches for path in batch]

@@ -23,6 +23,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.certs import Certificates, make_certificates
+from tests.corpus import CT_SMALL, MR_SMALL
 from tests.support import (
     NodeProcess,
     base_config,
@@ -33,9 +34,6 @@ from tests.support import (
     wait_until,
     write_config,
 )
-
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
-MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from node.ingest.intake import Status, StoreRequest
 from node.store.layout import MAX_COMPONENT_LENGTH
+from tests.corpus import PYDICOM_FILES
 from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
-from tests.test_fuzz import TEST_FILES, IntakeRig, seed
+from tests.test_fuzz import IntakeRig, seed
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -99,8 +100,8 @@ def test_instance_size_and_disk_headroom_limits_answer_out_of_resources(tmp_path
     sections["limits"] = {"min_free_space": 0, "max_instance_size": 20_000}
     config = write_config(tmp_path / "config.toml", sections)
     with NodeProcess(config, port) as node:
-        storescu(port, [TEST_FILES / "CT_small.dcm"])
-        storescu(port, [TEST_FILES / "MR_small.dcm"])
+        storescu(port, [PYDICOM_FILES / "CT_small.dcm"])
+        storescu(port, [PYDICOM_FILES / "MR_small.dcm"])
         assert wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) == 1)
         stored = pydicom.dcmread(next((tmp_path / "archive").rglob("*.dcm")))
         assert stored.SOPInstanceUID == small.sop_instance_uid
@@ -112,7 +113,7 @@ def test_instance_size_and_disk_headroom_limits_answer_out_of_resources(tmp_path
     sections["limits"] = {"min_free_space": 1 << 60}  # more than any disk: always "full"
     config = write_config(tmp_path / "full.toml", sections)
     with NodeProcess(config, port) as node:
-        storescu(port, [TEST_FILES / "MR_small.dcm"])
+        storescu(port, [PYDICOM_FILES / "MR_small.dcm"])
         assert "status 0xA700: free disk space is below limits.min_free_space" in node.log()
         assert not list((tmp_path / "full" / "archive").rglob("*.dcm"))
 
@@ -122,7 +123,7 @@ def test_hostile_tag_values_in_the_path_template_stay_inside_storage(tmp_path: P
     sections = base_config(tmp_path, port)
     layout = "{PatientID}/{StudyInstanceUID}/{SeriesDescription}/{SOPInstanceUID}.dcm"
     sections["storage"] = [{"name": "archive", "path": str(tmp_path / "archive"), "layout": layout}]
-    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
     ds.PatientID = "../../../../../../tmp/escape"
     ds.StudyInstanceUID = ".."
     ds.SeriesDescription = "\x00/\\:*?<>|\x1b[31m" + "A" * 5000

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 
+from tests.corpus import CT_SMALL
 from tests.support import (
     NodeProcess,
     base_config,
@@ -16,8 +17,6 @@ from tests.support import (
     wait_until,
     write_config,
 )
-
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 
 
 def test_echo_store_and_clean_stop(tmp_path: Path) -> None:

@@ -11,15 +11,14 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from node.config.model import ConfigError, parse_config
 from node.net.storelink import associate_rq
+from tests.corpus import CT_SMALL, copies_with_new_uids
 from tests.forward_support import destination, forwarding_config
 from tests.support import (
     ACCEPTORS,
@@ -32,7 +31,6 @@ from tests.support import (
     write_config,
 )
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 PASSCODE = "secret"  # the acceptance test: storescu --user alice --password secret -rsp
 REJECTED_BY_ACSE = (1, 2, 1)  # rejected-permanent, service-provider (ACSE), no-reason-given
 
@@ -78,12 +76,7 @@ def node(
 
 
 def fresh_ct(folder: Path) -> Path:
-    ds = pydicom.dcmread(CT_SMALL)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return copies_with_new_uids(CT_SMALL, folder, 1)[0]
 
 
 def stored(archive: Path, sop_instance_uid: str) -> bool:
