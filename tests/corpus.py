@@ -32,7 +32,7 @@ def corpus_dirs() -> list[Path]:
 
 @cache
 def _corpus() -> tuple[Path, ...]:
-    found = []
+    found: list[Path] = []
     for folder in corpus_dirs():
         found.extend(p for p in sorted(folder.rglob("*")) if p.is_file() and _readable(p))
     return tuple(found)

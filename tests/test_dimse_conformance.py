@@ -30,36 +30,23 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from node.net import pdu
-from tests.corpus import dataset_bytes
-from tests.foundation_helpers import CT_SMALL, associate, raw_sending, status_of
-from tests.support import REPO, NodeProcess, base_config, free_port, wait_until, write_config
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL, dataset_bytes
+from tests.foundation_helpers import (
+    associate,
+    associate_rq_bytes,
+    raw_sending,
+    read_exactly,
+    status_of,
+)
+from tests.support import REPO, NodeProcess, wait_until
 
 STORAGE_CONTEXT = 1  # CT Image Storage, Explicit VR Little Endian
 VERIFICATION_CONTEXT = 3
 VERIFICATION = UID("1.2.840.10008.1.1")
 PDV_LIMIT = 16 * 1024  # what the raw peer puts in one PDV (under the node's max PDU)
-
-
-def start_node(
-    tmp_path: Path, env: dict[str, str] | None = None, stored_as: str | None = None
-) -> NodeProcess:
-    """The node; `stored_as` makes its storage transcode, in codec worker processes."""
-    port = free_port()
-    sections = base_config(tmp_path, port)
-    if stored_as:
-        sections["storage"] = [
-            {"name": "archive", "path": str(tmp_path / "archive"), "transfer_syntax": stored_as}
-        ]
-    config = write_config(tmp_path / "config.toml", sections)
-    node = NodeProcess(config, port, env)
-    if env is None or "JOURNAL_STREAM" not in env:
-        node.env.pop("JOURNAL_STREAM", None)  # terminal lines: "time LEVEL logger: message"
-    return node.start()
 
 
 def ct_file(folder: Path, sop_class: str = CTImageStorage) -> Path:
@@ -91,18 +78,19 @@ class RawPeer:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.settimeout(20)
-        self.sock.sendall(_associate_rq())
+        self.sock.sendall(
+            associate_rq_bytes(
+                [
+                    (STORAGE_CONTEXT, CTImageStorage, [ExplicitVRLittleEndian]),
+                    (VERIFICATION_CONTEXT, VERIFICATION, [ImplicitVRLittleEndian]),
+                ]
+            )
+        )
         pdu_type, _ = self.read_pdu()
         assert pdu_type == pdu.A_ASSOCIATE_AC, pdu_type
 
     def read_exactly(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.sock.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-            data += chunk
-        return data
+        return read_exactly(self.sock, size)
 
     def read_pdu(self) -> tuple[int, bytes]:
         pdu_type, length = pdu.parse_header(self.read_exactly(6))
@@ -150,24 +138,6 @@ class RawPeer:
         self.sock.close()
 
 
-def _associate_rq() -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWSCU"
-    primitive.called_ae_title = "DICOMNODE"
-    storage = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    storage.context_id = STORAGE_CONTEXT
-    verification = build_context(VERIFICATION, [ImplicitVRLittleEndian])
-    verification.context_id = VERIFICATION_CONTEXT
-    primitive.presentation_context_definition_list = [storage, verification]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 0
-    primitive.user_information = [max_length]
-    encoder = A_ASSOCIATE_RQ()
-    encoder.from_primitive(primitive)
-    return bytes(encoder.encode())
-
-
 def request(
     command_field: int,
     message_id: int,
@@ -204,10 +174,11 @@ def log_lines(node: NodeProcess, level: str) -> list[str]:
 
 
 def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     first, second = ct_file(tmp_path), ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         assoc = associate(
             node.port,
@@ -235,9 +206,11 @@ def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
         assert node.stop() == 0, node.log()
 
 
-def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(tmp_path: Path) -> None:
+def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         peer.send_command(STORAGE_CONTEXT, c_cancel(41))  # nothing with Message ID 41 is open
@@ -264,11 +237,12 @@ def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(tmp_path: 
 
 
 def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     sent = ct_file(tmp_path)
     data = dataset_bytes(sent)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         ds = pydicom.dcmread(sent, stop_before_pixels=True)
@@ -299,10 +273,11 @@ def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
 
 
 def test_a_c_store_without_a_data_set_gets_0xC210_and_the_association_goes_on(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         empty = request(0x0001, 5, CTImageStorage, generate_uid(), has_dataset=False)
@@ -330,12 +305,13 @@ def test_a_c_store_without_a_data_set_gets_0xC210_and_the_association_goes_on(
 
 
 def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not_stored(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     # An MR instance, announced as MR, on the context negotiated for CT Image Storage.
     wrong = ct_file(tmp_path, sop_class=MRImageStorage)
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         response = peer.store(wrong, 11)
@@ -371,10 +347,11 @@ def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not
 
 
 def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goes_on(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         identifier = Dataset()
@@ -419,9 +396,10 @@ def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goe
 
 
 def test_a_peer_hanging_up_between_pdus_is_info_and_one_cut_off_inside_a_pdu_a_warning(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         # Released properly by pynetdicom: the peer closes TCP after our A-RELEASE-RP.
         assoc = associate(node.port, [(VERIFICATION, [ImplicitVRLittleEndian])])
@@ -494,6 +472,7 @@ def test_setup_logging_sends_python_warnings_through_the_journald_formatter() ->
 
 
 def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     # A SOP Instance UID with a component that starts with 0 is not a valid UI value:
@@ -507,7 +486,7 @@ def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
     ds = pydicom.dcmread(path)
     crafted = tmp_path / "crafted.dcm"
     crafted.write_bytes(path.read_bytes().replace(valid.encode(), invalid.encode()))
-    node = start_node(tmp_path, env={"JOURNAL_STREAM": "8:1234"}, stored_as="JPEGLSLossless")
+    node = start_node(env={"JOURNAL_STREAM": "8:1234"}, stored_as="JPEGLSLossless")
     try:
         peer = RawPeer(node.port)
         peer.send_command(STORAGE_CONTEXT, request(0x0001, 1, str(ds.SOPClassUID), invalid))
@@ -530,11 +509,12 @@ def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
 
 
 def test_a_c_store_whose_affected_sop_instance_uid_is_not_ascii_gets_a_status(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     """The response echoes the request's UIDs; a byte that is not ASCII must not abort it."""
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         placeholder = "1.2.3.4.5.6.7.8.9"

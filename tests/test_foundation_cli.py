@@ -9,8 +9,8 @@ from pathlib import Path
 import pydicom
 
 from tests.conftest import StartNode
-from tests.corpus import PYDICOM_FILES
-from tests.foundation_helpers import CT_SMALL, pynetdicom_store
+from tests.corpus import CT_SMALL, PYDICOM_FILES
+from tests.foundation_helpers import pynetdicom_store
 from tests.support import NodeProcess, dicom_node, wait_until
 
 DUPLICATE_SOP_INSTANCE = 0x0111

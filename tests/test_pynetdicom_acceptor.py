@@ -29,8 +29,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.certs import Certificates
 from tests.conftest import StartNode
-from tests.corpus import dataset_bytes
-from tests.foundation_helpers import CT_SMALL, associate, pynetdicom_store
+from tests.corpus import CT_SMALL, dataset_bytes
+from tests.foundation_helpers import associate, pynetdicom_store
 from tests.support import (
     BOTH_ACCEPTORS,
     base_config,

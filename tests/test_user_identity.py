@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -20,6 +20,7 @@ from node.config.model import ConfigError, parse_config
 from node.net.storelink import associate_rq
 from tests.corpus import CT_SMALL, copies_with_new_uids
 from tests.forward_support import destination, forwarding_config
+from tests.foundation_helpers import associate
 from tests.support import (
     ACCEPTORS,
     NodeProcess,
@@ -171,9 +172,8 @@ def pynetdicom_associate(
     item.primary_field = primary
     if identity_type == 2:
         item.secondary_field = secondary
-    ae = AE("PYNETSCU")
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE", ext_neg=[item])
+    echo = [(Verification, DEFAULT_TRANSFER_SYNTAXES)]
+    return associate(port, echo, calling="PYNETSCU", ext_neg=[item])
 
 
 def test_a_requested_positive_response_comes_back_empty_for_username_and_passcode(
