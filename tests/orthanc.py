@@ -82,6 +82,25 @@ class Orthanc(ServerProcess):
             body = r.read()
         return json.loads(body) if body[:1] in (b"[", b"{") else body
 
+    def post(self, path: str, body: bytes, content_type: str, timeout: float = 60) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=body,
+            method="POST",
+            headers={"Content-Type": content_type},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def upload(self, file: Path) -> str:
+        """POST /instances: Orthanc holds the file as it is; its instance id."""
+        return str(self.post("/instances", file.read_bytes(), "application/dicom")["ID"])
+
+    def store_to(self, modality: str, instance_ids: list[str]) -> dict[str, Any]:
+        """Orthanc C-STOREs the instances to one of its DicomModalities; the finished job."""
+        body = json.dumps({"Resources": instance_ids, "Synchronous": True}).encode()
+        return dict(self.post(f"/modalities/{modality}/store", body, "application/json"))
+
     def instances(self) -> list[str]:
         """Orthanc's instance ids (not SOP Instance UIDs)."""
         return list(self.get("/instances"))

@@ -166,8 +166,9 @@ def c_cancel(message_id_being_responded_to: int) -> Dataset:
     return ds
 
 
-def log_lines(node: NodeProcess, level: str) -> list[str]:
-    return [line for line in node.log().splitlines() if f" {level} " in line]
+def log_lines(node: NodeProcess, level: str, containing: str = "") -> list[str]:
+    """The node's log lines at `level` (terminal format) that contain `containing`."""
+    return [line for line in node.log().splitlines() if f" {level} " in line and containing in line]
 
 
 # C-CANCEL-RQ (PS3.7 9.3.2.3): accepted, never answered, and for a C-STORE ignored.
@@ -198,7 +199,7 @@ def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
             lambda: stored_byte_exact(tmp_path, first) and stored_byte_exact(tmp_path, second),
             timeout=30,
         ), node.log()
-        cancel = [line for line in log_lines(node, "INFO") if "C-CANCEL-RQ" in line]
+        cancel = log_lines(node, "INFO", "C-CANCEL-RQ")
         assert len(cancel) == 1, node.log()
         assert "'PYSCU' for Message ID 7 ignored: its C-STORE-RQ was already answered" in cancel[0]
         assert "aborting" not in node.log()
@@ -225,12 +226,8 @@ def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(
         assert (store.MessageIDBeingRespondedTo, store.Status) == (43, 0x0000)
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
-        assert wait_until(
-            lambda: (
-                "for Message ID 41 ignored: no request with that Message ID is in progress"
-                in node.log()
-            ),
-            timeout=5,
+        assert node.logged(
+            "for Message ID 41 ignored: no request with that Message ID is in progress", timeout=5
         ), node.log()
     finally:
         assert node.stop() == 0, node.log()
@@ -258,12 +255,8 @@ def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
         assert peer.echo(52).Status == 0x0000
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
-        assert wait_until(
-            lambda: (
-                "for Message ID 51 ignored: a C-STORE-RQ cannot be cancelled, it goes on"
-                in node.log()
-            ),
-            timeout=5,
+        assert node.logged(
+            "for Message ID 51 ignored: a C-STORE-RQ cannot be cancelled, it goes on", timeout=5
         ), node.log()
     finally:
         assert node.stop() == 0, node.log()
@@ -296,7 +289,7 @@ def test_a_c_store_without_a_data_set_gets_0xC210_and_the_association_goes_on(
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
         assert len(stored_files(tmp_path)) == 1
-        refused = [line for line in log_lines(node, "WARNING") if "refused C-STORE-RQ" in line]
+        refused = log_lines(node, "WARNING", "refused C-STORE-RQ")
         assert len(refused) == 1, node.log()
         assert f"SOP Instance UID {empty.AffectedSOPInstanceUID}" in refused[0]
         assert "with status 0xC210: C-STORE-RQ without a data set" in refused[0]
@@ -334,7 +327,7 @@ def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
         assert len(stored_files(tmp_path)) == 1
         assert not any((tmp_path / "data" / "spool" / ".receiving").iterdir())
-        refused = [line for line in log_lines(node, "WARNING") if "refused C-STORE-RQ" in line]
+        refused = log_lines(node, "WARNING", "refused C-STORE-RQ")
         assert len(refused) == 2, node.log()
         assert "'RAWSCU'" in refused[0] and "with status 0x0122" in refused[0]
         assert "with status 0xC210: C-STORE-RQ without an Affected SOP Class UID" in refused[1]
@@ -383,7 +376,7 @@ def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goe
         assert peer.store(sent, 24).Status == 0x0000
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
-        unprovided = [line for line in log_lines(node, "WARNING") if "not a service" in line]
+        unprovided = log_lines(node, "WARNING", "not a service")
         assert [line.split(" from ")[0].split()[-1] for line in unprovided] == [
             "C-FIND-RQ",
             "N-ACTION-RQ",
@@ -431,9 +424,7 @@ def test_a_peer_hanging_up_between_pdus_is_info_and_one_cut_off_inside_a_pdu_a_w
             "'RAWSCU' ended: the connection closed in the middle of a PDU, 88 bytes early"
         )
         assert "6 bytes early" not in node.log()
-        protocol_warnings = [
-            line for line in log_lines(node, "WARNING") if "node.association" in line
-        ]
+        protocol_warnings = log_lines(node, "WARNING", "node.association")
         assert protocol_warnings == ended[1:], node.log()
     finally:
         assert node.stop() == 0, node.log()

@@ -13,14 +13,13 @@ from pydicom.uid import generate_uid
 
 from node.daemon import metrics
 from node.jobs.queue import JobKind, JobSpec, Queue
+from tests.conftest import StartNode
 from tests.corpus import CT_SMALL, copies_with_new_uids, dataset_bytes
 from tests.support import (
-    NodeProcess,
     base_config,
     free_port,
     storescu,
     wait_until,
-    write_config,
 )
 from tests.test_daemon_status import queued_instance
 
@@ -43,15 +42,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -> None:
+def test_counters_after_n_instances_and_a_rejected_association(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     port, metrics_port = free_port(), free_port()
     config = base_config(tmp_path, port)
     config["security"] = {"allowed_calling_aets": ["STORESCU"]}
     config["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
     files = copies_with_new_uids(CT_SMALL, tmp_path / "send", N)
-    path = write_config(tmp_path / "config.toml", config)
     # journald mode: the log lines are checked below too.
-    node = NodeProcess(path, port, env={"JOURNAL_STREAM": "8:4242"}).start()
+    node = start_node(config=config, env={"JOURNAL_STREAM": "8:4242"})
     try:
         sent = storescu(port, files)  # one association
         assert sent.returncode == 0, sent.stderr
