@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 # The process plumbing is shared with the tests (stdlib only, no pytest): one way to
 # pick ports, start, wait and stop by PID.
-from tests.processes import NODELAY, ServerProcess, free_port, listening
+from tests.processes import NODELAY, ServerProcess, find_tool, free_port, listening
 
 NODE_AE = "DICOMNODE"
 NODELAY_ENV = {**os.environ, **NODELAY}
@@ -29,8 +28,8 @@ def tool(name: str, debian_path: str) -> str:
     """DCMTK and Orthanc from the Debian packages; never pynetdicom's same-named apps."""
     if Path(debian_path).exists():
         return debian_path
-    found = shutil.which(name)
-    if found is None or "venv" in found:
+    found = find_tool(name)
+    if found is None:
         raise ToolMissing(f"{name} not found: apt-get install dcmtk orthanc")
     return found
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +33,19 @@ NODELAY = {"TCP_NODELAY": "1"}
 _SERVER_PORTS = range(20000, 32768)
 _given_ports: set[int] = set()
 _next_port = [_SERVER_PORTS.start + (os.getpid() * 97) % len(_SERVER_PORTS)]
+
+
+def _path_without_virtualenv() -> str:
+    # pynetdicom installs apps named storescu, storescp, echoscu... into the
+    # virtualenv's bin; an activated venv would shadow DCMTK's programs with them.
+    venv_bin = Path(sys.executable).parent.resolve()
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(e for e in entries if e and Path(e).resolve() != venv_bin)
+
+
+def find_tool(name: str) -> str | None:
+    """Path of an installed program, never a same-named script from our own virtualenv."""
+    return shutil.which(name, path=_path_without_virtualenv())
 
 
 def free_port() -> int:
