@@ -16,7 +16,6 @@ from node.jobs.queue import JobKind, JobSpec, Queue
 from tests.conftest import StartNode
 from tests.corpus import CT_SMALL, copies_with_new_uids, dataset_bytes
 from tests.support import (
-    base_config,
     free_port,
     storescu,
     wait_until,
@@ -45,13 +44,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def test_counters_after_n_instances_and_a_rejected_association(
     start_node: StartNode, tmp_path: Path
 ) -> None:
-    port, metrics_port = free_port(), free_port()
-    config = base_config(tmp_path, port)
-    config["security"] = {"allowed_calling_aets": ["STORESCU"]}
-    config["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
+    metrics_port = free_port()
     files = copies_with_new_uids(CT_SMALL, tmp_path / "send", N)
+    sections = {
+        "security": {"allowed_calling_aets": ["STORESCU"]},
+        "metrics": {"address": f"127.0.0.1:{metrics_port}"},
+    }
     # journald mode: the log lines are checked below too.
-    node = start_node(config=config, env={"JOURNAL_STREAM": "8:4242"})
+    node = start_node(lambda config: config.update(sections), env={"JOURNAL_STREAM": "8:4242"})
+    port = node.port
     try:
         sent = storescu(port, files)  # one association
         assert sent.returncode == 0, sent.stderr

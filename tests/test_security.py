@@ -212,11 +212,13 @@ def rejection(assoc: object) -> tuple[int, int, int]:
 def test_unknown_calling_ae_is_refused_logged_and_counted(
     start_node: StartNode, tmp_path: Path
 ) -> None:
-    port, metrics_port = free_port(), free_port()
-    sections = base_config(tmp_path, port)
-    sections["security"] = {"allowed_calling_aets": ["GOODSCU"]}
-    sections["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
-    node = start_node(config=sections)
+    metrics_port = free_port()
+    sections = {
+        "security": {"allowed_calling_aets": ["GOODSCU"]},
+        "metrics": {"address": f"127.0.0.1:{metrics_port}"},
+    }
+    node = start_node(lambda config: config.update(sections))
+    port = node.port
     try:
         refused = storescu(port, [CT_SMALL], aet="EVILSCU")
         assert refused.returncode != 0
