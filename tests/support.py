@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -79,6 +79,41 @@ def base_config(tmp: Path, port: int, **node: object) -> dict[str, object]:
         "limits": {"min_free_space": 0},
         "storage": [{"name": "archive", "path": str(tmp / "archive")}],
     }
+
+
+# The node logs journald-style when JOURNAL_STREAM is set (as under systemd); tests read
+# terminal lines ("time LEVEL logger: message") unless they pass env={"JOURNAL_STREAM": ...}.
+TERMINAL_LOG: dict[str, str | None] = {"JOURNAL_STREAM": None}
+
+
+def configured_node(
+    folder: Path,
+    edit: Callable[[dict[str, object]], None] | None = None,
+    *,
+    env: Mapping[str, str | None] | None = None,
+    stored_as: str | None = None,
+    config: dict[str, object] | None = None,
+    **node: object,
+) -> NodeProcess:
+    """A node (not started) on a config written into `folder`: base_config's sections with
+    `node` keys in [node], then `edit` changes any section. `env` changes the node's
+    environment (None removes a variable); `stored_as` makes the storage transcode to that
+    syntax, in codec worker processes; `config` is a whole config the test built (from
+    base_config, on a port it chose), used instead of a fresh base_config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        sections = base_config(folder, free_port(), **node)
+    else:
+        sections = {**config, "node": {**config["node"], **node}}  # type: ignore[dict-item]
+    port = int(sections["node"]["port"])  # type: ignore[index]
+    if stored_as:
+        sections["storage"] = [
+            {"name": "archive", "path": str(folder / "archive"), "transfer_syntax": stored_as}
+        ]
+    if edit is not None:
+        edit(sections)
+    config_path = write_config(folder / f"config-{port}.toml", sections)
+    return NodeProcess(config_path, port, env={**TERMINAL_LOG, **(env or {})})
 
 
 class NodeProcess(ServerProcess):

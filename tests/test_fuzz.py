@@ -34,8 +34,9 @@ from node.ingest.intake import Intake, Status, StoreRequest
 from node.ingest.spool import Spool
 from node.jobs.queue import JobKind, JobSpec, Queue
 from node.transcode import TranscodePool, parse_target
+from tests.conftest import StartNode
 from tests.corpus import PYDICOM_FILES, copies_with_new_uids
-from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
+from tests.support import storescu, wait_until
 
 SEED_NAMES = (
     "CT_small.dcm",  # explicit VR little endian, sequences
@@ -343,14 +344,13 @@ def fresh_copies(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
 
 
 def test_mutated_corpus_against_the_node_then_well_formed_instances_are_stored(
-    tmp_path: Path,
+    start_node: StartNode, tmp_path: Path
 ) -> None:
-    port = free_port()
-    config = write_config(tmp_path / "config.toml", base_config(tmp_path, port))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     files = mutated_corpus(corpus, 48, random.Random(6))
-    node = NodeProcess(config, port).start()
+    node = start_node()
+    port = node.port
     try:
         statuses = send_raw(port, files)
         assert node.alive(), node.log()[-4000:]

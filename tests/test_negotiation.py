@@ -24,7 +24,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.ingest.scp import StorageNegotiation
 from node.net import pdu
 from tests.foundation_helpers import associate
-from tests.support import NodeProcess, base_config, free_port, require_tool, write_config
+from tests.support import (
+    NodeProcess,
+    configured_node,
+    require_tool,
+)
 
 # Refused with "abstract syntax not supported" (3): SOP classes the node has no service for.
 NOT_STORAGE = {
@@ -51,10 +55,7 @@ STORAGE = {
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    tmp = tmp_path_factory.mktemp("negotiation")
-    port = free_port()
-    config = write_config(tmp / "config.toml", base_config(tmp, port))
-    with NodeProcess(config, port) as running:
+    with configured_node(tmp_path_factory.mktemp("negotiation")) as running:
         yield running
 
 

@@ -13,7 +13,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from node.ingest.intake import Status, StoreRequest
 from node.store.layout import MAX_COMPONENT_LENGTH
 from tests.corpus import PYDICOM_FILES
-from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
+from tests.support import base_config, configured_node, free_port, storescu, wait_until
 from tests.test_fuzz import IntakeRig, seed
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -98,8 +98,7 @@ def test_instance_size_and_disk_headroom_limits_answer_out_of_resources(tmp_path
     port = free_port()
     sections = base_config(tmp_path, port)
     sections["limits"] = {"min_free_space": 0, "max_instance_size": 20_000}
-    config = write_config(tmp_path / "config.toml", sections)
-    with NodeProcess(config, port) as node:
+    with configured_node(tmp_path, config=sections) as node:
         storescu(port, [PYDICOM_FILES / "CT_small.dcm"])
         storescu(port, [PYDICOM_FILES / "MR_small.dcm"])
         assert wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) == 1)
@@ -111,8 +110,7 @@ def test_instance_size_and_disk_headroom_limits_answer_out_of_resources(tmp_path
     port = free_port()
     sections = base_config(tmp_path / "full", port)
     sections["limits"] = {"min_free_space": 1 << 60}  # more than any disk: always "full"
-    config = write_config(tmp_path / "full.toml", sections)
-    with NodeProcess(config, port) as node:
+    with configured_node(tmp_path / "full", config=sections) as node:
         storescu(port, [PYDICOM_FILES / "MR_small.dcm"])
         assert "status 0xA700: free disk space is below limits.min_free_space" in node.log()
         assert not list((tmp_path / "full" / "archive").rglob("*.dcm"))
@@ -131,8 +129,7 @@ def test_hostile_tag_values_in_the_path_template_stay_inside_storage(tmp_path: P
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     hostile = tmp_path / "hostile.dcm"
     ds.save_as(hostile)
-    config = write_config(tmp_path / "config.toml", sections)
-    with NodeProcess(config, port):
+    with configured_node(tmp_path, config=sections):
         assert storescu(port, [hostile]).returncode == 0
         archive = (tmp_path / "archive").resolve()
         assert wait_until(lambda: list(archive.rglob("*.dcm")), timeout=15)

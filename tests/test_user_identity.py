@@ -25,6 +25,7 @@ from tests.support import (
     ACCEPTORS,
     NodeProcess,
     base_config,
+    configured_node,
     dicom_node,
     free_port,
     storescu,
@@ -64,14 +65,14 @@ def node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, alice_hash: str
 ) -> Iterator[NodeProcess]:
     tmp = tmp_path_factory.mktemp("identity")
-    port = free_port()
-    config = base_config(tmp, port, acceptor=request.param)
-    config["security"] = {
+    security = {
         "require_user_identity": True,
         # bob is known by name alone: username-only identity (type 1) is enough for him.
         "users": [{"username": "alice", "passcode_hash": alice_hash}, {"username": "bob"}],
     }
-    with NodeProcess(write_config(tmp / "config.toml", config), port) as running:
+    with configured_node(
+        tmp, lambda config: config.update(security=security), acceptor=request.param
+    ) as running:
         running.archive = tmp / "archive"  # type: ignore[attr-defined]
         yield running
 
@@ -370,7 +371,7 @@ def test_forwarding_sends_the_destination_user_identity(tmp_path: Path) -> None:
             ],
             routes=[{"match": {"Modality": "*"}, "destinations": ["pacs", "bad"]}],
         )
-        with NodeProcess(write_config(tmp_path / "config.toml", config), port) as node:
+        with configured_node(tmp_path, config=config) as node:
             path = fresh_ct(tmp_path / "in")
             assert storescu(port, [path]).returncode == 0
             assert wait_until(lambda: path.stem in received, timeout=60), node.log()
