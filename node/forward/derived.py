@@ -26,7 +26,7 @@ log = logging.getLogger("node.derived")
 DERIVED_FOLDER = "derived"
 
 # (source, destination, ladder, allow_lossy) -> Outcome; TranscodePool.transcode fits.
-Transcoder = Callable[..., Outcome]
+LadderTranscode = Callable[..., Outcome]
 
 
 class Untranscodable(Exception):
@@ -59,7 +59,7 @@ def _names_syntax(name: str, syntax: str) -> bool:
 class DerivedFiles:
     """Per (spooled instance, transfer syntax) cache of verified transcodes."""
 
-    def __init__(self, spool_dir: Path, transcode: Transcoder, stripes: int = 64) -> None:
+    def __init__(self, spool_dir: Path, transcode: LadderTranscode, stripes: int = 64) -> None:
         self.folder = derived_folder(spool_dir)
         self.transcode = transcode
         # Striped locks: two destinations asking for the same file wait for one transcode.
