@@ -24,7 +24,6 @@ from node.config.model import DestinationConfig, RetryPolicy
 from node.dicom.syntaxes import resolve_syntax
 from node.forward.derived import DerivedFiles, Untranscodable
 from node.forward.forwarder import (
-    MAX_CONTEXTS,
     Proposal,
     RetrySchedule,
     Verdict,
@@ -35,6 +34,7 @@ from node.forward.forwarder import (
 )
 from node.ingest.spool import Spool
 from node.jobs.queue import JobKind, JobSpec, JobState, QueueOperations, ReceivedInstance
+from node.net.pdu import MAX_PRESENTATION_CONTEXTS as MAX_CONTEXTS
 from node.transcode import Outcome, transcode_file
 from tests.corpus import find
 

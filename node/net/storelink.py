@@ -94,7 +94,9 @@ def read_part10_meta(stream: BinaryIO) -> Part10File:
     """Parse the preamble and group 0002 (Explicit VR Little Endian, PS3.10 7.1).
 
     By hand rather than with pydicom's read_file_meta_info: this runs once per
-    forwarded instance, and pydicom's reader takes about ten times as long.
+    forwarded instance, and pydicom's reader took 112-120 us for CT_small.dcm
+    where this takes 13 us (measured at the codec change); nor does its public
+    function say where the dataset starts, which is what the C-STORE streams from.
     """
     head = stream.read(len(PREAMBLE))
     if len(head) != len(PREAMBLE) or head[128:] != PREAMBLE[128:]:
