@@ -367,20 +367,8 @@ class UpperLayer:
         return DatasetFragment(self._context_id, size, last, data)
 
     # --- messages out -------------------------------------------------------------------------
-
-    def associate_rq(
-        self,
-        called: str,
-        calling: str,
-        contexts: Sequence[tuple[str, str]],
-        max_pdu: int,
-        implementation: tuple[str, str],
-        user_identity: tuple[str, bytes | None] | None = None,
-    ) -> bytes:
-        """The requestor's A-ASSOCIATE-RQ; context i gets ID 2i+1 (see pdu.encode_associate_rq)."""
-        return pdu.encode_associate_rq(
-            called, calling, contexts, max_pdu, implementation, user_identity
-        )
+    # The requestor's A-ASSOCIATE-RQ is pdu.encode_associate_rq: nothing changes state until
+    # the answer comes.
 
     def associate_ac(
         self,
