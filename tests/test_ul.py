@@ -359,3 +359,21 @@ def test_a_data_set_goes_out_behind_a_header_the_codec_writes() -> None:
     buffer[10] = CT_CONTEXT  # the PDV's context ID: 5 is not one of ours
     layer.receive_data(bytes(buffer))
     assert layer.next_event() == ul.DatasetFragment(CT_CONTEXT, 4, True, b"wxyz")
+
+
+def test_a_driver_reading_payload_itself_learns_where_the_connection_was_cut() -> None:
+    layer = acceptor()
+    layer.receive_data(established())
+    event = layer.next_event()
+    assert isinstance(event, ul.AssociateRequested)
+    accept_all(layer, event.request)
+    layer.receive_data(STORE_STARTED)
+    assert isinstance(layer.next_event(), ul.CommandReceived)
+    layer.expect_dataset(CT_CONTEXT)
+    layer.receive_data(p_data((CT_CONTEXT, 0x02, bytes(100)))[:12])  # headers, no payload
+    assert layer.next_event() is ul.NEED_DATA
+    assert layer.payload_due() == 100
+    assert layer.payload_received(30) == ul.DatasetFragment(CT_CONTEXT, 30, False)
+    lost = layer.connection_lost()
+    assert str(lost) == "the connection closed in the middle of a PDU, 70 bytes early"
+    assert not lost.between_pdus

@@ -43,8 +43,8 @@ from node.net.storelink import (
     AssociationRejected,
     LinkError,
     Peer,
+    Response,
     StoreAssociation,
-    StoreResponse,
     Timeouts,
     associate,
 )
@@ -262,7 +262,7 @@ class DestinationLink:
         assert self.association is not None
         return {UID(syntax) for syntax in self.association.accepted(sop_class)}
 
-    def send(self, path: Path) -> StoreResponse:
+    def send(self, path: Path) -> Response:
         """C-STORE one Part 10 file; returns the response or raises TransportError."""
         assert self.association is not None
         try:

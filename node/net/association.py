@@ -294,8 +294,7 @@ class Association:
             if not count:
                 if received:
                     self._layer.payload_received(received)
-                self._layer.receive_data(b"")
-                self._layer.next_event()  # raises ConnectionClosed, saying where
+                raise self._layer.connection_lost()
             received += count
         dataset.filled(chunk)
         return self._layer.payload_received(chunk)

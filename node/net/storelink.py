@@ -82,9 +82,6 @@ class Response:
     error_comment: str = ""
 
 
-StoreResponse = Response  # the forwarder's name for it
-
-
 def _uid(value: bytes) -> str:
     # UIDs are padded with NUL to even length (PS3.5 9.1); some writers pad with a space.
     return value.rstrip(b"\x00 ").decode("ascii")

@@ -203,6 +203,11 @@ class UpperLayer:
             raise ValueError(f"{size} bytes reported, {self.payload_due()} due")
         return self._dataset_bytes(size, None)
 
+    def connection_lost(self) -> ConnectionClosed:
+        """The driver met the end of the stream while reading payload itself: what to raise."""
+        self._eof = True
+        return self._closed(len(self._buffer) - self._start)
+
     @property
     def in_message(self) -> bool:
         """A message has begun and is not complete (the DIMSE timeout applies)."""
