@@ -273,8 +273,7 @@ class Association:
             self._set_timeout(
                 self.settings.dimse_timeout if layer.in_message else self.settings.network_timeout
             )
-            due = layer.payload_due()
-            if due and pending is not None and pending.dataset is not None:
+            if pending is not None and pending.dataset is not None and (due := layer.payload_due()):
                 return self._receive_payload(pending.dataset, min(due, CHUNK))
             assert self._reader is not None
             layer.receive_data(self._reader.read(layer.bytes_wanted()))

@@ -138,6 +138,10 @@ class _Step(Enum):
     DATASET_VALUE = auto()
 
 
+_PDU_HEADER, _PDU_BODY, _PDV_HEADER = _Step.PDU_HEADER, _Step.PDU_BODY, _Step.PDV_HEADER
+_COMMAND_VALUE, _DATASET_VALUE = _Step.COMMAND_VALUE, _Step.DATASET_VALUE
+
+
 # Which PDUs each end may receive, before and after the association is established.
 _EXPECTED = {
     (Role.ACCEPTOR, False): frozenset({pdu.A_ASSOCIATE_RQ}),
@@ -159,11 +163,12 @@ class UpperLayer:
     def __init__(self, role: Role, pdu_limit: Callable[[int], int] | None = None) -> None:
         self.role = role
         self.established = False
+        self._expected = _EXPECTED[(role, False)]
         self._pdu_limit = pdu_limit or (lambda _pdu_type: 0)
         self._buffer = bytearray()
         self._start = 0  # bytes of _buffer already consumed
         self._eof = False
-        self._step = _Step.PDU_HEADER
+        self._step = _PDU_HEADER
         self._want = pdu.HEADER.size
         self._header = b""
         self._pdu_type = 0
@@ -193,7 +198,7 @@ class UpperLayer:
     def payload_due(self) -> int:
         """Bytes of the current data set PDV that the driver may read into its own memory
         and report with payload_received(); 0 when the next bytes must be fed."""
-        if self._step is _Step.DATASET_VALUE and self._start == len(self._buffer):
+        if self._step is _DATASET_VALUE and self._start == len(self._buffer):
             return self._want
         return 0
 
@@ -220,26 +225,31 @@ class UpperLayer:
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises PDUError, ReceiveLimitExceeded or
         ConnectionClosed: the association is over and the codec unusable."""
-        while True:
-            available = len(self._buffer) - self._start
-            if self._step is _Step.DATASET_VALUE and (available or not self._want):
-                size = min(available, self._want)
-                return self._dataset_bytes(size, bytes(self._take(size)))
-            if available < self._want:
+        while True:  # on the per-message path: plain locals, no helper calls it can spare
+            start, want, step = self._start, self._want, self._step
+            available = len(self._buffer) - start
+            if step is _DATASET_VALUE and (available or not want):
+                size = min(available, want)
+                self._start = start + size
+                return self._dataset_bytes(size, bytes(self._buffer[start : start + size]))
+            if available < want:
                 if self._eof:
                     raise self._closed(available)
                 return NEED_DATA
-            event = self._advance(self._take(self._want))
-            if event is not None:
+            data = bytes(self._buffer[start : start + want])
+            self._start = start + want
+            if step is _PDU_HEADER:
+                self._pdu_header(data)
+            elif step is _PDV_HEADER:
+                self._pdv_header(data)
+            elif step is _PDU_BODY:
+                self._next_pdu()
+                return self._pdu_body(data)
+            elif (event := self._command_bytes(data)) is not None:
                 return event
 
-    def _take(self, size: int) -> memoryview:
-        view = memoryview(self._buffer)[self._start : self._start + size]
-        self._start += size
-        return view
-
     def _closed(self, available: int) -> ConnectionClosed:
-        if self._step is _Step.PDU_HEADER:
+        if self._step is _PDU_HEADER:
             if not available:
                 return ConnectionClosed(
                     "the peer closed the connection between PDUs, without A-RELEASE",
@@ -253,27 +263,18 @@ class UpperLayer:
             f"the connection closed in the middle of a PDU, {self._want - available} bytes early"
         )
 
-    def _advance(self, data: memoryview) -> Event | None:
-        step = self._step
-        if step is _Step.PDU_HEADER:
-            self._pdu_header(bytes(data))
-            return None
-        if step is _Step.PDU_BODY:
-            self._next_pdu()
-            return self._pdu_body(bytes(data))
-        if step is _Step.PDV_HEADER:
-            self._pdv_header(data)
-            return None
-        return self._command_bytes(data)
+    def _establish(self) -> None:
+        self.established = True
+        self._expected = _EXPECTED[(self.role, True)]
 
     def _next_pdu(self) -> None:
-        self._step, self._want = _Step.PDU_HEADER, pdu.HEADER.size
+        self._step, self._want = _PDU_HEADER, pdu.HEADER.size
 
     # --- PDUs ---------------------------------------------------------------------------------
 
     def _pdu_header(self, header: bytes) -> None:
         pdu_type, length = pdu.parse_header(header)
-        expected = _EXPECTED[(self.role, self.established)]
+        expected = self._expected
         if pdu_type not in expected and self.role is Role.ACCEPTOR and not self.established:
             raise pdu.PDUError(
                 f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU
@@ -291,7 +292,7 @@ class UpperLayer:
             self._after_pdv()
         else:
             self._header = header
-            self._step, self._want = _Step.PDU_BODY, length
+            self._step, self._want = _PDU_BODY, length
 
     def _pdu_body(self, body: bytes) -> Event:
         pdu_type = self._pdu_type
@@ -299,7 +300,7 @@ class UpperLayer:
             return AssociateRequested(pdu.decode_associate_rq(self._header + body))
         if pdu_type == pdu.A_ASSOCIATE_AC:
             acceptance = pdu.decode_associate_ac(body)
-            self.established = True
+            self._establish()
             self._accepted = frozenset(acceptance.syntaxes)
             return AssociateAccepted(acceptance)
         if pdu_type == pdu.A_ASSOCIATE_RJ:
@@ -318,9 +319,9 @@ class UpperLayer:
         elif self._pdu_left < pdu.PDV_HEADER_SIZE:
             raise pdu.PDUError("a P-DATA-TF ends inside a PDV header", pdu.INVALID_PDU_PARAMETER)
         else:
-            self._step, self._want = _Step.PDV_HEADER, pdu.PDV_HEADER_SIZE
+            self._step, self._want = _PDV_HEADER, pdu.PDV_HEADER_SIZE
 
-    def _pdv_header(self, header: memoryview) -> None:
+    def _pdv_header(self, header: bytes) -> None:
         item_length, context_id, control = pdu.PDV_HEADER.unpack(header)
         if item_length < 2 or item_length + 4 > self._pdu_left:
             raise pdu.PDUError(f"a PDV claims {item_length} bytes", pdu.INVALID_PDU_PARAMETER)
@@ -333,7 +334,7 @@ class UpperLayer:
         self._context_id, self._control = context_id, control
         if control & COMMAND:
             self._check_command_fragment(size, control)
-            self._step, self._want = _Step.COMMAND_VALUE, size
+            self._step, self._want = _COMMAND_VALUE, size
             return
         if self._dataset_context is None:
             raise pdu.PDUError("a dataset fragment arrived without a command")
@@ -341,7 +342,7 @@ class UpperLayer:
             raise pdu.PDUError(
                 "a dataset fragment on another presentation context than its command"
             )
-        self._step, self._want = _Step.DATASET_VALUE, size
+        self._step, self._want = _DATASET_VALUE, size
 
     def _check_command_fragment(self, size: int, control: int) -> None:
         if self._dataset_context is not None:
@@ -350,10 +351,10 @@ class UpperLayer:
         elif len(self._command) + size > MAX_COMMAND_SET:
             raise pdu.PDUError("a command set over 64 KiB")
 
-    def _command_bytes(self, data: memoryview) -> Event | None:
+    def _command_bytes(self, data: bytes) -> Event | None:
         self._after_pdv()
         if self._dataset_context is not None:  # whole, checked by _check_command_fragment
-            return CommandReceived(self._context_id, bytes(data), amid_dataset=True)
+            return CommandReceived(self._context_id, data, amid_dataset=True)
         self._command += data
         if not self._control & LAST:
             return None
@@ -384,7 +385,7 @@ class UpperLayer:
         user_identity_response: bytes | None = None,
     ) -> bytes:
         """The acceptor's A-ASSOCIATE-AC: from here on PDVs may come on the accepted contexts."""
-        self.established = True
+        self._establish()
         self._accepted = frozenset(r.context_id for r in results if r.result == 0)
         return pdu.encode_associate_ac(
             request, results, max_pdu, *implementation, user_identity_response
