@@ -279,12 +279,7 @@ class Association:
             layer.receive_data(self._reader.read(layer.bytes_wanted()))
 
     def _receive_payload(self, dataset: ArrivingDataset, chunk: int) -> ul.DatasetFragment:
-        limit = self.settings.limits.message_limit()
-        if limit and dataset.size + chunk > limit:
-            raise ReceiveLimitExceeded(
-                f"a dataset passed {dataset.size + chunk} bytes"
-                f" (twice limits.max_instance_size: {limit})"
-            )
+        self._check_dataset_size(dataset.size + chunk)
         assert self._reader is not None
         view = dataset.region(chunk)
         received = 0
@@ -332,7 +327,7 @@ class Association:
     def _dataset_fragment(
         self, event: ul.DatasetFragment, pending: Pending, dataset: ArrivingDataset
     ) -> Pending | None:
-        if event.data is not None:  # bytes the codec held (a peer that split a PDV oddly)
+        if event.data:  # fed through the codec (_next_event reads payload itself instead)
             self._receive_held(dataset, event.data)
         if not event.last:
             return pending
@@ -344,14 +339,16 @@ class Association:
         return None
 
     def _receive_held(self, dataset: ArrivingDataset, data: bytes) -> None:
-        limit = self.settings.limits.message_limit()
-        if limit and dataset.size + len(data) > limit:
-            raise ReceiveLimitExceeded(
-                f"a dataset passed {dataset.size + len(data)} bytes"
-                f" (twice limits.max_instance_size: {limit})"
-            )
+        self._check_dataset_size(dataset.size + len(data))
         dataset.region(len(data))[:] = data
         dataset.filled(len(data))
+
+    def _check_dataset_size(self, size: int) -> None:
+        limit = self.settings.limits.message_limit()
+        if limit and size > limit:
+            raise ReceiveLimitExceeded(
+                f"a dataset passed {size} bytes (twice limits.max_instance_size: {limit})"
+            )
 
     def _respond(self, pending: Pending) -> None:
         command = pending.command
