@@ -206,6 +206,16 @@ def established() -> bytes:
     return pdu.encode_associate_rq("DICOMNODE", "SCU", CONTEXTS, 16384, IMPLEMENTATION)
 
 
+def established_acceptor(limits: ReceiveLimits | None = None) -> ul.UpperLayer:
+    """An acceptor's codec past the A-ASSOCIATE-AC, every proposed context accepted."""
+    layer = acceptor(limits)
+    layer.receive_data(established())
+    event = layer.next_event()
+    assert isinstance(event, ul.AssociateRequested)
+    accept_all(layer, event.request)
+    return layer
+
+
 def pdv_header_only(item_length: int, context_id: int = CT_CONTEXT) -> bytes:
     body = pdu.PDV_HEADER.pack(item_length, context_id, 0x03)
     return pdu.encode_pdu(pdu.P_DATA_TF, body)
@@ -294,11 +304,7 @@ def test_malformed_streams_fail_with_the_reasons_the_acceptor_always_gave(
 
 
 def test_a_pdu_over_the_limit_is_refused_from_its_header() -> None:
-    layer = acceptor(ReceiveLimits(max_pdu=16384))
-    layer.receive_data(established())
-    event = layer.next_event()
-    assert isinstance(event, ul.AssociateRequested)
-    accept_all(layer, event.request)
+    layer = established_acceptor(ReceiveLimits(max_pdu=16384))
     layer.receive_data(struct.pack(">BxL", pdu.P_DATA_TF, 16384 + 1025))
     with pytest.raises(ReceiveLimitExceeded, match="claims 17409 bytes"):
         layer.next_event()
@@ -314,11 +320,7 @@ def test_a_pdu_over_the_limit_is_refused_from_its_header() -> None:
 )
 def test_a_closed_connection_says_where_it_was_cut(cut: int, between: bool, message: str) -> None:
     release = pdu.encode_release_rq()
-    layer = acceptor()
-    layer.receive_data(established())
-    event = layer.next_event()
-    assert isinstance(event, ul.AssociateRequested)
-    accept_all(layer, event.request)
+    layer = established_acceptor()
     layer.receive_data(release[:cut])
     layer.receive_data(b"")
     with pytest.raises(ul.ConnectionClosed, match=message) as raised:
@@ -347,11 +349,7 @@ def test_a_data_set_goes_out_behind_a_header_the_codec_writes() -> None:
     buffer = bytearray(ul.DATASET_PDU_OVERHEAD + 4)
     buffer[ul.DATASET_PDU_OVERHEAD :] = b"wxyz"
     ul.UpperLayer.dataset_pdu_header(memoryview(buffer), 5, 4, last=True)
-    layer = acceptor()
-    layer.receive_data(established())
-    event = layer.next_event()
-    assert isinstance(event, ul.AssociateRequested)
-    accept_all(layer, event.request)
+    layer = established_acceptor()
     layer.receive_data(STORE_STARTED)
     command = layer.next_event()
     assert isinstance(command, ul.CommandReceived)
@@ -362,11 +360,7 @@ def test_a_data_set_goes_out_behind_a_header_the_codec_writes() -> None:
 
 
 def test_a_driver_reading_payload_itself_learns_where_the_connection_was_cut() -> None:
-    layer = acceptor()
-    layer.receive_data(established())
-    event = layer.next_event()
-    assert isinstance(event, ul.AssociateRequested)
-    accept_all(layer, event.request)
+    layer = established_acceptor()
     layer.receive_data(STORE_STARTED)
     assert isinstance(layer.next_event(), ul.CommandReceived)
     layer.expect_dataset(CT_CONTEXT)
