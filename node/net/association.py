@@ -266,6 +266,9 @@ class Association:
         """Read until the codec has an event. Data set bytes go from the socket straight into
         the arriving dataset's reused buffer, CHUNK at most at a time, never through the codec."""
         layer = self._layer
+        assert self._reader is not None
+        read = self._reader.read
+        dataset = pending.dataset if pending is not None else None
         while True:
             event = layer.next_event()
             if not isinstance(event, ul.NeedData):
@@ -273,10 +276,9 @@ class Association:
             self._set_timeout(
                 self.settings.dimse_timeout if layer.in_message else self.settings.network_timeout
             )
-            if pending is not None and pending.dataset is not None and (due := layer.payload_due()):
-                return self._receive_payload(pending.dataset, min(due, CHUNK))
-            assert self._reader is not None
-            layer.receive_data(self._reader.read(layer.bytes_wanted()))
+            if dataset is not None and (due := layer.payload_due()):
+                return self._receive_payload(dataset, min(due, CHUNK))
+            layer.receive_data(read(layer.bytes_wanted()))
 
     def _receive_payload(self, dataset: ArrivingDataset, chunk: int) -> ul.DatasetFragment:
         self._check_dataset_size(dataset.size + chunk)
