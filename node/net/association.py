@@ -31,6 +31,8 @@ from node.net.ul import ConnectionClosed
 log = logging.getLogger("node.association")
 
 READ_BUFFER = 256 * 1024
+# Longest wait for a requestor to close its connection after our reject (PS3.8 ARTIM).
+ARTIM_TIMEOUT = 5.0
 CHUNK = 1024 * 1024  # the most of one fragment read in a single call
 
 
@@ -131,6 +133,7 @@ class Association:
             if refusal is not None:
                 self._send(self._layer.associate_rj(*refusal.result_source_diagnostic))
                 self.handlers.rejected(self, refusal)
+                self._await_transport_close()
                 return
             self._accept()
             self._serve_established()
@@ -442,6 +445,21 @@ class Association:
     def _send(self, data: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(data)
+
+    def _await_transport_close(self) -> None:
+        """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, Sta13).
+
+        Closing first can reset the connection before the requestor has read the
+        reject, and it then reports an abort where we refused (pynetdicom did, under
+        load). So wait for its close, bounded like the ARTIM timer, reading and
+        discarding whatever it still sends.
+        """
+        deadline = time.monotonic() + ARTIM_TIMEOUT
+        with contextlib.suppress(OSError):
+            while (remaining := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(remaining)
+                if not self.sock.recv(4096):
+                    return
 
     def _send_abort_quietly(self, reason: int) -> None:
         with contextlib.suppress(OSError):
