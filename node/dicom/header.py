@@ -74,7 +74,7 @@ class DatasetError(ValueError):
 
 
 # What pydicom raises on hostile bytes while parsing a dataset or converting a
-# value. Seen by fuzzing (tests/test_fuzz.py, tests/test_fuzz_wire.py) before
+# value. Seen by fuzzing (tests/ingest/test_fuzz.py, tests/ingest/test_fuzz_wire.py) before
 # the walker refused their causes: NotImplementedError (an unknown VR),
 # BytesLengthException (a value that is not a whole number of numbers),
 # OSError wrapping struct.error (a sequence that ends early), AttributeError

@@ -39,7 +39,7 @@ def part10_header(
     """Preamble, 'DICM' and the File Meta Information group for a received dataset.
 
     Encoded by hand: it is built once per received instance, and pydicom's writer
-    cost a tenth of a C-STORE's handling. tests/test_spool_meta.py holds it to
+    cost a tenth of a C-STORE's handling. tests/ingest/test_spool_meta.py holds it to
     pydicom's output byte for byte.
     """
     elements = [

@@ -132,7 +132,9 @@ def test_mismatch_is_counted_logged_and_never_written(
     before = verification_mismatches.value
     dst = tmp_path / "out.dcm"
     src = find("MR_small.dcm")
-    corrupt = overridden_encoder(_uid.RLELossless, "tests.test_transcode_traps:corrupting_rle")
+    corrupt = overridden_encoder(
+        _uid.RLELossless, "tests.transcode.test_transcode_traps:corrupting_rle"
+    )
     with corrupt, caplog.at_level(logging.ERROR, logger="node.transcode"):
         outcome = transcode_file(src, dst, [parse_target("RLELossless")])
     assert outcome.reasons == (

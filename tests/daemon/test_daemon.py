@@ -25,10 +25,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from node.daemon.notify import Notifier, watchdog_interval
 from tests.conftest import StartNode
 from tests.corpus import CT_SMALL
+from tests.daemon.test_daemon_status import status
 from tests.forward_support import StoreSCP
 from tests.foundation_helpers import associate as pynetdicom_association
 from tests.support import NodeProcess, base_config, wait_until, write_config
-from tests.test_daemon_status import status
 
 CT_AND_ECHO = [(CTImageStorage, [ExplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian])]
 

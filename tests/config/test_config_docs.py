@@ -27,7 +27,7 @@ from node.config.model import SECTIONS, load_config, parse_config
 from node.config.render import toml_field_value
 from node.config.schema import ConfigError, Setting, iter_settings, read_setting
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_TOML = REPO / "config.toml"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SETTINGS = {setting.dotted: setting for setting in iter_settings(SECTIONS)}

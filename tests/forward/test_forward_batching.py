@@ -14,8 +14,8 @@ from node.forward.forwarder import CLAIM_BATCH, Forwarder
 from node.ingest.spool import Spool
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec
+from tests.forward.test_forward_rules import record
 from tests.support import free_port, wait_until
-from tests.test_forward_rules import record
 
 PACS = JobSpec(JobKind.FORWARD, "pacs")
 ARCHIVE = JobSpec(JobKind.STORE, "archive")

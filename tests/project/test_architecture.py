@@ -10,7 +10,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-NODE = Path(__file__).resolve().parent.parent / "node"
+NODE = Path(__file__).resolve().parents[2] / "node"
 
 
 def module_name(path: Path) -> str:

@@ -17,12 +17,12 @@ from node.jobs.model import JobKind, JobSpec
 from node.jobs.reports import SqliteQueueOperations
 from tests.conftest import StartNode
 from tests.corpus import CT_SMALL, copies_with_new_uids, dataset_bytes
+from tests.daemon.test_daemon_status import queued_instance
 from tests.support import (
     free_port,
     storescu,
     wait_until,
 )
-from tests.test_daemon_status import queued_instance
 
 N = 3
 

@@ -13,8 +13,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from node.ingest.intake import Status, StoreRequest
 from node.store.layout import MAX_COMPONENT_LENGTH
 from tests.corpus import PYDICOM_FILES
+from tests.ingest.test_fuzz import IntakeRig, seed
 from tests.support import base_config, configured_node, free_port, storescu, wait_until
-from tests.test_fuzz import IntakeRig, seed
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

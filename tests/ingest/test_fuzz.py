@@ -7,7 +7,7 @@ always ends with a readable file (the as-received copy at worst); the node
 survives and keeps storing well-formed instances.
 
 The budget is small and the seed fixed (derandomize) for CI. For a longer run:
-    DICOM_NODE_FUZZ_EXAMPLES=20000 DICOM_NODE_FUZZ_RANDOM=1 pytest tests/test_fuzz.py
+    DICOM_NODE_FUZZ_EXAMPLES=20000 DICOM_NODE_FUZZ_RANDOM=1 pytest tests/ingest/test_fuzz.py
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def test_rows_columns_frames_claiming_gigabytes_do_not_allocate_them(
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert run.returncode == 0, run.stderr
     fallback, max_rss_kib = map(int, run.stdout.split()[-2:])

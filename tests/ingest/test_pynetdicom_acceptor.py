@@ -2,7 +2,7 @@
 
 Each test runs against both acceptors, so any difference between them in
 negotiation, admission, statuses, draining or metrics shows up as one failing
-variant. The wire-level tests of our own Upper Layer (tests/test_acceptor.py:
+variant. The wire-level tests of our own Upper Layer (tests/net/test_acceptor.py:
 trickled requests, paused peers, PDU limits) stay native-only: pynetdicom's DUL
 is not ours to hold to them.
 """
@@ -30,7 +30,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.certs import Certificates
 from tests.conftest import StartNode
 from tests.corpus import CT_SMALL, dataset_bytes
+from tests.daemon.test_metrics import scrape, value
 from tests.foundation_helpers import associate, pynetdicom_store
+from tests.ingest.test_security import certs, client_tls_args, tls_section  # noqa: F401 (a fixture)
+from tests.store.test_foundation_durability import put_on, small_disk  # noqa: F401 (a fixture)
 from tests.support import (
     BOTH_ACCEPTORS,
     base_config,
@@ -41,9 +44,6 @@ from tests.support import (
     wait_until,
     write_config,
 )
-from tests.test_foundation_durability import put_on, small_disk  # noqa: F401 (a fixture)
-from tests.test_metrics import scrape, value
-from tests.test_security import certs, client_tls_args, tls_section  # noqa: F401 (a fixture)
 
 PRIVATE_SOP_CLASS = UID("1.2.826.0.1.3680043.9.9999.1")
 OUT_OF_RESOURCES = 0xA700

@@ -4,7 +4,7 @@ The SOP class annex and the default transfer syntax order are written from the
 same objects the Storage SCP negotiates with, so the statement cannot drift
 from the node. To rewrite them after a change:
 
-    DICOM_NODE_WRITE_DOCS=1 python -m pytest tests/test_conformance_doc.py
+    DICOM_NODE_WRITE_DOCS=1 python -m pytest tests/conformance/test_conformance_doc.py
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydicom.uid import UID
 from node.dicom.syntaxes import ALL_DECODABLE
 from node.ingest.scp import STORAGE_SOP_CLASSES
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STATEMENT = REPO / "docs" / "conformance.md"
 README = REPO / "README.md"
 

@@ -12,7 +12,7 @@ oracle:
 - the node logs no internal error.
 Also here: the field case (a flipped bit made the SOP Instance UID's VR 'WI'),
 the boundary for values first converted by routing, and what intake refuses
-before parsing. tests/test_fuzz.py fuzzes the same code in-process with
+before parsing. tests/ingest/test_fuzz.py fuzzes the same code in-process with
 hypothesis.
 """
 
@@ -42,8 +42,8 @@ from node.ingest.intake import Status, StoreRequest
 from tests.conftest import StartNode
 from tests.corpus import find
 from tests.foundation_helpers import associate, part10_file, raw_sending, store_raw_bytes
+from tests.ingest.test_fuzz import IntakeRig
 from tests.support import NodeProcess, wait_until
-from tests.test_fuzz import IntakeRig
 
 SEED_NAMES = (
     "CT_small.dcm",  # Explicit VR Little Endian, private elements
