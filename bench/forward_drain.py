@@ -31,14 +31,15 @@ from node.config.model import DestinationConfig, NodeConfig
 from node.forward.derived import DerivedFiles
 from node.forward.forwarder import Forwarder
 from node.ingest.spool import Spool
-from node.jobs.queue import JobKind, JobSpec, Queue, ReceivedInstance
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.model import JobKind, JobSpec, ReceivedInstance
 
 TIMEOUT = 300.0
 
 
-def fill_queue(data_dir: Path, files: list[Path]) -> tuple[Queue, Spool]:
+def fill_queue(data_dir: Path, files: list[Path]) -> tuple[SqliteJobQueue, Spool]:
     """Record every file as a received instance with one forward job to 'pacs'."""
-    queue = Queue(data_dir / "queue.sqlite3")
+    queue = SqliteJobQueue.open(data_dir / "queue.sqlite3")
     spool = Spool(data_dir / "spool")
     spool.prepare()
     for index, source in enumerate(files):
@@ -58,9 +59,9 @@ def fill_queue(data_dir: Path, files: list[Path]) -> tuple[Queue, Spool]:
     return queue, spool
 
 
-def open_jobs(queue: Queue) -> int:
-    with queue._read_lock:
-        (count,) = queue._reader.execute("SELECT COUNT(*) FROM jobs").fetchone()
+def open_jobs(queue: SqliteJobQueue) -> int:
+    with queue.database.read() as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM jobs").fetchone()
     return int(count)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from node.jobs.queue import JobKind, JobSpec, Queue, ReceivedInstance
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.model import JobKind, JobSpec, ReceivedInstance
 from tests.support import base_config, dicom_node, free_port, write_config
 
 
@@ -35,7 +36,7 @@ def test_status_summarises_queue_errors_and_dead_letters(tmp_path: Path) -> None
         {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}
     ]
     config = write_config(tmp_path / "config.toml", sections)
-    queue = Queue(tmp_path / "data" / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "data" / "queue.sqlite3")
     jobs = [JobSpec(JobKind.STORE, "archive"), JobSpec(JobKind.FORWARD, "pacs")]
     uids = [generate_uid() for _ in range(3)]
     for uid in uids:

@@ -12,7 +12,8 @@ from node.forward.completions import Completions, Delivery
 from node.forward.derived import DerivedFiles
 from node.forward.forwarder import CLAIM_BATCH, Forwarder
 from node.ingest.spool import Spool
-from node.jobs.queue import JobKind, JobSpec, Queue
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.model import JobKind, JobSpec
 from tests.support import free_port, wait_until
 from tests.test_forward_rules import record
 
@@ -31,7 +32,7 @@ def job_rows(queue_path: Path) -> dict[str, tuple[str, int]]:
 
 
 def test_released_jobs_are_pending_with_the_attempt_count_they_had(tmp_path: Path) -> None:
-    queue = Queue(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
     for uid in ("1", "2", "3"):
         record(queue, tmp_path, uid, [PACS])
     first, *rest = queue.claim(JobKind.FORWARD, target="pacs", limit=10)
@@ -45,7 +46,7 @@ def test_released_jobs_are_pending_with_the_attempt_count_they_had(tmp_path: Pat
 
 
 def test_complete_many_names_only_instances_with_no_job_left(tmp_path: Path) -> None:
-    queue = Queue(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
     shared = record(queue, tmp_path, "1", [PACS, ARCHIVE])
     alone = record(queue, tmp_path, "2", [PACS])
     jobs = queue.claim(JobKind.FORWARD, target="pacs", limit=10)
@@ -60,7 +61,7 @@ def test_complete_many_names_only_instances_with_no_job_left(tmp_path: Path) -> 
 def test_completions_commit_then_delete_spool_files(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    queue = Queue(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
     paths = [record(queue, spool.root, str(i), [PACS]) for i in range(40)]
     kept = record(queue, spool.root, "kept", [PACS, ARCHIVE])
     completions = Completions(queue, spool)
@@ -80,7 +81,7 @@ def test_an_unreachable_destination_costs_one_attempt_not_a_batch(tmp_path: Path
     the others of its batch go back untried (attempts 0), and all wait for the hold."""
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    queue = Queue(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
     count = CLAIM_BATCH // 2
     for i in range(count):
         record(queue, spool.root, f"{i:03d}", [PACS])

@@ -34,7 +34,10 @@ from node.forward.forwarder import (
     sending_order,
 )
 from node.ingest.spool import Spool
-from node.jobs.queue import JobKind, JobSpec, JobState, QueueOperations, ReceivedInstance
+from node.jobs.interface import JobQueue
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.model import JobKind, JobSpec, JobState, ReceivedInstance
+from node.jobs.reports import SqliteQueueOperations
 from node.transcode import Outcome, transcode_file
 from tests.corpus import find
 
@@ -191,7 +194,7 @@ def test_orphaned_derived_files_are_swept_at_start(tmp_path: Path) -> None:
     assert kept.exists() and not orphan.exists() and not partial.exists()
 
 
-def record(queue: QueueOperations, spool: Path, uid: str, targets: list[JobSpec]) -> Path:
+def record(queue: JobQueue, spool: Path, uid: str, targets: list[JobSpec]) -> Path:
     path = spool / f"{uid}.dcm"
     path.write_bytes(b"dicm")
     instance = ReceivedInstance(uid, CTImageStorage, ExplicitVRLittleEndian, "A", "B", path, 4)
@@ -200,15 +203,16 @@ def record(queue: QueueOperations, spool: Path, uid: str, targets: list[JobSpec]
 
 
 def test_purge_keeps_spool_files_other_jobs_still_need(tmp_path: Path) -> None:
-    queue = QueueOperations(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
+    operations = SqliteQueueOperations(queue.database)
     pacs, archive = JobSpec(JobKind.FORWARD, "pacs"), JobSpec(JobKind.STORE, "archive")
     shared = record(queue, tmp_path, "1", [pacs, archive])
     alone = record(queue, tmp_path, "2", [pacs])
     for job in queue.claim(JobKind.FORWARD, target="pacs", limit=10):
         queue.dead_letter(job, "status 0x0122 (SOP class not supported)")
-    assert queue.purgeable(JobKind.FORWARD, "pacs", [JobState.FAILED]) == 2
+    assert operations.purgeable(JobKind.FORWARD, "pacs", [JobState.FAILED]) == 2
 
-    count, finished = queue.purge(JobKind.FORWARD, "pacs", [JobState.FAILED])
+    count, finished = operations.purge(JobKind.FORWARD, "pacs", [JobState.FAILED])
     assert count == 2
     assert finished == [alone]  # instance 1 still has its archive job
     remaining = queue.claim(JobKind.STORE, limit=10)
@@ -217,7 +221,8 @@ def test_purge_keeps_spool_files_other_jobs_still_need(tmp_path: Path) -> None:
 
 
 def test_retry_makes_waiting_jobs_due_and_requeues_dead_letters(tmp_path: Path) -> None:
-    queue = QueueOperations(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
+    operations = SqliteQueueOperations(queue.database)
     pacs = JobSpec(JobKind.FORWARD, "pacs")
     record(queue, tmp_path, "1", [pacs])
     record(queue, tmp_path, "2", [pacs])
@@ -226,13 +231,13 @@ def test_retry_makes_waiting_jobs_due_and_requeues_dead_letters(tmp_path: Path) 
     queue.dead_letter(second, "status 0xA900")
     assert queue.claim(JobKind.FORWARD, target="pacs") == []
 
-    assert queue.retry(JobKind.FORWARD, "pacs") == 1
+    assert operations.retry(JobKind.FORWARD, "pacs") == 1
     assert [j.id for j in queue.claim(JobKind.FORWARD, target="pacs")] == [first.id]
-    assert queue.retry(JobKind.FORWARD, "elsewhere", failed=True) == 0
-    assert queue.retry(JobKind.FORWARD, "pacs", failed=True) == 1
+    assert operations.retry(JobKind.FORWARD, "elsewhere", failed=True) == 0
+    assert operations.retry(JobKind.FORWARD, "pacs", failed=True) == 1
     again = queue.claim(JobKind.FORWARD, target="pacs")
     assert [(j.id, j.attempts) for j in again] == [(second.id, 1)]  # restarted: this is attempt 1
-    report = {(r.target, r.state): r for r in queue.report()}
+    report = {(r.target, r.state): r for r in operations.report()}
     assert report[("pacs", "running")].count == 2
     assert time.time() - report[("pacs", "running")].oldest_created_at < 60
     queue.close()
@@ -248,7 +253,7 @@ def test_queue_purge_cli_deletes_dead_letters_and_their_unneeded_spool_files(
     )
     spool = tmp_path / "data" / "spool"
     spool.mkdir(parents=True)
-    queue = QueueOperations(tmp_path / "data" / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "data" / "queue.sqlite3")
     spooled = record(queue, spool, "1", [JobSpec(JobKind.FORWARD, "pacs")])
     (job,) = queue.claim(JobKind.FORWARD, target="pacs")
     queue.dead_letter(job, "status 0xA900 (data set does not match SOP class)")

@@ -32,7 +32,8 @@ from pynetdicom import AE, _config
 from node.dicom.header import DatasetError, _Walker, check_structure, decode_received, read_header
 from node.ingest.intake import Intake, Status, StoreRequest
 from node.ingest.spool import Spool
-from node.jobs.queue import JobKind, JobSpec, Queue
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.model import JobKind, JobSpec
 from node.transcode import TranscodePool, parse_target
 from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
 
@@ -152,7 +153,7 @@ class IntakeRig:
     def __init__(self, root: Path) -> None:
         self.spool = Spool(root / "spool")
         self.spool.prepare()
-        self.queue = Queue(root / "queue.sqlite3")
+        self.queue = SqliteJobQueue.open(root / "queue.sqlite3")
         self.intake = Intake(
             spool=self.spool,
             queue=self.queue,

@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
 from node.daemon import metrics
-from node.jobs.queue import JobKind, JobSpec, Queue
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.model import JobKind, JobSpec
+from node.jobs.reports import SqliteQueueOperations
 from tests.support import (
     NodeProcess,
     base_config,
@@ -115,13 +117,13 @@ def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -
 
 
 def test_queue_collector_reports_depth_by_state_and_oldest_age(tmp_path: Path) -> None:
-    queue = Queue(tmp_path / "queue.sqlite3")
+    queue = SqliteJobQueue.open(tmp_path / "queue.sqlite3")
     jobs = [JobSpec(JobKind.STORE, "archive"), JobSpec(JobKind.FORWARD, "pacs")]
     for _ in range(3):
         queue.record_instance(queued_instance(tmp_path, generate_uid(), 100), jobs)
     time.sleep(0.2)
     queue.claim(JobKind.FORWARD, target="pacs", limit=1)
-    endpoint = metrics.start_metrics("", queue)
+    endpoint = metrics.start_metrics("", SqliteQueueOperations(queue.database))
     try:
         get = REGISTRY.get_sample_value
         assert (

@@ -13,7 +13,7 @@ from node.config.model import ConfigError, parse_config
 from node.daemon import metrics
 from node.ingest.intake import StoreRequest
 from node.ingest.route import Router
-from node.jobs.queue import JobKind, JobSpec
+from node.jobs.model import JobKind, JobSpec
 
 
 def router(tmp_path: Path, routes: list[dict[str, Any]], **routing: str) -> Router:

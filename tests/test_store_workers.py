@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from node.jobs.queue import JobKind
+from node.jobs.model import JobKind
 from node.store.workers import StoreWorkers
 
 

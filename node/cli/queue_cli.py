@@ -12,7 +12,10 @@ from pathlib import Path
 
 from node.config.model import Config, load_config
 from node.ingest.spool import Spool
-from node.jobs.queue import JobKind, JobState, QueueOperations, TargetReport
+from node.jobs.interface import QueueOperations
+from node.jobs.model import JobKind, JobState, TargetReport, open_jobs
+from node.jobs.reports import SqliteQueueOperations
+from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
 
 STATES = {
     "failed": (JobState.FAILED,),
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not config.queue_path.exists():
         print(f"no queue at {config.queue_path}: the node has not run with this config yet")
         return 0 if args.queue_action == "status" else 1
-    queue = QueueOperations(config.queue_path)
+    queue = SqliteQueueOperations.open(config.queue_path)
     try:
         if args.queue_action == "status":
             return show_status(queue, config, as_json=args.json)
@@ -136,13 +139,34 @@ def _next_try(row: TargetReport, now: float) -> str:
     return "now" if wait <= 0 else f"in {_age(wait)}"
 
 
+def gives_up(config: Config) -> dict[tuple[str, str], str]:
+    """When each configured target's jobs become dead letters: storage never (see node.jobs.retry)."""
+    limits = {(JobKind.STORE.value, s.name): STORAGE_SCHEDULE for s in config.storage}
+    for d in config.destinations:
+        limits[(JobKind.FORWARD.value, d.name)] = RetrySchedule(d.retry)
+    return {key: schedule.describe_limit() for key, schedule in limits.items()}
+
+
 def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False) -> int:
-    rows = queue.report()
+    rows = open_jobs(queue.report())
     if as_json:
         print(json.dumps([asdict(row) for row in rows], indent=2))
         return 0
     now = time.time()
-    table = [("KIND", "TARGET", "STATE", "JOBS", "OLDEST", "NEXT TRY", "ATTEMPTS", "LAST ERROR")]
+    limits = gives_up(config)
+    table = [
+        (
+            "KIND",
+            "TARGET",
+            "STATE",
+            "JOBS",
+            "OLDEST",
+            "NEXT TRY",
+            "ATTEMPTS",
+            "GIVES UP",
+            "LAST ERROR",
+        )
+    ]
     for row in rows:
         oldest = None if row.oldest_created_at is None else now - row.oldest_created_at
         table.append(
@@ -154,14 +178,13 @@ def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False
                 _age(oldest),
                 _next_try(row, now),
                 str(row.max_attempts),
+                limits.get((row.kind, row.target), "-"),
                 row.last_error or "",
             )
         )
     busy = {(row.kind, row.target) for row in rows}
-    for name in [s.name for s in config.storage if (JobKind.STORE, s.name) not in busy]:
-        table.append((JobKind.STORE, name, "idle", "0", "-", "-", "-", ""))
-    for name in [d.name for d in config.destinations if (JobKind.FORWARD, d.name) not in busy]:
-        table.append((JobKind.FORWARD, name, "idle", "0", "-", "-", "-", ""))
+    for kind, name in [key for key in limits if key not in busy]:
+        table.append((kind, name, "idle", "0", "-", "-", "-", limits[(kind, name)], ""))
     table[1:] = sorted(table[1:], key=lambda line: (line[1], line[0], line[2]))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     for line in table:

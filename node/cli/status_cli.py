@@ -9,38 +9,17 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
-import sqlite3
 import time
 from collections.abc import Sequence
-from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 from node.config.model import Config, load_config
+from node.jobs.interface import QueueReports
+from node.jobs.model import Failure, SpoolSummary, TargetSummary, summarise_targets
+from node.jobs.reports import SqliteQueueOperations
 
 RECENT_FAILURES = 5
 WIDTH = 100
-
-
-@dataclass(frozen=True)
-class TargetRow:
-    kind: str
-    target: str
-    pending: int = 0
-    running: int = 0
-    failed: int = 0
-    oldest_pending: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-
-@dataclass(frozen=True)
-class Failure:
-    at: float
-    kind: str
-    target: str
-    sop_instance_uid: str
-    error: str
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,9 +39,20 @@ def run(args: argparse.Namespace) -> int:
             " yet (check node.data_dir)"
         )
         return 1
-    with closing(open_read_only(config.queue_path)) as db:
-        print(render(config, read_targets(db, config), read_failures(db), read_spool(db)))
+    reports = SqliteQueueOperations.open(config.queue_path, read_only=True)
+    try:
+        print(render(config, *read_reports(reports, config)))
+    finally:
+        reports.close()
     return 0
+
+
+def read_reports(
+    reports: QueueReports, config: Config
+) -> tuple[list[TargetSummary], list[Failure], SpoolSummary]:
+    """What the screen shows: one line per target, the newest dead letters, the spool."""
+    targets = summarise_targets(reports.report(), _configured_targets(config))
+    return targets, reports.recent_failures(RECENT_FAILURES), reports.spool_summary()
 
 
 def running_pid(data_dir: Path) -> int | None:
@@ -81,56 +71,10 @@ def running_pid(data_dir: Path) -> int | None:
     return None
 
 
-def open_read_only(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-
-
 def _configured_targets(config: Config) -> list[tuple[str, str]]:
     return [("store", s.name) for s in config.storage] + [
         ("forward", d.name) for d in config.destinations
     ]
-
-
-def read_targets(db: sqlite3.Connection, config: Config) -> list[TargetRow]:
-    """One row per configured target, plus any target the queue still holds jobs for."""
-    rows: dict[tuple[str, str], dict[str, object]] = {
-        key: {} for key in _configured_targets(config)
-    }
-    for kind, target, state, count, oldest in db.execute(
-        "SELECT kind, target, state, COUNT(*), MIN(created_at) FROM jobs"
-        " WHERE state != 'done' GROUP BY kind, target, state"
-    ):
-        row = rows.setdefault((kind, target), {})
-        row[state] = count
-        if state == "pending":
-            row["oldest_pending"] = oldest
-    for kind, target, error, at in db.execute(
-        "SELECT kind, target, last_error, MAX(updated_at) FROM jobs"
-        " WHERE last_error IS NOT NULL GROUP BY kind, target"
-    ):
-        row = rows.setdefault((kind, target), {})
-        row["last_error"], row["last_error_at"] = error, at
-    return [TargetRow(kind, target, **values) for (kind, target), values in rows.items()]  # type: ignore[arg-type]
-
-
-def read_failures(db: sqlite3.Connection, limit: int = RECENT_FAILURES) -> list[Failure]:
-    return [
-        Failure(*row)
-        for row in db.execute(
-            "SELECT jobs.updated_at, jobs.kind, jobs.target, instances.sop_instance_uid,"
-            " COALESCE(jobs.last_error, '') FROM jobs JOIN instances ON instances.id = jobs.instance_id"
-            " WHERE jobs.state = 'failed' ORDER BY jobs.updated_at DESC LIMIT ?",
-            (limit,),
-        )
-    ]
-
-
-def read_spool(db: sqlite3.Connection) -> tuple[int, int, float | None]:
-    """Instances waiting in the spool, their bytes, and when the oldest arrived."""
-    count, size, oldest = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM instances"
-    ).fetchone()
-    return int(count), int(size), oldest
 
 
 def ago(then: float | None, now: float | None = None) -> str:
@@ -150,11 +94,11 @@ def _clip(text: str, width: int) -> str:
 
 def render(
     config: Config,
-    targets: Sequence[TargetRow],
+    targets: Sequence[TargetSummary],
     failures: Sequence[Failure],
-    spool: tuple[int, int, float | None],
+    spool: SpoolSummary,
 ) -> str:
-    count, size, oldest = spool
+    count, size, oldest = spool.instances, spool.size, spool.oldest_received_at
     pid = running_pid(config.node.data_dir)
     state = "not running" if pid is None else f"running (pid {pid})"
     lines = [

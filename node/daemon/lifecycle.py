@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from node.config.model import Config, ConfigError, load_config
 from node.daemon import metrics
 from node.daemon.notify import Notifier, watchdog_interval
-from node.jobs.queue import JobState
+from node.jobs.model import JobState
 
 if TYPE_CHECKING:
     from node.daemon.server import Node
@@ -119,7 +119,7 @@ def status_text(node: Node) -> str:
     received = metrics.total(metrics.INSTANCES_RECEIVED, status="success")
     refused = metrics.total(metrics.INSTANCES_RECEIVED) - received
     queued = failed = 0
-    for row in node.queue.counts():
+    for row in node.reports.report():
         if row.state in (JobState.PENDING, JobState.RUNNING):
             queued += row.count
         elif row.state == JobState.FAILED:

@@ -27,7 +27,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from node.jobs.queue import JobState, Queue
+from node.jobs.interface import QueueReports
+from node.jobs.model import JobState
 
 log = logging.getLogger("node.metrics")
 
@@ -154,8 +155,8 @@ def total(metric: Counter | Gauge, **labels: str) -> float:
 class QueueCollector(Collector):
     """Queue depth by kind, target and state, and the oldest pending job's age, read at scrape."""
 
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
+    def __init__(self, reports: QueueReports) -> None:
+        self.reports = reports
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
@@ -169,7 +170,7 @@ class QueueCollector(Collector):
             labels=["kind", "target"],
         )
         now = time.time()
-        for row in self.queue.counts():
+        for row in self.reports.report():
             depth.add_metric([row.kind, row.target, row.state], row.count)
             if row.state == JobState.PENDING and row.oldest_created_at is not None:
                 oldest.add_metric([row.kind, row.target], max(0.0, now - row.oldest_created_at))
@@ -198,9 +199,9 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def start_metrics(address: str, queue: Queue) -> MetricsEndpoint:
+def start_metrics(address: str, reports: QueueReports) -> MetricsEndpoint:
     """Register the queue collector and, if an address is configured, serve /metrics on it."""
-    collector = QueueCollector(queue)
+    collector = QueueCollector(reports)
     REGISTRY.register(collector)
     if not address:
         return MetricsEndpoint(None, None, collector)

@@ -5,7 +5,7 @@ ingest: four parallel associations in one process are no faster than one. With
 `node.receivers = N` the main process starts N-1 receiver processes (spawned,
 never forked from our threaded process). Each binds node.port (and the TLS port)
 with SO_REUSEPORT, so the kernel spreads new connections over them, and runs its
-own AE and intake: the spool write and Queue.record_instance into the same SQLite
+own AE and intake: the spool write and JobQueue.record_instance into the same SQLite
 WAL database, Success only after that commit, as in the main process.
 
 Store workers, forwarders, the transcode pool, metrics and systemd notifications
@@ -45,7 +45,7 @@ from node.ingest.intake import Intake, free_space_probe
 from node.ingest.route import Router
 from node.ingest.scp import RECEIVING_DIR, StorageSCP
 from node.ingest.spool import Spool
-from node.jobs.queue import Queue
+from node.jobs.jobqueue import SqliteJobQueue
 from node.store.targets import StorageTarget, duplicate_checker
 
 log = logging.getLogger("node.receivers")
@@ -240,7 +240,7 @@ class Receiver:
 
     def __init__(self, config: Config, index: int, on_recorded: Callable[[], None]) -> None:
         self.config = config
-        self.queue = Queue(config.queue_path)
+        self.queue = SqliteJobQueue.open(config.queue_path)
         self.targets = {s.name: StorageTarget(s) for s in config.storage}
         router = Router(config)
         self.intake = Intake(

@@ -18,7 +18,9 @@ from node.ingest.pynetdicom_acceptor import PynetdicomSCP
 from node.ingest.route import Router
 from node.ingest.scp import StorageSCP
 from node.ingest.spool import Spool
-from node.jobs.queue import Queue
+from node.jobs.database import Database
+from node.jobs.jobqueue import SqliteJobQueue
+from node.jobs.reports import SqliteQueueOperations
 from node.store.targets import StorageTarget, duplicate_checker
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
@@ -34,7 +36,9 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.queue = Queue(config.queue_path)
+        self.database = Database(config.queue_path)
+        self.queue = SqliteJobQueue(self.database)
+        self.reports = SqliteQueueOperations(self.database)
         self.spool = Spool(config.spool_dir)
         self.targets = {s.name: StorageTarget(s) for s in config.storage}
         self.router = Router(config)
@@ -87,7 +91,7 @@ class Node:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
         self.forwarder.start()
-        self.metrics = start_metrics(self.config.metrics.address, self.queue)
+        self.metrics = start_metrics(self.config.metrics.address, self.reports)
         if self.receivers is not None:
             # Before our own listener: once the port opens, every receiver shares the load.
             self.receivers.start()
@@ -145,7 +149,7 @@ class Node:
         self.queue.requeue_running()
         if self.metrics is not None:
             self.metrics.close()
-        self.queue.close()
+        self.database.close()
         self._stopped.set()
 
     def serve_forever(self) -> None:

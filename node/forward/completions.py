@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from node.daemon import metrics
 from node.ingest.spool import Spool
-from node.jobs.queue import Job, Queue
+from node.jobs.interface import JobQueue
+from node.jobs.model import Job
 
 log = logging.getLogger("node.forward")
 
@@ -40,7 +41,7 @@ class Delivery:
 class Completions:
     """One committing thread for all destinations of a forwarder."""
 
-    def __init__(self, jobs: Queue, spool: Spool) -> None:
+    def __init__(self, jobs: JobQueue, spool: Spool) -> None:
         self.jobs = jobs
         self.spool = spool
         self._inbox: queue.Queue[Delivery | Callable[[], None]] = queue.Queue(CAPACITY)

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from node.daemon import metrics
-from node.dicom.syntaxes import NATIVE, syntax_name
+from node.dicom.syntaxes import NATIVE, resolve_syntax, syntax_name
 from node.transcode import Outcome, Target, parse_target
 
 log = logging.getLogger("node.derived")
@@ -26,7 +26,7 @@ log = logging.getLogger("node.derived")
 DERIVED_FOLDER = "derived"
 
 # (source, destination, ladder, allow_lossy) -> Outcome; TranscodePool.transcode fits.
-Transcoder = Callable[..., Outcome]
+LadderTranscode = Callable[..., Outcome]
 
 
 class Untranscodable(Exception):
@@ -37,10 +37,29 @@ def derived_folder(spool_dir: Path) -> Path:
     return spool_dir / DERIVED_FOLDER
 
 
+def _rung_for(target: str | Target, source_syntax: str) -> Target | None:
+    """The ladder rung for a wanted syntax, None when that is the source's syntax.
+    Untranscodable for a syntax we never write, such as the retired Explicit VR Big
+    Endian: the instance then goes in the next syntax the peer accepted."""
+    try:
+        return parse_target(target)
+    except ValueError as error:
+        if isinstance(target, str) and _names_syntax(target, source_syntax):
+            return None  # e.g. big endian to a big endian peer: as received
+        raise Untranscodable(str(error)) from None
+
+
+def _names_syntax(name: str, syntax: str) -> bool:
+    try:
+        return resolve_syntax(name) == UID(syntax)
+    except ValueError:
+        return False
+
+
 class DerivedFiles:
     """Per (spooled instance, transfer syntax) cache of verified transcodes."""
 
-    def __init__(self, spool_dir: Path, transcode: Transcoder, stripes: int = 64) -> None:
+    def __init__(self, spool_dir: Path, transcode: LadderTranscode, stripes: int = 64) -> None:
         self.folder = derived_folder(spool_dir)
         self.transcode = transcode
         # Striped locks: two destinations asking for the same file wait for one transcode.
@@ -72,7 +91,9 @@ class DerivedFiles:
         """The instance at `source` encoded in `target`'s syntax; raises Untranscodable."""
         if isinstance(target, str) and target == source_syntax:
             return source  # the common case, per forwarded instance: skip parsing the target
-        rung = parse_target(target)
+        rung = _rung_for(target, source_syntax)
+        if rung is None:
+            return source
         syntax = rung.transfer_syntax
         if syntax == UID(source_syntax):
             return source

@@ -18,7 +18,6 @@ the instance again after the restart.
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 import time
@@ -29,14 +28,16 @@ from pathlib import Path
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from node.config.model import DestinationConfig, NodeConfig, RetryPolicy
+from node.config.model import DestinationConfig, NodeConfig
 from node.daemon import metrics
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.forward.completions import Completions, Delivery
 from node.forward.derived import DerivedFiles, Untranscodable
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
-from node.jobs.queue import Job, JobKind, Queue
+from node.jobs.interface import JobQueue
+from node.jobs.model import Job, JobKind
+from node.jobs.retry import RetrySchedule
 from node.net.storelink import (
     AssociationRejected,
     LinkError,
@@ -103,21 +104,6 @@ def describe_status(code: int) -> str:
     return f"status 0x{code:04X}" + (f" ({name})" if name else "")
 
 
-@dataclass(frozen=True)
-class RetrySchedule:
-    """Exponential backoff with jitter, from a destination's [destination.retry] table."""
-
-    policy: RetryPolicy
-
-    def delay(self, attempts: int) -> float:
-        base = self.policy.initial_delay * 2.0 ** max(0, attempts - 1)
-        # Jitter spreads retries so many jobs (or nodes) do not hit the peer in step.
-        return min(self.policy.max_delay, base) * random.uniform(0.8, 1.0)
-
-    def gives_up(self, attempts: int) -> bool:
-        return 0 < self.policy.max_attempts <= attempts
-
-
 class TransportError(Exception):
     """No association, or it broke: the destination may be fine again later."""
 
@@ -153,7 +139,7 @@ class DestinationHold:
     are deferred and no worker claims one until the hold ends, or until an operator runs
     `dicom-node queue retry`, which the workers notice within a second."""
 
-    def __init__(self, queue: Queue, name: str, schedule: RetrySchedule) -> None:
+    def __init__(self, queue: JobQueue, name: str, schedule: RetrySchedule) -> None:
         self.queue = queue
         self.name = name
         self.schedule = schedule
@@ -307,7 +293,9 @@ def sending_order(wanted: Sequence[UID], accepted: set[UID], received: UID) -> l
 
 
 @dataclass(frozen=True)
-class Outcome:
+class DeliveryOutcome:
+    """What one attempt to deliver a job came to (not node.transcode's Outcome)."""
+
     verdict: Verdict
     detail: str
     warning: bool = False  # delivered with a warning status
@@ -319,7 +307,7 @@ class Outcome:
 class Shared:
     """What every worker of a forwarder uses."""
 
-    queue: Queue
+    queue: JobQueue
     derived: DerivedFiles
     completions: Completions
     stopping: threading.Event
@@ -407,7 +395,7 @@ class DestinationWorker:
             return False
         except Exception as exc:  # a bug or an I/O error: keep the job, try again later
             log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
-            outcome = Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+            outcome = DeliveryOutcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
         if outcome.peer_busy:
             # A full disk there refuses every instance.
             self._unreachable(job, outcome.detail, untried)
@@ -416,14 +404,14 @@ class DestinationWorker:
         self._record(job, outcome)
         return True
 
-    def _deliver(self, job: Job) -> Outcome:
+    def _deliver(self, job: Job) -> DeliveryOutcome:
         instance = job.instance
         wanted = proposed_syntaxes(self.destination, instance.transfer_syntax)
         self.link.ensure(instance.sop_class_uid, wanted)
         accepted = self.link.accepted(instance.sop_class_uid)
         choices = sending_order(wanted, accepted, UID(instance.transfer_syntax))
         if not choices:
-            return Outcome(
+            return DeliveryOutcome(
                 Verdict.REFUSED,
                 f"{self.link.peer} accepted no presentation context for SOP class"
                 f" {_class_name(instance.sop_class_uid)} (proposed "
@@ -432,7 +420,7 @@ class DestinationWorker:
             )
         path, syntax, notes = self._file_in_first_possible(job, choices)
         if path is None:
-            return Outcome(Verdict.REFUSED, "; ".join(notes))
+            return DeliveryOutcome(Verdict.REFUSED, "; ".join(notes))
         response = self.link.send(path)
         code = response.status
         verdict = classify_status(code)
@@ -441,7 +429,7 @@ class DestinationWorker:
             detail += f": {_printable(response.error_comment)}"
         if notes and verdict is Verdict.DELIVERED:
             detail += f" (fallback: {'; '.join(notes)})"
-        return Outcome(
+        return DeliveryOutcome(
             verdict,
             detail,
             warning=code != 0x0000,
@@ -474,7 +462,7 @@ class DestinationWorker:
         return None, UID(instance.transfer_syntax), notes
 
     def _unreachable(self, job: Job, error: str, untried: Sequence[Job] = ()) -> None:
-        self._record(job, Outcome(Verdict.RETRY, error))
+        self._record(job, DeliveryOutcome(Verdict.RETRY, error))
         if untried:
             self.queue.release(untried)
         delay = self.hold.begin()
@@ -484,7 +472,7 @@ class DestinationWorker:
             delay,
         )
 
-    def _record(self, job: Job, outcome: Outcome) -> None:
+    def _record(self, job: Job, outcome: DeliveryOutcome) -> None:
         uid = job.instance.sop_instance_uid
         name = self.destination.name
         if outcome.verdict is Verdict.DELIVERED:
@@ -537,7 +525,7 @@ class Forwarder:
         self,
         destinations: Sequence[DestinationConfig],
         node: NodeConfig,
-        queue: Queue,
+        queue: JobQueue,
         spool: Spool,
         derived: DerivedFiles,
     ) -> None:
@@ -557,7 +545,7 @@ class Forwarder:
 
     @staticmethod
     def _holds(
-        queue: Queue, destinations: Sequence[DestinationConfig]
+        queue: JobQueue, destinations: Sequence[DestinationConfig]
     ) -> list[tuple[DestinationConfig, DestinationHold]]:
         return [(d, DestinationHold(queue, d.name, RetrySchedule(d.retry))) for d in destinations]
 

@@ -22,7 +22,8 @@ from pydicom.uid import UID
 from node.dicom.header import DatasetError, check_structure, decode_received, read_header
 from node.dicom.syntaxes import syntax_name
 from node.ingest.spool import Spool, part10_header
-from node.jobs.queue import JobSpec, Queue, ReceivedInstance
+from node.jobs.interface import JobQueue
+from node.jobs.model import JobSpec, ReceivedInstance
 from node.store.durable import FileRegion
 
 log = logging.getLogger("node.intake")
@@ -70,7 +71,7 @@ class Intake:
     def __init__(
         self,
         spool: Spool,
-        queue: Queue,
+        queue: JobQueue,
         plan_jobs: JobPlanner,
         find_duplicate: DuplicateCheck,
         has_headroom: Callable[[], bool],

@@ -17,7 +17,7 @@ from pydicom.uid import UID
 from node.config.model import Config, ConfigError, RouteConfig
 from node.daemon import metrics
 from node.ingest.intake import StoreRequest
-from node.jobs.queue import JobKind, JobSpec
+from node.jobs.model import JobKind, JobSpec
 
 log = logging.getLogger("node.route")
 

@@ -1,7 +1,14 @@
 """Stage 4: the durable job queue (SQLite in WAL mode, synchronous=FULL).
 
-Instances, their storage and forward jobs, retries, holds, the stored index and
-the reports `queue status`, `status` and the metrics read.
+- model: received instances, job specs, jobs, kinds and states;
+- interface: the JobQueue, QueueReports and QueueOperations protocols, the seam
+  where another backend (PostgreSQL) plugs in;
+- database: SQLite connections, schema and group commit;
+- jobqueue: the worker-facing API (intake, claim, complete, retry, holds, the
+  stored index);
+- reports: operations and the one job report behind `queue status`, `status`
+  and the metrics;
+- retry: the one retry schedule of store and forward jobs.
 
 May import: nothing else of the node's.
 """

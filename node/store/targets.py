@@ -16,7 +16,8 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from node.config.model import DuplicatePolicy, StorageConfig
-from node.jobs.queue import JobKind, JobSpec, Queue
+from node.jobs.interface import JobQueue
+from node.jobs.model import JobKind, JobSpec
 from node.store.durable import fsync_directory, make_directories
 from node.store.layout import LayoutError, parse_layout
 
@@ -123,7 +124,7 @@ class StorageTarget:
 
 
 def duplicate_checker(
-    queue: Queue, targets: dict[str, StorageTarget]
+    queue: JobQueue, targets: dict[str, StorageTarget]
 ) -> Callable[[str, Sequence[JobSpec]], str | None]:
     """Find a 'reject' storage target that already has, or is getting, this SOP Instance UID."""
 

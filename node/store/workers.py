@@ -22,14 +22,14 @@ from pydicom.dataset import Dataset
 from node.daemon import metrics
 from node.dicom.syntaxes import syntax_name
 from node.ingest.spool import Spool
-from node.jobs.queue import Job, JobKind, Queue
+from node.jobs.interface import JobQueue
+from node.jobs.model import Job, JobKind
+from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
 from node.store.durable import link_or_copy
 from node.store.targets import PlacedInstance, StorageTarget
 from node.transcode import Outcome
 
 log = logging.getLogger("node.workers")
-
-MAX_RETRY_DELAY = 300.0
 
 
 @dataclass(frozen=True)
@@ -78,22 +78,20 @@ def read_file_header(path: Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, defer_size=4096)
 
 
-def retry_delay(attempts: int) -> float:
-    return min(MAX_RETRY_DELAY, 2.0 ** max(0, attempts - 1))
-
-
 class StoreWorkers:
     """Threads that claim store jobs; codec work goes to processes inside the stager."""
 
     def __init__(
         self,
-        queue: Queue,
+        queue: JobQueue,
         spool: Spool,
         targets: Mapping[str, StorageTarget],
         stage: Stager = stage_as_received,
         threads: int = 4,
+        schedule: RetrySchedule = STORAGE_SCHEDULE,
     ) -> None:
         self.queue = queue
+        self.schedule = schedule
         self.spool = spool
         self.targets = dict(targets)
         self.stage = stage
@@ -147,7 +145,7 @@ class StoreWorkers:
             self._slots.release()
 
     def run(self, job: Job) -> None:
-        """Store one job's instance; on failure schedule a retry with backoff."""
+        """Store one job's instance; on failure retry it on the schedule (STORAGE_RETRY: for ever)."""
         target = self.targets.get(job.target)
         if target is None:
             self.queue.dead_letter(
@@ -161,17 +159,27 @@ class StoreWorkers:
             # must be retried, not left 'running' until the next restart.
             self._finish(job, target, placed, staged)
         except Exception as exc:
-            delay = retry_delay(job.attempts)
-            log.error(
-                "storing SOP Instance UID %s in %r failed (attempt %d), retrying in %.0f s: %s",
-                job.instance.sop_instance_uid,
-                target.name,
-                job.attempts,
-                delay,
-                exc,
-            )
-            self.queue.retry_later(job, str(exc), delay)
-            metrics.record_stored(target.name, "retry")
+            self._retry_or_give_up(job, target, str(exc))
+
+    def _retry_or_give_up(self, job: Job, target: StorageTarget, error: str) -> None:
+        uid = job.instance.sop_instance_uid
+        if self.schedule.gives_up(job.attempts):
+            reason = f"gave up after {job.attempts} attempts: {error}"
+            self.queue.dead_letter(job, reason)
+            metrics.record_stored(target.name, "failed")
+            log.error("dead letter: SOP Instance UID %s for %r: %s", uid, target.name, reason)
+            return
+        delay = self.schedule.delay(job.attempts)
+        log.error(
+            "storing SOP Instance UID %s in %r failed (attempt %d), retrying in %.0f s: %s",
+            uid,
+            target.name,
+            job.attempts,
+            delay,
+            error,
+        )
+        self.queue.retry_later(job, error, delay)
+        metrics.record_stored(target.name, "retry")
 
     def _store(self, job: Job, target: StorageTarget) -> tuple[PlacedInstance, StagedFile]:
         staging_path = target.staging_path()

@@ -77,3 +77,15 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
     value = ds[keyword].value
     items = list(value) if ds[keyword].VM > 1 else [value]
     return [str(item) for item in items]
+
+
+def private_sequences_of_undefined_length(ds: Dataset) -> None:
+    """In Implicit VR a reader without the private dictionary can tell a private sequence
+    from a byte value only by its undefined length (PS3.5 7.5, DICOM CP 246): without it,
+    the sequence's items would be read back as UN bytes."""
+    for element in ds:
+        if element.VR == "SQ":
+            if element.tag.is_private:
+                element.is_undefined_length = True
+            for item in element.value or ():
+                private_sequences_of_undefined_length(item)

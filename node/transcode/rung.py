@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID
+from pydicom.uid import UID, ImplicitVRLittleEndian
 
+from node.transcode.byteorder import ByteOrderError, convert_byte_order
 from node.transcode.capabilities import first_problem
 from node.transcode.codecs import Codec, codec_for
 from node.transcode.encoders import j2k_colour_transform
@@ -18,6 +21,7 @@ from node.transcode.files import write_atomically
 from node.transcode.metadata import (
     keep_lossy_history,
     mark_lossy,
+    private_sequences_of_undefined_length,
     set_encapsulated_pixels,
     set_native_pixels,
     set_transfer_syntax,
@@ -31,6 +35,8 @@ from node.transcode.pixels import (
 )
 from node.transcode.targets import NATIVE_SYNTAXES, Target
 from node.transcode.verify import RungFailed, VerificationMismatch, verify_lossless, verify_lossy
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,13 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
     if target.lossy and not allow_lossy:
         return RungResult(target, ok=False, reason="lossy target not allowed without opt-in")
     try:
-        ds = dcmread(src)
+        ds, truncation = read_source(src)
     except Exception as error:
         return RungResult(target, ok=False, reason=f"source unreadable: {_short(error)}")
+    if truncation:
+        # pydicom reads what is there; writing that would turn a damaged instance into a
+        # well-formed one with a value cut short or its Pixel Data gone.
+        return RungResult(target, ok=False, reason=f"source truncated: {truncation}")
     source_uid = str(ds.get("SOPInstanceUID", ""))
     try:
         encoded = encode_for_target(ds, target)
@@ -74,6 +84,34 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
     )
 
 
+def read_source(src: Path) -> tuple[Dataset, str]:
+    """The data set, and why it is truncated ("" when it is whole)."""
+    # pydicom says "End of file reached" only as a warning. Recorded here (this runs in a
+    # worker process, one rung at a time) and passed on, so logging still sees them.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = dcmread(src)
+    truncation = ""
+    for warning in caught:
+        if "End of file reached" in str(warning.message) and not truncation:
+            truncation = str(warning.message).split(" in file ")[0]
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return ds, truncation or _short_value(ds)
+
+
+def _short_value(ds: Dataset) -> str:
+    for raw in ds.elements():
+        # A defined-length value (a sequence's too) that the file ends in the middle of.
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.value is not None
+            and raw.length != _UNDEFINED_LENGTH
+            and len(raw.value) < raw.length
+        ):
+            return f"{raw.tag} has {len(raw.value)} of its {raw.length} bytes"
+    return ""
+
+
 def encode_for_target(ds: Dataset, target: Target) -> bytes:
     """The Part 10 bytes of ds in target's syntax, verified. Modifies ds."""
     source_syntax = UID(ds.file_meta.TransferSyntaxUID)
@@ -82,6 +120,13 @@ def encode_for_target(ds: Dataset, target: Target) -> bytes:
     codec = None if native else codec_for(syntax)
     if not native and codec is None:
         raise RungFailed("no encoder for this syntax")
+    if not syntax.is_little_endian:
+        # Explicit VR Big Endian is retired (PS3.5 A.3) and our pixel path writes little
+        # endian only; a big endian peer gets the instance as received or in another syntax.
+        raise RungFailed("big endian syntaxes are not written (retired)")
+    _convert_byte_order(ds, source_syntax, syntax)
+    if syntax == ImplicitVRLittleEndian:
+        private_sequences_of_undefined_length(ds)
     if pixel_keyword(ds) is None:
         if not native:
             raise RungFailed("no pixel data to compress")
@@ -124,6 +169,14 @@ def _compressed(ds: Dataset, source: DecodedPixels, target: Target, codec: Codec
     else:
         verify_lossless(encoded, source, codec.verifier)
     return encoded
+
+
+def _convert_byte_order(ds: Dataset, source_syntax: UID, syntax: UID) -> None:
+    # Before the pixel path, which converts the top-level pixel data itself.
+    try:
+        convert_byte_order(ds, source_syntax, syntax)
+    except ByteOrderError as error:
+        raise RungFailed(f"cannot convert byte order: {error}") from None
 
 
 def written_photometric(info: PixelInfo, target: Target, first_fragment: bytes) -> str:
