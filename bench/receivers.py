@@ -7,20 +7,17 @@ until the last file is stored, not only until the last acknowledgement).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+# The process plumbing is shared with the tests (stdlib only, no pytest): one way to
+# pick ports, start, wait and stop by PID.
+from tests.processes import NODELAY, ServerProcess, find_tool, free_port, listening
+
 NODE_AE = "DICOMNODE"
-NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+NODELAY_ENV = {**os.environ, **NODELAY}
 
 
 class ToolMissing(RuntimeError):
@@ -31,44 +28,10 @@ def tool(name: str, debian_path: str) -> str:
     """DCMTK and Orthanc from the Debian packages; never pynetdicom's same-named apps."""
     if Path(debian_path).exists():
         return debian_path
-    found = shutil.which(name)
-    if found is None or "venv" in found:
+    found = find_tool(name)
+    if found is None:
         raise ToolMissing(f"{name} not found: apt-get install dcmtk orthanc")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def listening(port: int) -> bool:
-    """Whether a socket listens on the port, read from /proc: connecting to probe would
-    leave a half-open association behind that a receiver may wait for when stopping."""
-    hex_port = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as fp:
-                next(fp)
-                for line in fp:
-                    fields = line.split()
-                    if fields[1].endswith(hex_port) and fields[3] == "0A":  # 0A = LISTEN
-                        return True
-        except OSError:
-            continue
-    return False
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"receiver exited with code {process.returncode} before listening")
-        if listening(port):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
 def count_files(root: Path, pattern: str = "*") -> int:
@@ -80,72 +43,23 @@ def count_files(root: Path, pattern: str = "*") -> int:
     return total
 
 
-class Receiver:
-    """A receiver process in a folder of its own."""
+class Receiver(ServerProcess):
+    """A receiver process in a folder of its own, in a session of its own."""
 
     ae_title = "ANY-SCP"
     label = "receiver"
+    start_timeout = 30.0
+    own_session = True
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__(free_port(), workdir / "receiver.log", env=NODELAY)
         self.workdir = workdir
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        self._log = None
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def env(self) -> dict[str, str]:
-        return NODELAY_ENV
-
-    def start(self) -> Receiver:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = (self.workdir / "receiver.log").open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=REPO,
-            env=self.env(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for_port(self.port, self.process)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def ready(self) -> bool:
+        return listening(self.port)
 
     def stored(self) -> int:
         raise NotImplementedError
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._kill_leftover_group()
-        if self._log:
-            self._log.close()
-
-    def _kill_leftover_group(self) -> None:
-        # storescp --fork children and the node's codec workers share our session.
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-
-    def log_tail(self, lines: int = 20) -> str:
-        path = self.workdir / "receiver.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 class Storescp(Receiver):

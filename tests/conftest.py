@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import NodeProcess, base_config, free_port, write_config
+from tests.support import NodeProcess, configured_node
 
 # Builds a config (sections as in tests.support.base_config, then edited by the
 # caller) and starts a node on it; the node is killed at teardown if still alive.
+# The arguments are tests.support.configured_node's, plus wait (for the port).
 StartNode = Callable[..., NodeProcess]
 
 
@@ -30,15 +32,9 @@ def start_node(tmp_path: Path, acceptor: str) -> Iterator[StartNode]:
         *,
         root: Path | None = None,
         wait: bool = True,
-        **node: object,
+        **options: Any,
     ) -> NodeProcess:
-        folder = root or tmp_path
-        port = free_port()
-        sections = base_config(folder, port, **{**chosen, **node})
-        if edit is not None:
-            edit(sections)
-        config = write_config(folder / f"config-{port}.toml", sections)
-        process = NodeProcess(config, port)
+        process = configured_node(root or tmp_path, edit, **{**chosen, **options})
         started.append(process)
         return process.start(wait=wait)
 

@@ -2,54 +2,44 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
-
-from tests.support import REPO, base_config, dicom_node, free_port, require_tool, wait_for_port
+from tests.processes import NODELAY, ServerProcess
+from tests.support import base_config, dicom_node, free_port, require_tool
 
 
-class StoreSCP:
+class StoreSCP(ServerProcess):
     """DCMTK storescp writing every received instance into `folder` (uncompressed syntaxes only)."""
 
+    label = "storescp"
+    stop_timeout = 10.0
+
     def __init__(self, folder: Path, ae_title: str = "STORESCP", *args: str) -> None:
+        log_path = folder.parent / f"{folder.name}.storescp.log"
+        super().__init__(free_port(), log_path, env=NODELAY, cwd=None)
         self.folder = folder
         self.ae_title = ae_title
-        self.port = free_port()
         self.args = args
-        self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
-    @property
-    def log_path(self) -> Path:
-        return self.folder.parent / f"{self.folder.name}.storescp.log"
+    def command(self) -> list[str]:
+        storescp = require_tool("storescp")
+        return [
+            storescp,
+            "-aet",
+            self.ae_title,
+            "-od",
+            str(self.folder),
+            *self.args,
+            str(self.port),
+        ]
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def start(self) -> StoreSCP:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                require_tool("storescp"),
-                "-aet",
-                self.ae_title,
-                "-od",
-                str(self.folder),
-                *list(self.args),
-                str(self.port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-        wait_for_port(self.port)
+    def start(self, wait: bool = True) -> StoreSCP:
+        super().start(wait)
         return self
 
     def files(self) -> list[Path]:
@@ -57,11 +47,6 @@ class StoreSCP:
 
     def count(self) -> int:
         return len(self.files())
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 REFUSING_SCP = textwrap.dedent(
@@ -94,36 +79,34 @@ REFUSING_SCP = textwrap.dedent(
 )
 
 
-class RefusingSCP:
+class RefusingSCP(ServerProcess):
     """A pynetdicom SCP. Modes: "refuse-mr" answers 0x0122 for MR Image Storage, "full"
     answers 0xA700 for everything, both until `allow_mr()`; "hang" never answers."""
 
+    label = "refusing SCP"
+    stop_timeout = 10.0
+
     def __init__(self, folder: Path, mode: str = "refuse-mr") -> None:
+        super().__init__(free_port(), folder.parent / "refusing_scp.log")
         self.folder = folder
         self.mode = mode
-        self.port = free_port()
         self.flag = folder.parent / f"{folder.name}.allow-mr"
-        self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
-    def start(self) -> RefusingSCP:
+    def command(self) -> list[str]:
         script = self.folder.parent / "refusing_scp.py"
         script.write_text(REFUSING_SCP)
-        log = (self.folder.parent / "refusing_scp.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(script),
-                str(self.port),
-                str(self.folder),
-                str(self.flag),
-                self.mode,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        wait_for_port(self.port)
+        return [
+            sys.executable,
+            str(script),
+            str(self.port),
+            str(self.folder),
+            str(self.flag),
+            self.mode,
+        ]
+
+    def start(self, wait: bool = True) -> RefusingSCP:
+        super().start(wait)
         return self
 
     def allow_mr(self) -> None:
@@ -131,11 +114,6 @@ class RefusingSCP:
 
     def count(self) -> int:
         return len(list(self.folder.iterdir()))
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
 
 
 def destination(name: str, ae_title: str, port: int, **extra: object) -> dict[str, object]:
@@ -163,28 +141,6 @@ def forwarding_config(
         config["route"] = list(routes)
     config.update(sections)
     return config
-
-
-def copies_with_new_uids(source: Path, folder: Path, count: int) -> list[Path]:
-    """`count` copies of a file, each with a fresh SOP Instance UID (the pixels are the same)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = pydicom.dcmread(source)
-    paths = []
-    for index in range(count):
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        path = folder / f"{index:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def sop_instance_uid(data: bytes | Path) -> str:
-    from io import BytesIO
-
-    source = BytesIO(data) if isinstance(data, bytes) else data
-    return str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
 
 
 def queue_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

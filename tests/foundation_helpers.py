@@ -1,11 +1,14 @@
-"""Helpers for the foundation tests: pynetdicom as a sender of files and of raw bytes."""
+"""Peers for the tests: pynetdicom as a sender of files and of raw bytes, and the pieces of
+a raw-socket peer (an A-ASSOCIATE-RQ built with pynetdicom's encoders, exact reads)."""
 
 from __future__ import annotations
 
+import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import imagecodecs
 import pydicom
@@ -17,23 +20,73 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+from tests.corpus import CT_SMALL
+
 NO_STATUS = -1
 
 
 def associate(
     port: int,
-    contexts: list[tuple[str, list[str]]],
+    contexts: Sequence[tuple[str, Sequence[str]]],
     *,
     calling: str = "PYSCU",
     called: str = "DICOMNODE",
+    timeout: float = 30,
+    acse_timeout: float | None = None,
+    ext_neg: list[Any] | None = None,
 ) -> Association:
+    """A pynetdicom association to the node on 127.0.0.1:port, proposing `contexts`
+    ((SOP Class UID, transfer syntaxes) each). `timeout` is pynetdicom's ACSE, DIMSE and
+    network (idle) timeout; `acse_timeout`, when given, the ACSE one alone."""
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    if acse_timeout is not None:
+        ae.acse_timeout = acse_timeout
     for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    return ae.associate("127.0.0.1", port, ae_title=called)
+        ae.add_requested_context(sop_class, list(syntaxes))
+    return ae.associate("127.0.0.1", port, ae_title=called, ext_neg=ext_neg)
+
+
+def associate_rq_bytes(
+    contexts: Sequence[tuple[int, str, Sequence[str]]],
+    *,
+    calling: str = "RAWSCU",
+    called: str = "DICOMNODE",
+    max_pdu: int = 0,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing (presentation context ID, SOP Class UID, transfer
+    syntaxes) each, for a peer on a plain socket; max_pdu 0 means no limit."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    proposed = []
+    for context_id, sop_class, syntaxes in contexts:
+        context = build_context(sop_class, list(syntaxes))
+        context.context_id = context_id
+        proposed.append(context)
+    primitive.presentation_context_definition_list = proposed
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    primitive.user_information = [max_length]
+    request = A_ASSOCIATE_RQ()
+    request.from_primitive(primitive)
+    return bytes(request.encode())
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from the socket; ConnectionError if the peer closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
 
 
 @contextmanager
@@ -56,10 +109,13 @@ def status_of(response: pydicom.Dataset) -> int:
     return int(response.Status) if "Status" in response else NO_STATUS
 
 
-def pynetdicom_store(port: int, path: Path, **kwargs: str) -> int:
+def pynetdicom_store(
+    port: int, path: Path, *, calling: str = "PYSCU", called: str = "DICOMNODE"
+) -> int:
     """C-STORE one file in its own transfer syntax; the status, or -1 without one."""
     ds = pydicom.dcmread(path)
-    assoc = associate(port, [(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])], **kwargs)
+    contexts = [(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])]
+    assoc = associate(port, contexts, calling=calling, called=called)
     assert assoc.is_established, "association was not accepted"
     try:
         with raw_sending():

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.processes import NODELAY, ServerProcess
 from tests.support import free_port, require_tool
 
 
-class Orthanc:
-    """`/usr/sbin/Orthanc` with DICOM on `dicom_port` and REST on `http_port`, both loopback."""
+class Orthanc(ServerProcess):
+    """`/usr/sbin/Orthanc` with DICOM on `dicom_port` and REST on `http_port`, both loopback.
+
+    Ready when its REST API answers; stopped by SIGTERM, killed after 20 s.
+    """
+
+    label = "Orthanc"
+    start_timeout = 30.0
 
     def __init__(
         self,
@@ -26,16 +29,15 @@ class Orthanc:
         modalities: dict[str, list[str | int]] | None = None,
     ) -> None:
         self.exe = require_tool("Orthanc")
+        self.dicom_port = dicom_port or free_port()
+        super().__init__(self.dicom_port, folder / "orthanc.log", env=NODELAY, cwd=None)
         self.folder = folder
         self.ae_title = ae_title
         # DicomModalities: the peers Orthanc may C-STORE to, {name: [AE title, host, port]}.
         self.modalities = modalities or {}
-        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self.config_path = folder / "orthanc.json"
-        self.log_path = folder / "orthanc.log"
         self.config_path.write_text(json.dumps(self._config(), indent=2))
 
     def _config(self) -> dict[str, Any]:
@@ -61,33 +63,43 @@ class Orthanc:
             "DicomModalities": self.modalities,
         }
 
-    def start(self, timeout: float = 30.0) -> Orthanc:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [self.exe, str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"Orthanc exited at start; log:\n{self.log()}")
-            try:
-                self.get("/system")
-                return self
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"Orthanc REST API not up after {timeout} s; log:\n{self.log()}")
+    def command(self) -> list[str]:
+        return [self.exe, str(self.config_path)]
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def ready(self) -> bool:
+        try:
+            self.get("/system")
+        except (OSError, urllib.error.URLError):
+            return False
+        return True
+
+    def start(self, wait: bool = True) -> Orthanc:
+        super().start(wait)
+        return self
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
             body = r.read()
         return json.loads(body) if body[:1] in (b"[", b"{") else body
+
+    def post(self, path: str, body: bytes, content_type: str, timeout: float = 60) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=body,
+            method="POST",
+            headers={"Content-Type": content_type},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def upload(self, file: Path) -> str:
+        """POST /instances: Orthanc holds the file as it is; its instance id."""
+        return str(self.post("/instances", file.read_bytes(), "application/dicom")["ID"])
+
+    def store_to(self, modality: str, instance_ids: list[str]) -> dict[str, Any]:
+        """Orthanc C-STOREs the instances to one of its DicomModalities; the finished job."""
+        body = json.dumps({"Resources": instance_ids, "Synchronous": True}).encode()
+        return dict(self.post(f"/modalities/{modality}/store", body, "application/json"))
 
     def instances(self) -> list[str]:
         """Orthanc's instance ids (not SOP Instance UIDs)."""
@@ -101,16 +113,6 @@ class Orthanc:
 
     def files(self) -> list[bytes]:
         return [self.file(i) for i in self.instances()]
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
 
     def __enter__(self) -> Orthanc:
         return self.start()

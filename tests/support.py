@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+# free_port and wait_for_port are re-exported: the tests import them from here.
+from tests.processes import NODELAY, REPO, ServerProcess
+from tests.processes import free_port as free_port
+from tests.processes import wait_for_port as wait_for_port
 from tests.tools import require_tool
-
-REPO = Path(__file__).resolve().parent.parent
 
 # The core end-to-end tests run against both acceptors (node.acceptor): our own
 # Upper Layer, and pynetdicom's as the reference. Parametrizes conftest's `acceptor`.
@@ -32,46 +32,6 @@ def dicom_node(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
         cwd=REPO,
         timeout=timeout,
     )
-
-
-# Ports for servers the tests start come from below the kernel's ephemeral range
-# (32768-60999): a port taken from that range with bind(0) can be handed to the
-# local end of an outgoing connection (storescu, a forwarding SCU) before the
-# server that was meant to listen on it has bound it. Each port is given out once.
-_TEST_PORTS = range(20000, 32768)
-_given_ports: set[int] = set()
-_next_port = [_TEST_PORTS.start + (os.getpid() * 97) % len(_TEST_PORTS)]
-
-
-def free_port() -> int:
-    for _ in range(len(_TEST_PORTS)):
-        port = _next_port[0]
-        _next_port[0] = port + 1 if port + 1 < _TEST_PORTS.stop else _TEST_PORTS.start
-        if port in _given_ports or not _bindable(port):
-            continue
-        _given_ports.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
 def toml_value(value: object) -> str:
@@ -121,70 +81,67 @@ def base_config(tmp: Path, port: int, **node: object) -> dict[str, object]:
     }
 
 
-class NodeProcess:
-    """The node as a real subprocess (`python -m node run -c CONFIG`)."""
+# The node logs journald-style when JOURNAL_STREAM is set (as under systemd); tests read
+# terminal lines ("time LEVEL logger: message") unless they pass env={"JOURNAL_STREAM": ...}.
+TERMINAL_LOG: dict[str, str | None] = {"JOURNAL_STREAM": None}
 
-    def __init__(self, config_path: Path, port: int, env: dict[str, str] | None = None) -> None:
+
+def configured_node(
+    folder: Path,
+    edit: Callable[[dict[str, object]], None] | None = None,
+    *,
+    env: Mapping[str, str | None] | None = None,
+    stored_as: str | None = None,
+    config: dict[str, object] | None = None,
+    **node: object,
+) -> NodeProcess:
+    """A node (not started) on a config written into `folder`: base_config's sections with
+    `node` keys in [node], then `edit` changes any section. `env` changes the node's
+    environment (None removes a variable); `stored_as` makes the storage transcode to that
+    syntax, in codec worker processes; `config` is a whole config the test built (from
+    base_config, on a port it chose), used instead of a fresh base_config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        sections = base_config(folder, free_port(), **node)
+    else:
+        sections = {**config, "node": {**config["node"], **node}}  # type: ignore[dict-item]
+    port = int(sections["node"]["port"])  # type: ignore[index]
+    if stored_as:
+        sections["storage"] = [
+            {"name": "archive", "path": str(folder / "archive"), "transfer_syntax": stored_as}
+        ]
+    if edit is not None:
+        edit(sections)
+    config_path = write_config(folder / f"config-{port}.toml", sections)
+    return NodeProcess(config_path, port, env={**TERMINAL_LOG, **(env or {})})
+
+
+class NodeProcess(ServerProcess):
+    """The node as a real subprocess (`python -m node run -c CONFIG`); its log beside the config.
+
+    `env` changes the inherited environment; a None value removes a variable (for example
+    JOURNAL_STREAM, for terminal-style log lines).
+    """
+
+    label = "node"
+    stop_timeout = 30.0
+    must_stop_on_sigterm = True
+
+    def __init__(
+        self, config_path: Path, port: int, env: Mapping[str, str | None] | None = None
+    ) -> None:
+        super().__init__(port, config_path.with_suffix(".log"), env=env)
         self.config_path = config_path
-        self.port = port
-        self.env = {**os.environ, **(env or {})}
-        self.log_path = config_path.with_suffix(".log")
-        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "node", "run", "-c", str(self.config_path)]
 
     def start(self, wait: bool = True) -> NodeProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node", "run", "-c", str(self.config_path)],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        if wait:
-            try:
-                wait_for_port(self.port)
-            except TimeoutError:
-                self.kill()
-                raise AssertionError(f"node did not start; log:\n{self.log()}") from None
+        super().start(wait)
         return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.process is None:
-            return 0
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    def kill(self) -> None:
-        if self.process is not None and self.alive():
-            self.process.kill()
-            self.process.wait(10)
 
     def __enter__(self) -> NodeProcess:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill() if exc[0] else self.stop()
 
 
 def storescu(
@@ -202,7 +159,7 @@ def storescu(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "TCP_NODELAY": "1"},
+        env={**os.environ, **NODELAY},
     )
 
 

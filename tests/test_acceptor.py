@@ -19,33 +19,21 @@ import pytest
 from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from node.ingest.receiving import ArrivingDataset
 from node.net import pdu
 from node.net.association import AcceptorSettings, Association
 from node.net.pduguard import ReceiveLimits
-from tests.foundation_helpers import CT_SMALL, pynetdicom_store
-from tests.support import (
-    NodeProcess,
-    base_config,
-    free_port,
-    wait_until,
-    write_config,
-)
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL, dataset_bytes
+from tests.foundation_helpers import associate_rq_bytes, pynetdicom_store, read_exactly
+from tests.support import wait_until
 
 CONTEXT_ID = 1
 
 
-def start_node(tmp_path: Path, **node: object) -> NodeProcess:
-    port = free_port()
-    config = write_config(tmp_path / "config.toml", base_config(tmp_path, port, **node))
-    return NodeProcess(config, port).start()
-
-
-def associate(port: int) -> socket.socket:
+def raw_association(port: int) -> socket.socket:
+    """A plain socket to the node with an association for CT Image Storage established."""
     sock = socket.create_connection(("127.0.0.1", port))
     negotiate(sock)
     return sock
@@ -53,33 +41,11 @@ def associate(port: int) -> socket.socket:
 
 def negotiate(sock: socket.socket) -> None:
     """Send an A-ASSOCIATE-RQ for CT Image Storage and read the A-ASSOCIATE-AC."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWSCU"
-    primitive.called_ae_title = "DICOMNODE"
-    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    context.context_id = CONTEXT_ID
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 0
-    primitive.user_information = [max_length]
-    request = A_ASSOCIATE_RQ()
-    request.from_primitive(primitive)
     sock.settimeout(20)
-    sock.sendall(request.encode())
+    sock.sendall(associate_rq_bytes([(CONTEXT_ID, CTImageStorage, [ExplicitVRLittleEndian])]))
     pdu_type, length = pdu.parse_header(read_exactly(sock, 6))
     read_exactly(sock, length)
     assert pdu_type == pdu.A_ASSOCIATE_AC
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-        data += chunk
-    return data
 
 
 def command(field: int, sop_instance: str, has_dataset: bool = True) -> bytes:
@@ -131,10 +97,12 @@ def test_a_large_dataset_spills_to_disk_and_is_discarded_when_the_peer_vanishes(
     assert list(folder.iterdir()) == []
 
 
-def test_a_connection_lost_mid_dataset_leaves_nothing_behind(tmp_path: Path) -> None:
-    node = start_node(tmp_path)
+def test_a_connection_lost_mid_dataset_leaves_nothing_behind(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = start_node()
     try:
-        sock = associate(node.port)
+        sock = raw_association(node.port)
         sock.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0001, generate_uid())))
         for _ in range(48):  # 12 MiB in PDUs under max_pdu: past the 8 MiB held in memory
             sock.sendall(dataset_pdu(b"\0" * (256 * 1024 - 64), last=False))
@@ -148,10 +116,12 @@ def test_a_connection_lost_mid_dataset_leaves_nothing_behind(tmp_path: Path) -> 
         assert node.stop() == 0, node.log()
 
 
-def test_a_command_the_node_does_not_provide_gets_a_status_not_a_hang(tmp_path: Path) -> None:
-    node = start_node(tmp_path)
+def test_a_command_the_node_does_not_provide_gets_a_status_not_a_hang(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    node = start_node()
     try:
-        sock = associate(node.port)
+        sock = raw_association(node.port)
         # C-FIND-RQ (0x0020) on the storage context, without a dataset.
         sock.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0020, "", has_dataset=False)))
         assert response_status(sock) == 0x0211
@@ -165,12 +135,12 @@ def test_a_command_the_node_does_not_provide_gets_a_status_not_a_hang(tmp_path: 
 
 @pytest.mark.parametrize("pause_in_message", [True, False])
 def test_a_paused_peer_is_dropped_after_the_matching_timeout(
-    tmp_path: Path, pause_in_message: bool
+    start_node: StartNode, tmp_path: Path, pause_in_message: bool
 ) -> None:
     # dimse_timeout bounds a pause inside a message, network_timeout an idle association.
-    node = start_node(tmp_path, dimse_timeout=1.0, network_timeout=4.0)
+    node = start_node(dimse_timeout=1.0, network_timeout=4.0)
     try:
-        sock = associate(node.port)
+        sock = raw_association(node.port)
         if pause_in_message:
             sock.sendall(pdu.encode_command_pdu(CONTEXT_ID, command(0x0001, generate_uid())))
         started = time.monotonic()
@@ -260,6 +230,7 @@ def trickle(sock: socket.socket, stop: threading.Event, gaps: list[float]) -> No
 
 
 def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     # The deadline covers the whole A-ASSOCIATE-RQ, so the node closes the connection about
@@ -267,7 +238,7 @@ def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout
     # 100 s to complete the 1000-byte request (50 x acse_timeout), with each gap far inside the
     # timeout: a per-read timeout would keep the connection open for all of that.
     acse_timeout = 2.0
-    node = start_node(tmp_path, acse_timeout=acse_timeout)
+    node = start_node(acse_timeout=acse_timeout)
     stop = threading.Event()
     try:
         started = time.monotonic()
@@ -298,17 +269,9 @@ def test_an_association_request_trickled_byte_by_byte_is_cut_off_at_acse_timeout
         assert node.stop() == 0, node.log()
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """A Part 10 file's dataset, as encoded (everything after the File Meta group)."""
-    with path.open("rb") as fp:
-        pydicom.filereader.read_preamble(fp, False)
-        pydicom.filereader._read_file_meta_info(fp)
-        return fp.read()
-
-
 @pytest.mark.parametrize(("pdu_size", "extra"), [(4096, 200_000), (16384, 12 * 1024 * 1024)])
 def test_datasets_in_many_small_pdus_and_spilled_ones_are_stored_byte_exact(
-    tmp_path: Path, pdu_size: int, extra: int
+    start_node: StartNode, tmp_path: Path, pdu_size: int, extra: int
 ) -> None:
     # Many PDVs per dataset (4 KiB PDUs), and one past the 8 MiB kept in memory. The
     # sender streams the file's bytes as they are (storescu would re-encode them).
@@ -317,7 +280,7 @@ def test_datasets_in_many_small_pdus_and_spilled_ones_are_stored_byte_exact(
     source.add_new(0x00091010, "OB", bytes(range(256)) * (extra // 256))
     sent = tmp_path / "sent.dcm"
     source.save_as(sent, enforce_file_format=True)
-    node = start_node(tmp_path, max_pdu=pdu_size)
+    node = start_node(max_pdu=pdu_size)
     try:
         assert pynetdicom_store(node.port, sent) == 0x0000, node.log()
         archive = tmp_path / "archive"

@@ -12,23 +12,25 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from node.daemon.notify import Notifier, watchdog_interval
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL
 from tests.forward_support import StoreSCP
-from tests.support import NodeProcess, base_config, free_port, wait_until, write_config
+from tests.foundation_helpers import associate as pynetdicom_association
+from tests.support import NodeProcess, base_config, wait_until, write_config
 from tests.test_daemon_status import status
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+CT_AND_ECHO = [(CTImageStorage, [ExplicitVRLittleEndian]), (Verification, [ExplicitVRLittleEndian])]
 
 
 class NotifyListener:
@@ -93,11 +95,8 @@ def ct_dataset() -> Dataset:
 
 
 def associate(port: int, calling: str) -> Association:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(Verification, ExplicitVRLittleEndian)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    """CT Image Storage and Verification, Explicit VR Little Endian, 20 s timeouts."""
+    return pynetdicom_association(port, CT_AND_ECHO, calling=calling, timeout=20)
 
 
 def echo_ok(port: int, calling: str = "ECHOSCU") -> bool:
@@ -109,15 +108,20 @@ def echo_ok(port: int, calling: str = "ECHOSCU") -> bool:
     return bool(status) and status.Status == 0x0000
 
 
-def start_node(tmp_path: Path, notify: NotifyListener, **sections: object) -> NodeProcess:
-    port = free_port()
-    config = base_config(tmp_path, port)
-    config.update(sections)
-    path = write_config(tmp_path / "config.toml", config)
-    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
-    node = NodeProcess(path, port, env=env)
-    node.env.pop("JOURNAL_STREAM", None)  # terminal-style log lines
-    return node.start(wait=False)
+StartDaemon = Callable[..., NodeProcess]
+
+
+@pytest.fixture
+def start_daemon(start_node: StartNode, notify: NotifyListener) -> StartDaemon:
+    """start_node as systemd starts the service: NOTIFY_SOCKET, a 1 s watchdog, terminal-style
+    log lines, and no waiting for the port (the test waits for READY=1); `sections` replace
+    whole config sections."""
+
+    def start(**sections: object) -> NodeProcess:
+        systemd = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
+        return start_node(lambda config: config.update(sections), env=systemd, wait=False)
+
+    return start
 
 
 def accepts(port: int, calling: str) -> bool:
@@ -158,9 +162,9 @@ def test_notifier_reaches_an_abstract_socket() -> None:
 
 
 def test_ready_only_when_serving_then_watchdog_status_and_stopping(
-    tmp_path: Path, notify: NotifyListener
+    start_daemon: StartDaemon, tmp_path: Path, notify: NotifyListener
 ) -> None:
-    node = start_node(tmp_path, notify)
+    node = start_daemon()
     try:
         assert notify.wait_for("READY", "1"), node.log()
         # The instant READY=1 arrives, an association must already succeed: no retry here.
@@ -194,9 +198,9 @@ def test_ready_only_when_serving_then_watchdog_status_and_stopping(
 
 
 def test_sighup_reloads_allowlist_without_dropping_an_open_association(
-    tmp_path: Path, notify: NotifyListener
+    start_daemon: StartDaemon, tmp_path: Path, notify: NotifyListener
 ) -> None:
-    node = start_node(tmp_path, notify, security={"allowed_calling_aets": ["SENDER", "OTHER"]})
+    node = start_daemon(security={"allowed_calling_aets": ["SENDER", "OTHER"]})
     try:
         assert notify.wait_for("READY", "1"), node.log()
         in_progress = associate(node.port, "SENDER")
@@ -246,9 +250,9 @@ def _stored_and_queued(tmp_path: Path) -> int:
 
 
 def test_sigterm_lets_the_transfer_finish_and_exits_zero(
-    tmp_path: Path, notify: NotifyListener
+    start_daemon: StartDaemon, tmp_path: Path, notify: NotifyListener
 ) -> None:
-    node = start_node(tmp_path, notify)
+    node = start_daemon()
     statuses: list[int] = []
     try:
         assert notify.wait_for("READY", "1"), node.log()
@@ -284,14 +288,12 @@ def test_sigterm_lets_the_transfer_finish_and_exits_zero(
 
 
 def test_second_node_on_the_same_data_dir_refuses_to_start(
-    tmp_path: Path, notify: NotifyListener
+    start_daemon: StartDaemon, start_node: StartNode, tmp_path: Path, notify: NotifyListener
 ) -> None:
-    first = start_node(tmp_path, notify)
+    first = start_daemon()
     try:
         assert notify.wait_for("READY", "1"), first.log()
-        port = free_port()
-        config = write_config(tmp_path / "second.toml", base_config(tmp_path, port))
-        second = NodeProcess(config, port).start(wait=False)
+        second = start_node(wait=False)  # the same tmp_path, so the same data_dir
         assert second.process is not None
         assert second.process.wait(30) == 1
         assert f"{tmp_path / 'data'} is in use by another dicom-node (pid {first.pid})" in (
@@ -306,10 +308,10 @@ def test_second_node_on_the_same_data_dir_refuses_to_start(
 
 
 def test_sighup_adds_a_destination_and_forwards_to_it(
-    tmp_path: Path, notify: NotifyListener
+    start_daemon: StartDaemon, tmp_path: Path, notify: NotifyListener
 ) -> None:
     pacs = StoreSCP(tmp_path / "pacs").start()
-    node = start_node(tmp_path, notify)
+    node = start_daemon()
     try:
         assert notify.wait_for("READY", "1"), node.log()
         config = base_config(tmp_path, node.port)

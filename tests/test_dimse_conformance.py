@@ -30,35 +30,23 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from node.net import pdu
-from tests.foundation_helpers import CT_SMALL, associate, raw_sending, status_of
-from tests.support import REPO, NodeProcess, base_config, free_port, wait_until, write_config
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL, dataset_bytes
+from tests.foundation_helpers import (
+    associate,
+    associate_rq_bytes,
+    raw_sending,
+    read_exactly,
+    status_of,
+)
+from tests.support import REPO, NodeProcess, wait_until
 
 STORAGE_CONTEXT = 1  # CT Image Storage, Explicit VR Little Endian
 VERIFICATION_CONTEXT = 3
 VERIFICATION = UID("1.2.840.10008.1.1")
 PDV_LIMIT = 16 * 1024  # what the raw peer puts in one PDV (under the node's max PDU)
-
-
-def start_node(
-    tmp_path: Path, env: dict[str, str] | None = None, stored_as: str | None = None
-) -> NodeProcess:
-    """The node; `stored_as` makes its storage transcode, in codec worker processes."""
-    port = free_port()
-    sections = base_config(tmp_path, port)
-    if stored_as:
-        sections["storage"] = [
-            {"name": "archive", "path": str(tmp_path / "archive"), "transfer_syntax": stored_as}
-        ]
-    config = write_config(tmp_path / "config.toml", sections)
-    node = NodeProcess(config, port, env)
-    if env is None or "JOURNAL_STREAM" not in env:
-        node.env.pop("JOURNAL_STREAM", None)  # terminal lines: "time LEVEL logger: message"
-    return node.start()
 
 
 def ct_file(folder: Path, sop_class: str = CTImageStorage) -> Path:
@@ -72,14 +60,6 @@ def ct_file(folder: Path, sop_class: str = CTImageStorage) -> Path:
     path = folder / f"{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """A Part 10 file's dataset as encoded: everything after the File Meta group."""
-    with path.open("rb") as fp:
-        pydicom.filereader.read_preamble(fp, False)
-        pydicom.filereader._read_file_meta_info(fp)
-        return fp.read()
 
 
 def stored_files(tmp_path: Path) -> list[Path]:
@@ -98,18 +78,19 @@ class RawPeer:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.settimeout(20)
-        self.sock.sendall(_associate_rq())
+        self.sock.sendall(
+            associate_rq_bytes(
+                [
+                    (STORAGE_CONTEXT, CTImageStorage, [ExplicitVRLittleEndian]),
+                    (VERIFICATION_CONTEXT, VERIFICATION, [ImplicitVRLittleEndian]),
+                ]
+            )
+        )
         pdu_type, _ = self.read_pdu()
         assert pdu_type == pdu.A_ASSOCIATE_AC, pdu_type
 
     def read_exactly(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = self.sock.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-            data += chunk
-        return data
+        return read_exactly(self.sock, size)
 
     def read_pdu(self) -> tuple[int, bytes]:
         pdu_type, length = pdu.parse_header(self.read_exactly(6))
@@ -157,24 +138,6 @@ class RawPeer:
         self.sock.close()
 
 
-def _associate_rq() -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWSCU"
-    primitive.called_ae_title = "DICOMNODE"
-    storage = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    storage.context_id = STORAGE_CONTEXT
-    verification = build_context(VERIFICATION, [ImplicitVRLittleEndian])
-    verification.context_id = VERIFICATION_CONTEXT
-    primitive.presentation_context_definition_list = [storage, verification]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 0
-    primitive.user_information = [max_length]
-    encoder = A_ASSOCIATE_RQ()
-    encoder.from_primitive(primitive)
-    return bytes(encoder.encode())
-
-
 def request(
     command_field: int,
     message_id: int,
@@ -203,18 +166,20 @@ def c_cancel(message_id_being_responded_to: int) -> Dataset:
     return ds
 
 
-def log_lines(node: NodeProcess, level: str) -> list[str]:
-    return [line for line in node.log().splitlines() if f" {level} " in line]
+def log_lines(node: NodeProcess, level: str, containing: str = "") -> list[str]:
+    """The node's log lines at `level` (terminal format) that contain `containing`."""
+    return [line for line in node.log().splitlines() if f" {level} " in line and containing in line]
 
 
 # C-CANCEL-RQ (PS3.7 9.3.2.3): accepted, never answered, and for a C-STORE ignored.
 
 
 def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     first, second = ct_file(tmp_path), ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         assoc = associate(
             node.port,
@@ -234,7 +199,7 @@ def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
             lambda: stored_byte_exact(tmp_path, first) and stored_byte_exact(tmp_path, second),
             timeout=30,
         ), node.log()
-        cancel = [line for line in log_lines(node, "INFO") if "C-CANCEL-RQ" in line]
+        cancel = log_lines(node, "INFO", "C-CANCEL-RQ")
         assert len(cancel) == 1, node.log()
         assert "'PYSCU' for Message ID 7 ignored: its C-STORE-RQ was already answered" in cancel[0]
         assert "aborting" not in node.log()
@@ -242,9 +207,11 @@ def test_a_c_cancel_from_pynetdicom_is_ignored_and_the_association_goes_on(
         assert node.stop() == 0, node.log()
 
 
-def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(tmp_path: Path) -> None:
+def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         peer.send_command(STORAGE_CONTEXT, c_cancel(41))  # nothing with Message ID 41 is open
@@ -259,23 +226,20 @@ def test_a_c_cancel_gets_no_response_and_the_next_request_is_answered(tmp_path: 
         assert (store.MessageIDBeingRespondedTo, store.Status) == (43, 0x0000)
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
-        assert wait_until(
-            lambda: (
-                "for Message ID 41 ignored: no request with that Message ID is in progress"
-                in node.log()
-            ),
-            timeout=5,
+        assert node.logged(
+            "for Message ID 41 ignored: no request with that Message ID is in progress", timeout=5
         ), node.log()
     finally:
         assert node.stop() == 0, node.log()
 
 
 def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     sent = ct_file(tmp_path)
     data = dataset_bytes(sent)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         ds = pydicom.dcmread(sent, stop_before_pixels=True)
@@ -291,12 +255,8 @@ def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
         assert peer.echo(52).Status == 0x0000
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
-        assert wait_until(
-            lambda: (
-                "for Message ID 51 ignored: a C-STORE-RQ cannot be cancelled, it goes on"
-                in node.log()
-            ),
-            timeout=5,
+        assert node.logged(
+            "for Message ID 51 ignored: a C-STORE-RQ cannot be cancelled, it goes on", timeout=5
         ), node.log()
     finally:
         assert node.stop() == 0, node.log()
@@ -306,10 +266,11 @@ def test_a_c_cancel_amid_a_c_store_data_set_is_ignored_and_the_instance_stored(
 
 
 def test_a_c_store_without_a_data_set_gets_0xC210_and_the_association_goes_on(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         empty = request(0x0001, 5, CTImageStorage, generate_uid(), has_dataset=False)
@@ -328,7 +289,7 @@ def test_a_c_store_without_a_data_set_gets_0xC210_and_the_association_goes_on(
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
         assert len(stored_files(tmp_path)) == 1
-        refused = [line for line in log_lines(node, "WARNING") if "refused C-STORE-RQ" in line]
+        refused = log_lines(node, "WARNING", "refused C-STORE-RQ")
         assert len(refused) == 1, node.log()
         assert f"SOP Instance UID {empty.AffectedSOPInstanceUID}" in refused[0]
         assert "with status 0xC210: C-STORE-RQ without a data set" in refused[0]
@@ -337,12 +298,13 @@ def test_a_c_store_without_a_data_set_gets_0xC210_and_the_association_goes_on(
 
 
 def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not_stored(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     # An MR instance, announced as MR, on the context negotiated for CT Image Storage.
     wrong = ct_file(tmp_path, sop_class=MRImageStorage)
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         response = peer.store(wrong, 11)
@@ -365,7 +327,7 @@ def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
         assert len(stored_files(tmp_path)) == 1
         assert not any((tmp_path / "data" / "spool" / ".receiving").iterdir())
-        refused = [line for line in log_lines(node, "WARNING") if "refused C-STORE-RQ" in line]
+        refused = log_lines(node, "WARNING", "refused C-STORE-RQ")
         assert len(refused) == 2, node.log()
         assert "'RAWSCU'" in refused[0] and "with status 0x0122" in refused[0]
         assert "with status 0xC210: C-STORE-RQ without an Affected SOP Class UID" in refused[1]
@@ -378,10 +340,11 @@ def test_a_c_store_for_another_sop_class_than_its_context_gets_0x0122_and_is_not
 
 
 def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goes_on(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         identifier = Dataset()
@@ -413,7 +376,7 @@ def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goe
         assert peer.store(sent, 24).Status == 0x0000
         peer.release()
         assert wait_until(lambda: stored_byte_exact(tmp_path, sent), timeout=30), node.log()
-        unprovided = [line for line in log_lines(node, "WARNING") if "not a service" in line]
+        unprovided = log_lines(node, "WARNING", "not a service")
         assert [line.split(" from ")[0].split()[-1] for line in unprovided] == [
             "C-FIND-RQ",
             "N-ACTION-RQ",
@@ -426,9 +389,10 @@ def test_other_requests_are_drained_then_answered_0x0211_and_the_association_goe
 
 
 def test_a_peer_hanging_up_between_pdus_is_info_and_one_cut_off_inside_a_pdu_a_warning(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         # Released properly by pynetdicom: the peer closes TCP after our A-RELEASE-RP.
         assoc = associate(node.port, [(VERIFICATION, [ImplicitVRLittleEndian])])
@@ -460,9 +424,7 @@ def test_a_peer_hanging_up_between_pdus_is_info_and_one_cut_off_inside_a_pdu_a_w
             "'RAWSCU' ended: the connection closed in the middle of a PDU, 88 bytes early"
         )
         assert "6 bytes early" not in node.log()
-        protocol_warnings = [
-            line for line in log_lines(node, "WARNING") if "node.association" in line
-        ]
+        protocol_warnings = log_lines(node, "WARNING", "node.association")
         assert protocol_warnings == ended[1:], node.log()
     finally:
         assert node.stop() == 0, node.log()
@@ -501,6 +463,7 @@ def test_setup_logging_sends_python_warnings_through_the_journald_formatter() ->
 
 
 def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     # A SOP Instance UID with a component that starts with 0 is not a valid UI value:
@@ -514,7 +477,7 @@ def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
     ds = pydicom.dcmread(path)
     crafted = tmp_path / "crafted.dcm"
     crafted.write_bytes(path.read_bytes().replace(valid.encode(), invalid.encode()))
-    node = start_node(tmp_path, env={"JOURNAL_STREAM": "8:1234"}, stored_as="JPEGLSLossless")
+    node = start_node(env={"JOURNAL_STREAM": "8:1234"}, stored_as="JPEGLSLossless")
     try:
         peer = RawPeer(node.port)
         peer.send_command(STORAGE_CONTEXT, request(0x0001, 1, str(ds.SOPClassUID), invalid))
@@ -537,11 +500,12 @@ def test_a_pydicom_warning_in_the_running_node_reaches_journald_with_its_prefix(
 
 
 def test_a_c_store_whose_affected_sop_instance_uid_is_not_ascii_gets_a_status(
+    start_node: StartNode,
     tmp_path: Path,
 ) -> None:
     """The response echoes the request's UIDs; a byte that is not ASCII must not abort it."""
     sent = ct_file(tmp_path)
-    node = start_node(tmp_path)
+    node = start_node()
     try:
         peer = RawPeer(node.port)
         placeholder = "1.2.3.4.5.6.7.8.9"

@@ -17,18 +17,16 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tests.corpus import find
+from tests.corpus import copies_with_new_uids, find, sop_instance_uid
 from tests.forward_support import (
     RefusingSCP,
     StoreSCP,
-    copies_with_new_uids,
     destination,
     forwarding_config,
     queue_cli,
-    sop_instance_uid,
 )
 from tests.orthanc import Orthanc
-from tests.support import BOTH_ACCEPTORS, NodeProcess, free_port, storescu, wait_until, write_config
+from tests.support import BOTH_ACCEPTORS, configured_node, free_port, storescu, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -101,8 +99,7 @@ def test_happy_path_mixed_set_arrives_in_orthanc_in_accepted_syntax(
             ],
         )
         config["node"]["acceptor"] = acceptor  # type: ignore[index]
-        path = write_config(tmp_path / "node.toml", config)
-        with NodeProcess(path, port) as node:
+        with configured_node(tmp_path, config=config) as node:
             send_as_is(port, sources)
             arrived = wait_until(lambda: orthanc.count() == len(sources), timeout=60)
             assert arrived, f"Orthanc has {orthanc.count()} of {len(sources)}\n{node.log()}"
@@ -125,8 +122,7 @@ def test_negotiation_evle_only_destination_gets_decoded_rgb(tmp_path: Path) -> N
             port,
             [destination("plain", "EVLEONLY", scp.port, transfer_syntaxes=["JPEG2000Lossless"])],
         )
-        path = write_config(tmp_path / "node.toml", config)
-        with NodeProcess(path, port) as node:
+        with configured_node(tmp_path, config=config) as node:
             send_as_is(port, [source])
             assert wait_until(lambda: scp.count() == 1, timeout=30), node.log()
     finally:
@@ -159,9 +155,9 @@ def test_rules_ct_to_a_mr_to_b_unmatched_kept_and_reported(tmp_path: Path) -> No
             {"name": "archive", "path": str(tmp_path / "archive")},
             {"name": "quarantine", "path": str(tmp_path / "quarantine")},
         ]
-        path = write_config(tmp_path / "node.toml", config)
+        node = configured_node(tmp_path, config=config)
         ct, mr, sc = find("CT_small.dcm"), find("MR_small.dcm"), find("SC_rgb.dcm")
-        with NodeProcess(path, port) as node:
+        with node:
             assert storescu(port, [ct, mr, sc]).returncode == 0
             assert wait_until(lambda: a.count() == 1 and b.count() == 1, timeout=30), node.log()
             assert wait_until(lambda: len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1)
@@ -190,9 +186,10 @@ def test_dead_letter_with_reason_then_queue_retry_requeues(tmp_path: Path) -> No
             [destination("picky", "REFUSER", refuser.port)],
             routes=[{"match": {"Modality": "*"}, "destinations": ["picky"]}],
         )
-        path = write_config(tmp_path / "node.toml", config)
+        node = configured_node(tmp_path, config=config)
+        path = node.config_path
         ct, mr = find("CT_small.dcm"), find("MR_small.dcm")
-        with NodeProcess(path, port) as node:
+        with node:
             assert storescu(port, [ct, mr]).returncode == 0
             assert wait_until(lambda: "dead letter" in node.log(), timeout=30), node.log()
             assert wait_until(lambda: refuser.count() == 1, timeout=10)
@@ -221,8 +218,9 @@ def test_max_attempts_turns_an_unreachable_destination_into_dead_letters(tmp_pat
     nobody = free_port()  # nothing listens here
     retry = {"initial_delay": 0.2, "max_delay": 0.5, "max_attempts": 2}
     config = forwarding_config(tmp_path, port, [destination("gone", "GONE", nobody, retry=retry)])
-    path = write_config(tmp_path / "node.toml", config)
-    with NodeProcess(path, port) as node:
+    node = configured_node(tmp_path, config=config)
+    path = node.config_path
+    with node:
         assert storescu(port, [find("CT_small.dcm")]).returncode == 0
         assert wait_until(lambda: " failed " in queue_cli(path, "status").stdout, timeout=20)
         status = queue_cli(path, "status").stdout
@@ -237,9 +235,10 @@ def test_queue_retry_ends_a_long_backoff_at_once(tmp_path: Path) -> None:
     config = forwarding_config(
         tmp_path, port, [destination("late", "LATE", late.port, retry=retry)]
     )
-    path = write_config(tmp_path / "node.toml", config)
+    node = configured_node(tmp_path, config=config)
+    path = node.config_path
     try:
-        with NodeProcess(path, port) as node:
+        with node:
             assert storescu(port, [find("CT_small.dcm")]).returncode == 0
             assert wait_until(lambda: "holding its jobs" in node.log(), timeout=20), node.log()
             status = queue_cli(path, "status").stdout
@@ -257,8 +256,9 @@ def test_stop_does_not_wait_for_a_destination_that_never_answers(tmp_path: Path)
     port = free_port()
     stuck = RefusingSCP(tmp_path / "stuck", "hang").start()
     config = forwarding_config(tmp_path, port, [destination("stuck", "REFUSER", stuck.port)])
-    path = write_config(tmp_path / "node.toml", config)
-    node = NodeProcess(path, port).start()
+    node = configured_node(tmp_path, config=config)
+    path = node.config_path
+    node.start()
     try:
         assert storescu(port, [find("CT_small.dcm")]).returncode == 0
         time.sleep(2)  # the C-STORE to 'stuck' is now waiting for an answer (DIMSE timeout 60 s)
@@ -278,9 +278,10 @@ def test_out_of_resources_backs_off_the_destination_then_delivers(tmp_path: Path
     port = free_port()
     full = RefusingSCP(tmp_path / "full", "full").start()
     config = forwarding_config(tmp_path, port, [destination("full", "REFUSER", full.port)])
-    path = write_config(tmp_path / "node.toml", config)
+    node = configured_node(tmp_path, config=config)
+    path = node.config_path
     try:
-        with NodeProcess(path, port) as node:
+        with node:
             files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 3)
             assert storescu(port, files).returncode == 0
             assert wait_until(lambda: "holding its jobs" in node.log(), timeout=20), node.log()

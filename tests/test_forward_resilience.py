@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import find
+from tests.conftest import StartNode
+from tests.corpus import copies_with_new_uids, find, sop_instance_uid
 from tests.forward_support import (
     StoreSCP,
-    copies_with_new_uids,
     destination,
-    forwarding_config,
     queue_cli,
-    sop_instance_uid,
 )
 from tests.orthanc import Orthanc
-from tests.support import NodeProcess, free_port, storescu, wait_until, write_config
+from tests.support import NodeProcess, storescu, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,25 +42,26 @@ def orthanc_uids(orthanc: Orthanc) -> set[str]:
     return {sop_instance_uid(blob) for blob in orthanc.files()}
 
 
-def start_node(
-    tmp_path: Path, orthanc: Orthanc, scp: StoreSCP, **pacs: object
+def start_forwarding_node(
+    start_node: StartNode, orthanc: Orthanc, scp: StoreSCP, **pacs: object
 ) -> tuple[Path, NodeProcess]:
     """The node forwarding everything to Orthanc ('pacs') and to a storescp ('second')."""
-    port = free_port()
     destinations = [
         destination("pacs", "ORTHANC", orthanc.dicom_port, **pacs),
         destination("second", "SECOND", scp.port),
     ]
-    config = write_config(tmp_path / "node.toml", forwarding_config(tmp_path, port, destinations))
-    return config, NodeProcess(config, port).start()
+    node = start_node(lambda config: config.update(destination=destinations))
+    return node.config_path, node
 
 
-def test_outage_orthanc_down_30s_other_destination_on_time(tmp_path: Path) -> None:
+def test_outage_orthanc_down_30s_other_destination_on_time(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 100)
     uids = {sop_instance_uid(p) for p in files}
     orthanc = Orthanc(tmp_path / "orthanc")  # configured, not started: the destination is down
     scp = StoreSCP(tmp_path / "scp", "SECOND", "-v").start()
-    config, node = start_node(tmp_path, orthanc, scp, max_associations=2)
+    config, node = start_forwarding_node(start_node, orthanc, scp, max_associations=2)
     try:
         sent = storescu(node.port, files, "-v")
         assert sent.returncode == 0, sent.stderr
@@ -92,13 +91,15 @@ def test_outage_orthanc_down_30s_other_destination_on_time(tmp_path: Path) -> No
     assert not list((tmp_path / "data" / "spool").rglob("*.dcm"))
 
 
-def test_kill_9_with_backlog_then_restart_delivers_everything(tmp_path: Path) -> None:
+def test_kill_9_with_backlog_then_restart_delivers_everything(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     count = 400
     files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", count)
     uids = {sop_instance_uid(p) for p in files}
     orthanc = Orthanc(tmp_path / "orthanc")  # down during the send: a guaranteed backlog
     scp = StoreSCP(tmp_path / "scp", "SECOND").start()
-    config, node = start_node(tmp_path, orthanc, scp)
+    config, node = start_forwarding_node(start_node, orthanc, scp)
     try:
         sent = storescu(node.port, files, "-v")
         assert acknowledged(sent.stderr) == count, sent.stderr[-2000:]

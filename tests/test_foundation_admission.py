@@ -11,13 +11,8 @@ from pathlib import Path
 from pynetdicom.sop_class import Verification
 
 from tests.conftest import StartNode
-from tests.foundation_helpers import (
-    CT_SMALL,
-    associate,
-    encoded_dataset,
-    pynetdicom_store,
-    store_raw_bytes,
-)
+from tests.corpus import CT_SMALL
+from tests.foundation_helpers import associate, encoded_dataset, pynetdicom_store, store_raw_bytes
 from tests.support import BOTH_ACCEPTORS, require_tool, wait_until
 
 CANNOT_UNDERSTAND = 0xC210

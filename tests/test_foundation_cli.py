@@ -9,7 +9,8 @@ from pathlib import Path
 import pydicom
 
 from tests.conftest import StartNode
-from tests.foundation_helpers import CT_SMALL, pynetdicom_store
+from tests.corpus import CT_SMALL, PYDICOM_FILES
+from tests.foundation_helpers import pynetdicom_store
 from tests.support import NodeProcess, dicom_node, wait_until
 
 DUPLICATE_SOP_INSTANCE = 0x0111
@@ -37,9 +38,8 @@ def test_send_a_folder_reports_counts(start_node: StartNode, tmp_path: Path) -> 
     node = start_node()
     outgoing = tmp_path / "outgoing"
     outgoing.mkdir()
-    pydicom_files = Path(pydicom.__file__).parent / "data" / "test_files"
     for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm", "MR_truncated.dcm"):
-        shutil.copy(pydicom_files / name, outgoing / name)
+        shutil.copy(PYDICOM_FILES / name, outgoing / name)
     (outgoing / "notes.txt").write_text("not DICOM")
     result = dicom_node("send", str(outgoing), "--to", peer(node), "-q")
     # rtplan.dcm's file meta names another SOP Instance UID than its dataset: refused.

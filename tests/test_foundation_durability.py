@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from tests.conftest import StartNode
-from tests.corpus import corpus_dirs
+from tests.corpus import CT_SMALL, copies_with_new_uids, corpus_dirs
 from tests.storescu_profiles import send_as_is
 from tests.support import BOTH_ACCEPTORS, NodeProcess, require_tool, storescu, wait_until
 from tests.tools import missing_tool
 
 OUT_OF_RESOURCES = 0xA700
-CT_SMALL = corpus_dirs()[0] / "CT_small.dcm"
 
 
 def large_ct() -> Path:
@@ -141,17 +140,8 @@ def test_headroom_limit_refuses_before_the_disk_is_full(
 
 
 def fresh_copies(folder: Path, count: int) -> dict[str, Path]:
-    """`count` copies of CT_small, each with its own SOP Instance UID."""
-    folder.mkdir(parents=True, exist_ok=True)
-    template = pydicom.dcmread(CT_SMALL)
-    copies = {}
-    for index in range(count):
-        uid = generate_uid()
-        template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = uid
-        path = folder / f"ct{index:04d}.dcm"
-        template.save_as(path, enforce_file_format=True)
-        copies[uid] = path
-    return copies
+    """`count` copies of CT_small, keyed by their own SOP Instance UID."""
+    return {path.stem: path for path in copies_with_new_uids(CT_SMALL, folder, count)}
 
 
 def acknowledged_uids(run_output: str, copies: dict[str, Path]) -> set[str]:

@@ -10,7 +10,8 @@ from pydicom import config as pydicom_config
 from pydicom.uid import generate_uid
 
 from tests.conftest import StartNode
-from tests.foundation_helpers import CT_SMALL, pynetdicom_store
+from tests.corpus import CT_SMALL
+from tests.foundation_helpers import pynetdicom_store
 from tests.support import wait_until
 
 HOSTILE_PATIENT_IDS = {

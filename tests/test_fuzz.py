@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.filereader import _read_file_meta_info, read_file_meta_info, read_preamble
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 from pynetdicom import AE, _config
 
 from node.dicom.header import DatasetError, _Walker, check_structure, decode_received, read_header
@@ -35,9 +35,10 @@ from node.ingest.spool import Spool
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec
 from node.transcode import TranscodePool, parse_target
-from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
+from tests.conftest import StartNode
+from tests.corpus import PYDICOM_FILES, copies_with_new_uids
+from tests.support import storescu, wait_until
 
-TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 SEED_NAMES = (
     "CT_small.dcm",  # explicit VR little endian, sequences
     "MR_small_implicit.dcm",
@@ -84,8 +85,8 @@ class Seed:
 
 @cache
 def seed(name: str) -> Seed:
-    raw = (TEST_FILES / name).read_bytes()
-    with (TEST_FILES / name).open("rb") as handle:
+    raw = (PYDICOM_FILES / name).read_bytes()
+    with (PYDICOM_FILES / name).open("rb") as handle:
         read_preamble(handle, False)
         meta = _read_file_meta_info(handle)
         start = handle.tell()
@@ -263,7 +264,7 @@ print(int(outcome.fallback), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def test_rows_columns_frames_claiming_gigabytes_do_not_allocate_them(
     tmp_path: Path, name: str, target: str, frames: int
 ) -> None:
-    ds = pydicom.dcmread(TEST_FILES / name)
+    ds = pydicom.dcmread(PYDICOM_FILES / name)
     ds.Rows, ds.Columns, ds.NumberOfFrames = 65535, 65535, frames
     src = tmp_path / "claim.dcm"
     ds.save_as(src)
@@ -336,27 +337,21 @@ def _class_and_syntax(path: Path) -> tuple[str, str]:
 
 def fresh_copies(folder: Path, names: tuple[str, ...]) -> dict[str, Path]:
     """Well-formed instances with new SOP Instance UIDs, keyed by UID."""
-    copies = {}
-    for name in names:
-        ds = pydicom.dcmread(TEST_FILES / name)
-        uid = generate_uid()
-        ds.SOPInstanceUID = uid
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        path = folder / f"fresh-{name}"
-        ds.save_as(path, enforce_file_format=True)
-        copies[uid] = path
-    return copies
+    return {
+        path.stem: path
+        for name in names
+        for path in copies_with_new_uids(PYDICOM_FILES / name, folder, 1)
+    }
 
 
 def test_mutated_corpus_against_the_node_then_well_formed_instances_are_stored(
-    tmp_path: Path,
+    start_node: StartNode, tmp_path: Path
 ) -> None:
-    port = free_port()
-    config = write_config(tmp_path / "config.toml", base_config(tmp_path, port))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     files = mutated_corpus(corpus, 48, random.Random(6))
-    node = NodeProcess(config, port).start()
+    node = start_node()
+    port = node.port
     try:
         statuses = send_raw(port, files)
         assert node.alive(), node.log()[-4000:]

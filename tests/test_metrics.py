@@ -7,7 +7,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pydicom
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
@@ -16,17 +15,15 @@ from node.daemon import metrics
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec
 from node.jobs.reports import SqliteQueueOperations
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL, copies_with_new_uids, dataset_bytes
 from tests.support import (
-    NodeProcess,
-    base_config,
     free_port,
     storescu,
     wait_until,
-    write_config,
 )
 from tests.test_daemon_status import queued_instance
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 N = 3
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -46,33 +43,18 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def distinct_ct_files(folder: Path, count: int) -> list[Path]:
-    folder.mkdir()
-    files = []
-    for index in range(count):
-        ds = pydicom.dcmread(CT_SMALL)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        path = folder / f"ct{index}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
-
-
-def dataset_bytes(path: Path) -> int:
-    """Bytes after the Part 10 header: the dataset as the C-STORE carried it."""
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
-    return path.stat().st_size - (128 + 4 + 12 + meta.FileMetaInformationGroupLength)
-
-
-def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
-    config = base_config(tmp_path, port)
-    config["security"] = {"allowed_calling_aets": ["STORESCU"]}
-    config["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
-    files = distinct_ct_files(tmp_path / "send", N)
-    path = write_config(tmp_path / "config.toml", config)
+def test_counters_after_n_instances_and_a_rejected_association(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    files = copies_with_new_uids(CT_SMALL, tmp_path / "send", N)
+    sections = {
+        "security": {"allowed_calling_aets": ["STORESCU"]},
+        "metrics": {"address": f"127.0.0.1:{metrics_port}"},
+    }
     # journald mode: the log lines are checked below too.
-    node = NodeProcess(path, port, env={"JOURNAL_STREAM": "8:4242"}).start()
+    node = start_node(lambda config: config.update(sections), env={"JOURNAL_STREAM": "8:4242"})
+    port = node.port
     try:
         sent = storescu(port, files)  # one association
         assert sent.returncode == 0, sent.stderr
@@ -97,7 +79,9 @@ def test_counters_after_n_instances_and_a_rejected_association(tmp_path: Path) -
     assert value(samples, "dicom_node_associations_active") == 0
     assert value(samples, "dicom_node_instances_received_total", status="success") == N
     # Stored as received (no transcoding configured): the archive files hold the received bytes.
-    assert value(samples, "dicom_node_received_bytes_total") == sum(map(dataset_bytes, archive))
+    assert value(samples, "dicom_node_received_bytes_total") == sum(
+        len(dataset_bytes(f)) for f in archive
+    )
     assert value(samples, "dicom_node_stored_bytes_total", storage="archive") == sum(
         f.stat().st_size for f in archive
     )

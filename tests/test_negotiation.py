@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context, build_role
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, build_context, build_role
 from pynetdicom.presentation import negotiate_as_acceptor
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -23,7 +23,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from node.ingest.scp import StorageNegotiation
 from node.net import pdu
-from tests.support import NodeProcess, base_config, free_port, require_tool, write_config
+from tests.foundation_helpers import associate
+from tests.support import (
+    NodeProcess,
+    configured_node,
+    require_tool,
+)
 
 # Refused with "abstract syntax not supported" (3): SOP classes the node has no service for.
 NOT_STORAGE = {
@@ -50,10 +55,7 @@ STORAGE = {
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    tmp = tmp_path_factory.mktemp("negotiation")
-    port = free_port()
-    config = write_config(tmp / "config.toml", base_config(tmp, port))
-    with NodeProcess(config, port) as running:
+    with configured_node(tmp_path_factory.mktemp("negotiation")) as running:
         yield running
 
 
@@ -85,10 +87,9 @@ def test_findscu_worklist_and_patient_root_contexts_are_refused_with_result_3(
 def test_sop_classes_without_a_storage_service_are_refused_and_storage_ones_accepted(
     node: NodeProcess,
 ) -> None:
-    ae = AE("NEGOTIATOR")
-    for uid in [*NOT_STORAGE, *STORAGE]:
-        ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts = [(uid, syntaxes) for uid in [*NOT_STORAGE, *STORAGE]]
+    assoc = associate(node.port, contexts, calling="NEGOTIATOR")
     try:
         assert assoc.is_established
         refused = {str(cx.abstract_syntax): cx.result for cx in assoc.rejected_contexts}
@@ -102,14 +103,14 @@ def test_sop_classes_without_a_storage_service_are_refused_and_storage_ones_acce
 def test_role_selection_is_answered_scu_yes_scp_no_and_a_would_be_scp_is_user_rejected(
     node: NodeProcess,
 ) -> None:
-    ae = AE("ROLES")
-    for uid in (CTImageStorage, MRImageStorage, Verification):
-        ae.add_requested_context(uid)
+    contexts = [
+        (uid, DEFAULT_TRANSFER_SYNTAXES) for uid in (CTImageStorage, MRImageStorage, Verification)
+    ]
     roles: list[Any] = [
         build_role(CTImageStorage, scu_role=True, scp_role=True),
         build_role(MRImageStorage, scu_role=False, scp_role=True),  # "you send to me": no
     ]
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", ext_neg=roles)
+    assoc = associate(node.port, contexts, calling="ROLES", ext_neg=roles)
     try:
         assert assoc.is_established
         accepted = {

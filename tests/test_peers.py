@@ -17,25 +17,21 @@ DCMTK storescu/echoscu/findscu/getscu and Orthanc as a destination are covered e
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import numpy
 import pydicom
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from tests.conftest import StartNode
+from tests.corpus import dataset_bytes, find
 from tests.orthanc import Orthanc
 from tests.support import BOTH_ACCEPTORS, NodeProcess, require_tool, wait_until
 
@@ -43,17 +39,11 @@ PEER_TIMEOUT = 60.0
 TRAILING_PADDING = 0xFFFCFFFC
 PIXEL_DATA = 0x7FE00010
 LOSSLESS_FILES = ("MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm")
-# Explicit VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
-LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+# A folder a sender sends on one association, proposing each file's own transfer syntax.
+CT_MR_AND_JPEG_LS = ("CT_small.dcm", "MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm")
 # gdcm 3.0.21 as packaged by Debian throws from its client after the association is
 # released, whatever the SCP (DCMTK storescp too), and the uncaught exception aborts it.
 GDCMSCU_ABORT = "ProtocolStream as nullptr is invalid"
-
-
-def pydicom_file(name: str) -> Path:
-    found = get_testdata_file(name)
-    assert found is not None, f"pydicom test file {name} is missing"
-    return Path(str(found))
 
 
 def fresh_copy(name: str, folder: Path) -> Path:
@@ -61,7 +51,7 @@ def fresh_copy(name: str, folder: Path) -> Path:
     syntax, so that files sharing a UID (MR_small and its compressed variants) do not
     overwrite each other in the archive."""
     folder.mkdir(parents=True, exist_ok=True)
-    dataset = pydicom.dcmread(pydicom_file(name))
+    dataset = pydicom.dcmread(find(name))
     uid = generate_uid()
     dataset.SOPInstanceUID = uid
     dataset.file_meta.MediaStorageSOPInstanceUID = uid
@@ -77,25 +67,6 @@ def fresh_copy(name: str, folder: Path) -> Path:
     path = folder / f"{uid}.dcm"
     dataset.save_as(path, enforce_file_format=True)
     return path
-
-
-def dataset_bytes(encoded: bytes) -> bytes:
-    """The data set of a DICOM file: everything after the preamble, 'DICM' and the
-    (always Explicit VR Little Endian) group 0002 file meta elements."""
-    assert encoded[128:132] == b"DICM", "not a DICOM file with a preamble"
-    offset = 132
-    while offset < len(encoded):
-        (group,) = struct.unpack_from("<H", encoded, offset)
-        if group != 0x0002:
-            break
-        vr = encoded[offset + 4 : offset + 6]
-        if vr in LONG_LENGTH_VRS:
-            (length,) = struct.unpack_from("<I", encoded, offset + 8)
-            offset += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", encoded, offset + 6)
-            offset += 8 + length
-    return encoded[offset:]
 
 
 def stored_files(node: NodeProcess) -> dict[str, Path]:
@@ -224,10 +195,7 @@ def test_dcmsend_sends_a_folder_of_ct_mr_and_jpeg_ls(start_node: StartNode, tmp_
     which for these files is the file's own bytes)."""
     dcmsend = require_tool("dcmsend")
     folder = tmp_path / "send"
-    sent = [
-        fresh_copy(name, folder)
-        for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm")
-    ]
+    sent = [fresh_copy(name, folder) for name in CT_MR_AND_JPEG_LS]
     node = start_node()
     result = run_peer(
         dcmsend, "-v", "-aet", "DCMSEND", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
@@ -374,10 +342,7 @@ def test_gdcmscu_store_sends_a_folder(start_node: StartNode, tmp_path: Path) -> 
     released, not aborted. Each is stored byte-identical, in its own syntax."""
     gdcmscu = require_tool("gdcmscu")
     folder = tmp_path / "send"
-    sent = [
-        fresh_copy(name, folder)
-        for name in ("CT_small.dcm", "MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm")
-    ]
+    sent = [fresh_copy(name, folder) for name in CT_MR_AND_JPEG_LS]
     node = start_node()
     result = run_peer(
         gdcmscu, "--store", "--aetitle", "GDCMSTORE", "--call", "DICOMNODE", "-i", folder,
@@ -394,15 +359,9 @@ def test_gdcmscu_store_sends_a_folder(start_node: StartNode, tmp_path: Path) -> 
 # ------------------------------------------------------------------------ Orthanc as sender
 
 
-def post(orthanc: Orthanc, path: str, body: bytes, content_type: str) -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{orthanc.http_port}{path}",
-        data=body,
-        method="POST",
-        headers={"Content-Type": content_type},
-    )
-    with urllib.request.urlopen(request, timeout=PEER_TIMEOUT) as response:
-        return json.loads(response.read())
+def orthanc_sending_to(node: NodeProcess, folder: Path, ae_title: str) -> Orthanc:
+    """An Orthanc (not started) that knows the node as its DICOM modality "node"."""
+    return Orthanc(folder, ae_title, modalities={"node": ["DICOMNODE", "127.0.0.1", node.port]})
 
 
 @BOTH_ACCEPTORS
@@ -415,22 +374,10 @@ def test_orthanc_sends_ct_and_jpeg_ls_to_the_node(start_node: StartNode, tmp_pat
     folder = tmp_path / "send"
     sent = [fresh_copy(name, folder) for name in ("CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm")]
     node = start_node()
-    orthanc = Orthanc(
-        tmp_path / "orthanc",
-        ae_title="ORTHANCSND",
-        modalities={"node": ["DICOMNODE", "127.0.0.1", node.port]},
-    )
+    orthanc = orthanc_sending_to(node, tmp_path / "orthanc", "ORTHANCSND")
     with orthanc:
-        ids = [
-            post(orthanc, "/instances", path.read_bytes(), "application/dicom")["ID"]
-            for path in sent
-        ]
-        job = post(
-            orthanc,
-            "/modalities/node/store",
-            json.dumps({"Resources": ids, "Synchronous": True}).encode(),
-            "application/json",
-        )
+        ids = [orthanc.upload(path) for path in sent]
+        job = orthanc.store_to("node", ids)
         held = [orthanc.file(instance) for instance in ids]
     assert (job["InstancesCount"], job["FailedInstancesCount"]) == (2, 0), job
     assert (job["LocalAet"], job["RemoteAet"]) == ("ORTHANCSND", "DICOMNODE"), job
@@ -454,22 +401,10 @@ def test_orthanc_decompresses_for_a_node_that_accepts_native_only(
     uploaded file element by element, and its pixels with the file's decoded pixels."""
     sent = [fresh_copy(name, tmp_path / "send") for name in LOSSLESS_FILES]
     node = start_node(accept_native_only)
-    orthanc = Orthanc(
-        tmp_path / "orthanc",
-        ae_title="ORTHANCDEC",
-        modalities={"node": ["DICOMNODE", "127.0.0.1", node.port]},
-    )
+    orthanc = orthanc_sending_to(node, tmp_path / "orthanc", "ORTHANCDEC")
     with orthanc:
-        ids = [
-            post(orthanc, "/instances", path.read_bytes(), "application/dicom")["ID"]
-            for path in sent
-        ]
-        job = post(
-            orthanc,
-            "/modalities/node/store",
-            json.dumps({"Resources": ids, "Synchronous": True}).encode(),
-            "application/json",
-        )
+        ids = [orthanc.upload(path) for path in sent]
+        job = orthanc.store_to("node", ids)
     assert (job["InstancesCount"], job["FailedInstancesCount"]) == (2, 0), job
     for path in sent:
         assert_stored_as_decompressed(node, path, "ORTHANCDEC")

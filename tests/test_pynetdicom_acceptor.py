@@ -29,7 +29,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.certs import Certificates
 from tests.conftest import StartNode
-from tests.foundation_helpers import CT_SMALL, associate, pynetdicom_store
+from tests.corpus import CT_SMALL, dataset_bytes
+from tests.foundation_helpers import associate, pynetdicom_store
 from tests.support import (
     BOTH_ACCEPTORS,
     base_config,
@@ -40,7 +41,6 @@ from tests.support import (
     wait_until,
     write_config,
 )
-from tests.test_acceptor import dataset_bytes
 from tests.test_foundation_durability import put_on, small_disk  # noqa: F401 (a fixture)
 from tests.test_metrics import scrape, value
 from tests.test_security import certs, client_tls_args, tls_section  # noqa: F401 (a fixture)

@@ -8,31 +8,14 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL, copies_with_new_uids
+from tests.support import NodeProcess, storescu, wait_until
 
-from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
-
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 # The kernel picks the process for each connection by a hash: enough rounds that two
 # processes all but surely both serve some, without a test that waits for luck.
 MAX_ROUNDS = 12
 ASSOCIATION_LINE = re.compile(r"node\.scp\[(\d+)\]: association released")
-
-
-def make_instances(folder: Path, count: int) -> list[Path]:
-    """Copies of CT_small, each with its own SOP Instance UID."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for _ in range(count):
-        dataset = pydicom.dcmread(CT_SMALL)
-        uid = generate_uid()
-        dataset.SOPInstanceUID = uid
-        dataset.file_meta.MediaStorageSOPInstanceUID = uid
-        path = folder / f"{uid}.dcm"
-        dataset.save_as(path)
-        files.append(path)
-    return files
 
 
 def children_of(pid: int) -> set[int]:
@@ -70,7 +53,9 @@ def send_in_pairs(port: int, folder: Path, until: set[int], node: NodeProcess) -
     sent: list[Path] = []
     with ThreadPoolExecutor(2) as pool:
         for round_number in range(MAX_ROUNDS):
-            batches = [make_instances(folder / f"{round_number}-{i}", 3) for i in range(2)]
+            batches = [
+                copies_with_new_uids(CT_SMALL, folder / f"{round_number}-{i}", 3) for i in range(2)
+            ]
             for result in pool.map(lambda files: storescu(port, files), batches):
                 assert result.returncode == 0, result.stderr
             sent += [path for batch in batches for path in batch]
@@ -88,16 +73,16 @@ def assert_all_stored(archive: Path, sent: list[Path]) -> None:
     assert wait_until(lambda: expected <= stored(), timeout=60), expected - stored()
 
 
-def start_node(tmp_path: Path) -> tuple[NodeProcess, int]:
-    port = free_port()
-    config = write_config(tmp_path / "config.toml", base_config(tmp_path, port, receivers=2))
-    node = NodeProcess(config, port).start()
+def start_two_receivers(start_node: StartNode) -> tuple[NodeProcess, int]:
+    """The node with node.receivers = 2, once both receivers are serving."""
+    node = start_node(receivers=2)
+    port = node.port
     assert wait_until(lambda: "ready (" in node.log(), timeout=60), node.log()
     return node, port
 
 
-def test_two_receiver_processes_share_the_port(tmp_path: Path) -> None:
-    node, port = start_node(tmp_path)
+def test_two_receiver_processes_share_the_port(start_node: StartNode, tmp_path: Path) -> None:
+    node, port = start_two_receivers(start_node)
     try:
         children = children_of(node.pid)
         (child,) = receivers_of(node.pid)
@@ -110,8 +95,8 @@ def test_two_receiver_processes_share_the_port(tmp_path: Path) -> None:
     assert "exited with code" not in node.log()
 
 
-def test_a_killed_receiver_is_restarted(tmp_path: Path) -> None:
-    node, port = start_node(tmp_path)
+def test_a_killed_receiver_is_restarted(start_node: StartNode, tmp_path: Path) -> None:
+    node, port = start_two_receivers(start_node)
     try:
         (child,) = receivers_of(node.pid)
         os.kill(child, signal.SIGKILL)

@@ -19,10 +19,14 @@ from unittest.mock import PropertyMock, patch
 
 import pydicom
 import pytest
-from pynetdicom import AE
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from tests.certs import Certificates, make_certificates
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL, MR_SMALL
+from tests.foundation_helpers import associate as pynetdicom_association
 from tests.support import (
     NodeProcess,
     base_config,
@@ -33,9 +37,6 @@ from tests.support import (
     wait_until,
     write_config,
 )
-
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
-MR_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
 
 
 @pytest.fixture(scope="module")
@@ -65,29 +66,25 @@ def client_tls_args(certs: Certificates) -> tuple[str, ...]:
     return ("+tls", str(certs.client_key), str(certs.client_cert), "+cf", str(certs.ca))
 
 
-def start_node(tmp_path: Path, sections: dict[str, object]) -> NodeProcess:
-    config = write_config(tmp_path / "config.toml", sections)
-    port = int(sections["node"]["port"])  # type: ignore[index]
-    return NodeProcess(config, port).start()
-
-
 # --- TLS ---------------------------------------------------------------------------------------
 
 
-def start_tls_node(tmp_path: Path, certs: Certificates) -> tuple[NodeProcess, int, int]:
+def start_tls_node(
+    start_node: StartNode, tmp_path: Path, certs: Certificates
+) -> tuple[NodeProcess, int, int]:
     """A node with a plain and a TLS listener that requires client certificates."""
     port, tls_port = free_port(), free_port()
     sections = base_config(tmp_path, port)
     sections["security"] = tls_section(certs, tls_port, require_client_cert=True)
-    node = start_node(tmp_path, sections)
+    node = start_node(config=sections)
     wait_for_port(tls_port)
     return node, port, tls_port
 
 
 def test_tls_store_with_client_certificate_and_plain_tcp_refused(
-    tmp_path: Path, certs: Certificates
+    start_node: StartNode, tmp_path: Path, certs: Certificates
 ) -> None:
-    node, port, tls_port = start_tls_node(tmp_path, certs)
+    node, port, tls_port = start_tls_node(start_node, tmp_path, certs)
     silent = [socket.create_connection(("127.0.0.1", tls_port)) for _ in range(20)]
     try:
         # Silent sockets on the TLS port do not hold up the handshake of a real client.
@@ -108,8 +105,10 @@ def test_tls_store_with_client_certificate_and_plain_tcp_refused(
         assert node.stop() == 0, node.log()
 
 
-def test_tls_client_without_certificate_is_refused(tmp_path: Path, certs: Certificates) -> None:
-    node, _, tls_port = start_tls_node(tmp_path, certs)
+def test_tls_client_without_certificate_is_refused(
+    start_node: StartNode, tmp_path: Path, certs: Certificates
+) -> None:
+    node, _, tls_port = start_tls_node(start_node, tmp_path, certs)
     try:
         anonymous = storescu(tls_port, [CT_SMALL], "+tla", "+cf", str(certs.ca), timeout=60)
         assert anonymous.returncode != 0
@@ -139,7 +138,9 @@ def test_tls_only_node_leaves_the_plain_port_closed(tmp_path: Path, certs: Certi
         assert "without TLS" not in node.log()
 
 
-def test_forward_over_tls_to_storescp(tmp_path: Path, certs: Certificates) -> None:
+def test_forward_over_tls_to_storescp(
+    start_node: StartNode, tmp_path: Path, certs: Certificates
+) -> None:
     storescp = require_tool("storescp")
     port, remote_port = free_port(), free_port()
     received = tmp_path / "remote"
@@ -180,7 +181,7 @@ def test_forward_over_tls_to_storescp(tmp_path: Path, certs: Certificates) -> No
     sections["route"] = [{"match": {"Modality": "*"}, "destinations": ["remote"]}]
     try:
         wait_for_port(remote_port)
-        node = start_node(tmp_path, sections)
+        node = start_node(config=sections)
         try:
             sent = storescu(port, [CT_SMALL])
             assert sent.returncode == 0, sent.stderr
@@ -197,11 +198,10 @@ def test_forward_over_tls_to_storescp(tmp_path: Path, certs: Certificates) -> No
 # --- admission ---------------------------------------------------------------------------------
 
 
-def associate(port: int, calling: str) -> object:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = 10
-    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+def associate(port: int, calling: str) -> Association:
+    """Verification only; a rejection is known within 10 s, an idle one lives 60 s."""
+    echo = [(Verification, DEFAULT_TRANSFER_SYNTAXES)]
+    return pynetdicom_association(port, echo, calling=calling, acse_timeout=10, timeout=60)
 
 
 def rejection(assoc: object) -> tuple[int, int, int]:
@@ -209,12 +209,16 @@ def rejection(assoc: object) -> tuple[int, int, int]:
     return (primitive.result, primitive.result_source, primitive.diagnostic)
 
 
-def test_unknown_calling_ae_is_refused_logged_and_counted(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
-    sections = base_config(tmp_path, port)
-    sections["security"] = {"allowed_calling_aets": ["GOODSCU"]}
-    sections["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
-    node = start_node(tmp_path, sections)
+def test_unknown_calling_ae_is_refused_logged_and_counted(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    metrics_port = free_port()
+    sections = {
+        "security": {"allowed_calling_aets": ["GOODSCU"]},
+        "metrics": {"address": f"127.0.0.1:{metrics_port}"},
+    }
+    node = start_node(lambda config: config.update(sections))
+    port = node.port
     try:
         refused = storescu(port, [CT_SMALL], aet="EVILSCU")
         assert refused.returncode != 0
@@ -242,11 +246,11 @@ def rejected_count(metrics_port: int, reason: str) -> float:
     return float(lines[0][len(prefix) :]) if lines else 0.0
 
 
-def test_association_limits_total_and_per_calling_ae(tmp_path: Path) -> None:
+def test_association_limits_total_and_per_calling_ae(start_node: StartNode, tmp_path: Path) -> None:
     port = free_port()
     sections = base_config(tmp_path, port, max_associations=2)
     sections["security"] = {"max_associations_per_calling_aet": 1}
-    node = start_node(tmp_path, sections)
+    node = start_node(config=sections)
     held: list[object] = []
     try:
         held.append(associate(port, "FIRST"))
@@ -299,10 +303,12 @@ def associate_rq_header(length: int) -> bytes:
     return struct.pack(">BBL", 0x01, 0x00, length)
 
 
-def test_silent_and_partial_pdu_sockets_are_dropped_after_the_timeout(tmp_path: Path) -> None:
+def test_silent_and_partial_pdu_sockets_are_dropped_after_the_timeout(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     port = free_port()
     sections = base_config(tmp_path, port, acse_timeout=2.0, network_timeout=3.0)
-    node = start_node(tmp_path, sections)
+    node = start_node(config=sections)
     try:
         start = time.monotonic()
         silent = socket.create_connection(("127.0.0.1", port))
@@ -356,12 +362,12 @@ def flood_sockets() -> Iterator[list[socket.socket]]:
 
 
 def test_flood_of_silent_sockets_and_garbage_leaves_the_node_serving(
-    tmp_path: Path, flood_sockets: list[socket.socket]
+    start_node: StartNode, tmp_path: Path, flood_sockets: list[socket.socket]
 ) -> None:
     port = free_port()
     # A long ACSE timeout: the legitimate peer must get in while the flood is still open.
     sections = base_config(tmp_path, port, max_associations=8, acse_timeout=60.0)
-    node = start_node(tmp_path, sections)
+    node = start_node(config=sections)
     try:
         time.sleep(0.5)
         rss_before = rss_kib(node.pid)
@@ -405,17 +411,18 @@ def padded_ct(size: int) -> pydicom.Dataset:
     return ds
 
 
-def storage_association(port: int) -> object:
-    ae = AE(ae_title="BIGSCU")
-    ae.add_requested_context(pydicom.dcmread(CT_SMALL).SOPClassUID, "1.2.840.10008.1.2.1")
-    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+def storage_association(port: int) -> Association:
+    ct = [(pydicom.dcmread(CT_SMALL).SOPClassUID, ["1.2.840.10008.1.2.1"])]
+    return pynetdicom_association(port, ct, calling="BIGSCU", acse_timeout=30, timeout=60)
 
 
-def test_oversized_pdus_and_messages_are_cut_off_while_receiving(tmp_path: Path) -> None:
+def test_oversized_pdus_and_messages_are_cut_off_while_receiving(
+    start_node: StartNode, tmp_path: Path
+) -> None:
     port = free_port()
     sections = base_config(tmp_path, port, max_pdu=16384, network_timeout=60.0)
     sections["limits"] = {"min_free_space": 0, "max_instance_size": 100_000}
-    node = start_node(tmp_path, sections)
+    node = start_node(config=sections)
     try:
         # A header claiming a 2 MB A-ASSOCIATE-RQ: dropped at once, not after the network timeout.
         start = time.monotonic()

@@ -12,8 +12,9 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 
 from node.ingest.intake import Status, StoreRequest
 from node.store.layout import MAX_COMPONENT_LENGTH
-from tests.support import NodeProcess, base_config, free_port, storescu, wait_until, write_config
-from tests.test_fuzz import TEST_FILES, IntakeRig, seed
+from tests.corpus import PYDICOM_FILES
+from tests.support import base_config, configured_node, free_port, storescu, wait_until
+from tests.test_fuzz import IntakeRig, seed
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -97,10 +98,9 @@ def test_instance_size_and_disk_headroom_limits_answer_out_of_resources(tmp_path
     port = free_port()
     sections = base_config(tmp_path, port)
     sections["limits"] = {"min_free_space": 0, "max_instance_size": 20_000}
-    config = write_config(tmp_path / "config.toml", sections)
-    with NodeProcess(config, port) as node:
-        storescu(port, [TEST_FILES / "CT_small.dcm"])
-        storescu(port, [TEST_FILES / "MR_small.dcm"])
+    with configured_node(tmp_path, config=sections) as node:
+        storescu(port, [PYDICOM_FILES / "CT_small.dcm"])
+        storescu(port, [PYDICOM_FILES / "MR_small.dcm"])
         assert wait_until(lambda: len(list((tmp_path / "archive").rglob("*.dcm"))) == 1)
         stored = pydicom.dcmread(next((tmp_path / "archive").rglob("*.dcm")))
         assert stored.SOPInstanceUID == small.sop_instance_uid
@@ -110,9 +110,8 @@ def test_instance_size_and_disk_headroom_limits_answer_out_of_resources(tmp_path
     port = free_port()
     sections = base_config(tmp_path / "full", port)
     sections["limits"] = {"min_free_space": 1 << 60}  # more than any disk: always "full"
-    config = write_config(tmp_path / "full.toml", sections)
-    with NodeProcess(config, port) as node:
-        storescu(port, [TEST_FILES / "MR_small.dcm"])
+    with configured_node(tmp_path / "full", config=sections) as node:
+        storescu(port, [PYDICOM_FILES / "MR_small.dcm"])
         assert "status 0xA700: free disk space is below limits.min_free_space" in node.log()
         assert not list((tmp_path / "full" / "archive").rglob("*.dcm"))
 
@@ -122,7 +121,7 @@ def test_hostile_tag_values_in_the_path_template_stay_inside_storage(tmp_path: P
     sections = base_config(tmp_path, port)
     layout = "{PatientID}/{StudyInstanceUID}/{SeriesDescription}/{SOPInstanceUID}.dcm"
     sections["storage"] = [{"name": "archive", "path": str(tmp_path / "archive"), "layout": layout}]
-    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds = pydicom.dcmread(PYDICOM_FILES / "CT_small.dcm")
     ds.PatientID = "../../../../../../tmp/escape"
     ds.StudyInstanceUID = ".."
     ds.SeriesDescription = "\x00/\\:*?<>|\x1b[31m" + "A" * 5000
@@ -130,8 +129,7 @@ def test_hostile_tag_values_in_the_path_template_stay_inside_storage(tmp_path: P
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     hostile = tmp_path / "hostile.dcm"
     ds.save_as(hostile)
-    config = write_config(tmp_path / "config.toml", sections)
-    with NodeProcess(config, port):
+    with configured_node(tmp_path, config=sections):
         assert storescu(port, [hostile]).returncode == 0
         archive = (tmp_path / "archive").resolve()
         assert wait_until(lambda: list(archive.rglob("*.dcm")), timeout=15)

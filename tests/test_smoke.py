@@ -7,23 +7,18 @@ from pathlib import Path
 
 import pydicom
 
+from tests.conftest import StartNode
+from tests.corpus import CT_SMALL
 from tests.support import (
-    NodeProcess,
-    base_config,
-    free_port,
     require_tool,
     storescu,
     wait_until,
-    write_config,
 )
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 
-
-def test_echo_store_and_clean_stop(tmp_path: Path) -> None:
-    port = free_port()
-    config = write_config(tmp_path / "config.toml", base_config(tmp_path, port))
-    node = NodeProcess(config, port).start()
+def test_echo_store_and_clean_stop(start_node: StartNode, tmp_path: Path) -> None:
+    node = start_node()
+    port = node.port
     try:
         echo = subprocess.run(
             [require_tool("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)],

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -34,19 +33,11 @@ from node.net.storelink import (
 )
 from node.net.tls import client_context
 from tests.certs import make_certificates
-from tests.corpus import find
+from tests.corpus import dataset_bytes, find
 from tests.forward_support import StoreSCP
 from tests.support import free_port
 
 QUICK = Timeouts(acse=2.0, dimse=2.0, network=2.0)
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """What a C-STORE of this Part 10 file must carry: everything after the file meta."""
-    with path.open("rb") as stream:
-        read_preamble(stream, False)
-        _read_file_meta_info(stream)
-        return stream.read()
 
 
 # --- Part 10 meta ------------------------------------------------------------------------------

@@ -11,20 +11,21 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from node.config.model import ConfigError, parse_config
 from node.net.storelink import associate_rq
+from tests.corpus import CT_SMALL, copies_with_new_uids
 from tests.forward_support import destination, forwarding_config
+from tests.foundation_helpers import associate
 from tests.support import (
     ACCEPTORS,
     NodeProcess,
     base_config,
+    configured_node,
     dicom_node,
     free_port,
     storescu,
@@ -32,7 +33,6 @@ from tests.support import (
     write_config,
 )
 
-CT_SMALL = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
 PASSCODE = "secret"  # the acceptance test: storescu --user alice --password secret -rsp
 REJECTED_BY_ACSE = (1, 2, 1)  # rejected-permanent, service-provider (ACSE), no-reason-given
 
@@ -65,25 +65,20 @@ def node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, alice_hash: str
 ) -> Iterator[NodeProcess]:
     tmp = tmp_path_factory.mktemp("identity")
-    port = free_port()
-    config = base_config(tmp, port, acceptor=request.param)
-    config["security"] = {
+    security = {
         "require_user_identity": True,
         # bob is known by name alone: username-only identity (type 1) is enough for him.
         "users": [{"username": "alice", "passcode_hash": alice_hash}, {"username": "bob"}],
     }
-    with NodeProcess(write_config(tmp / "config.toml", config), port) as running:
+    with configured_node(
+        tmp, lambda config: config.update(security=security), acceptor=request.param
+    ) as running:
         running.archive = tmp / "archive"  # type: ignore[attr-defined]
         yield running
 
 
 def fresh_ct(folder: Path) -> Path:
-    ds = pydicom.dcmread(CT_SMALL)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return copies_with_new_uids(CT_SMALL, folder, 1)[0]
 
 
 def stored(archive: Path, sop_instance_uid: str) -> bool:
@@ -178,9 +173,8 @@ def pynetdicom_associate(
     item.primary_field = primary
     if identity_type == 2:
         item.secondary_field = secondary
-    ae = AE("PYNETSCU")
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE", ext_neg=[item])
+    echo = [(Verification, DEFAULT_TRANSFER_SYNTAXES)]
+    return associate(port, echo, calling="PYNETSCU", ext_neg=[item])
 
 
 def test_a_requested_positive_response_comes_back_empty_for_username_and_passcode(
@@ -377,7 +371,7 @@ def test_forwarding_sends_the_destination_user_identity(tmp_path: Path) -> None:
             ],
             routes=[{"match": {"Modality": "*"}, "destinations": ["pacs", "bad"]}],
         )
-        with NodeProcess(write_config(tmp_path / "config.toml", config), port) as node:
+        with configured_node(tmp_path, config=config) as node:
             path = fresh_ct(tmp_path / "in")
             assert storescu(port, [path]).returncode == 0
             assert wait_until(lambda: path.stem in received, timeout=60), node.log()

@@ -8,12 +8,11 @@ would let a green run hide tests that never ran.
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from tests.processes import find_tool
 
 # The Debian packages of the programs the tests use, as .ci/run and the README install them.
 DEBIAN_PACKAGES = (
@@ -31,19 +30,6 @@ def missing_tool(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{reason}; with CI=true a missing tool is a failure", pytrace=False)
     pytest.skip(reason)
-
-
-def _path_without_virtualenv() -> str:
-    # pynetdicom installs apps named storescu, storescp, echoscu... into the
-    # virtualenv's bin; an activated venv would shadow DCMTK's programs with them.
-    venv_bin = Path(sys.executable).parent.resolve()
-    entries = os.environ.get("PATH", "").split(os.pathsep)
-    return os.pathsep.join(e for e in entries if e and Path(e).resolve() != venv_bin)
-
-
-def find_tool(name: str) -> str | None:
-    """Path of an installed program, never a same-named script from our own virtualenv."""
-    return shutil.which(name, path=_path_without_virtualenv())
 
 
 def require_tool(name: str) -> str:
