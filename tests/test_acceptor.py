@@ -290,3 +290,31 @@ def test_datasets_in_many_small_pdus_and_spilled_ones_are_stored_byte_exact(
         assert not any((tmp_path / "data" / "spool" / ".receiving").iterdir())
     finally:
         assert node.stop() == 0, node.log()
+
+
+def test_after_a_reject_the_node_waits_for_the_requestor_to_close(start_node: StartNode) -> None:
+    """PS3.8 Sta13: the requestor closes after an A-ASSOCIATE-RJ. A node that closed first
+    could reset the connection before the reject was read (pynetdicom then saw an abort)."""
+    node = start_node()
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(
+            associate_rq_bytes([(1, CTImageStorage, [ExplicitVRLittleEndian])], called="NOTUS")
+        )
+        pdu_type, length = pdu.parse_header(read_exactly(sock, 6))
+        body = read_exactly(sock, length)
+        assert (pdu_type, body[1:4]) == (pdu.A_ASSOCIATE_RJ, bytes([1, 1, 7]))
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):  # still open: the node waits for our close
+            sock.recv(1)
+    # A requestor that never closes is cut off after the ARTIM bound.
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(
+            associate_rq_bytes([(1, CTImageStorage, [ExplicitVRLittleEndian])], called="NOTUS")
+        )
+        pdu_type, length = pdu.parse_header(read_exactly(sock, 6))
+        read_exactly(sock, length)
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert 3.0 < time.monotonic() - started < 9.0

@@ -24,7 +24,6 @@ from node.config.model import DestinationConfig, RetryPolicy
 from node.dicom.syntaxes import resolve_syntax
 from node.forward.derived import DerivedFiles, Untranscodable
 from node.forward.forwarder import (
-    MAX_CONTEXTS,
     Proposal,
     RetrySchedule,
     Verdict,
@@ -38,6 +37,7 @@ from node.jobs.interface import JobQueue
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec, JobState, ReceivedInstance
 from node.jobs.reports import SqliteQueueOperations
+from node.net.pdu import MAX_PRESENTATION_CONTEXTS as MAX_CONTEXTS
 from node.transcode import Outcome, transcode_file
 from tests.corpus import find
 

@@ -131,7 +131,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.cli.scu import Peer, echo
+    from node.cli.scu import echo
+    from node.net.storelink import Peer
 
     peer = Peer.parse(args.to)
     status = echo(peer, args.calling_aet, timeout=args.timeout)
@@ -148,7 +149,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from node.cli.scu import Peer, format_summary, send
+    from node.cli.scu import format_summary, send
+    from node.net.storelink import Peer
 
     peer = Peer.parse(args.to)
     summary = send(

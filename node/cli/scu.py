@@ -1,44 +1,33 @@
-"""Command-line SCU: C-ECHO and C-STORE to any DICOM node, for first tests and for moving files."""
+"""Command-line SCU: C-ECHO and C-STORE to any DICOM node, for first tests and for moving files.
+
+Both speak through the node's own requestor (node.net.storelink), the one the
+forwarder uses, so `send` streams each file's dataset bytes as they are on disk.
+"""
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import time
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from tqdm import tqdm
 
-from node.net.requestor import prepare_requestor
+from node.net.dimse import VERIFICATION
+from node.net.pdu import MAX_PRESENTATION_CONTEXTS
+from node.net.storelink import LinkError, Peer, Response, StoreAssociation, Timeouts, associate
 
 log = logging.getLogger("node.scu")
 
-MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
-_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
-
-
-@dataclass(frozen=True)
-class Peer:
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Peer:
-        """Parse 'AE@host:port'."""
-        found = _PEER.match(text)
-        if not found:
-            raise ValueError(f"expected AE@host:port (for example PACS@10.0.0.5:104), got {text!r}")
-        return cls(found["ae"], found["host"].strip("[]"), int(found["port"]))
+NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+ECHO_MAX_PDU = 16382  # what pynetdicom, the SCU before ours, advertised
+SEND_MAX_PDU = 0  # responses only: no limit
 
 
 @dataclass(frozen=True)
@@ -63,16 +52,24 @@ class SendSummary:
 
 
 def echo(peer: Peer, calling_ae_title: str, timeout: float = 30.0) -> int:
-    """Send one C-ECHO; return the status, or -1 if no association could be made."""
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if not assoc.is_established:
+    """Send one C-ECHO; return the status, or -1 if no association could be made or it broke."""
+    contexts = [(VERIFICATION, ImplicitVRLittleEndian), (VERIFICATION, ExplicitVRLittleEndian)]
+    try:
+        assoc = associate(
+            peer,
+            calling_ae_title,
+            contexts,
+            max_pdu=ECHO_MAX_PDU,
+            timeouts=Timeouts(timeout, timeout, timeout),
+        )
+    except LinkError as exc:
+        log.info("C-ECHO to %s: %s", peer, exc)
         return -1
     try:
-        status = assoc.send_c_echo()
-        return int(status.Status) if "Status" in status else -1
+        return assoc.echo(VERIFICATION).status
+    except (LinkError, ValueError) as exc:
+        log.info("C-ECHO to %s: %s", peer, exc)
+        return -1
     finally:
         assoc.release()
 
@@ -94,13 +91,21 @@ def describe_file(path: Path) -> OutgoingFile:
     return OutgoingFile(path, str(ds.SOPClassUID), str(syntax))
 
 
+def _contexts(item: OutgoingFile) -> set[tuple[str, str]]:
+    """The file's own syntax, and the uncompressed ones it can be re-encoded into."""
+    needed = {(item.sop_class_uid, item.transfer_syntax)}
+    if not UID(item.transfer_syntax).is_compressed:
+        needed |= {(item.sop_class_uid, syntax) for syntax in NATIVE_SYNTAXES}
+    return needed
+
+
 def _batches(files: list[OutgoingFile]) -> Iterator[list[OutgoingFile]]:
-    """Split files so each association needs at most MAX_CONTEXTS presentation contexts."""
+    """Split files so each association needs at most MAX_PRESENTATION_CONTEXTS contexts."""
     batch: list[OutgoingFile] = []
     contexts: set[tuple[str, str]] = set()
     for item in files:
-        needed = {(item.sop_class_uid, item.transfer_syntax), (item.sop_class_uid, "native")}
-        if len(contexts | needed) > MAX_CONTEXTS:
+        needed = _contexts(item)
+        if len(contexts | needed) > MAX_PRESENTATION_CONTEXTS:
             yield batch
             batch, contexts = [], set()
         batch.append(item)
@@ -111,24 +116,16 @@ def _batches(files: list[OutgoingFile]) -> Iterator[list[OutgoingFile]]:
 
 def _associate(
     peer: Peer, calling_ae_title: str, batch: list[OutgoingFile], timeout: float
-) -> Association:
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.maximum_pdu_size = 0
-    syntaxes: dict[str, set[str]] = {}
-    for item in batch:
-        syntaxes.setdefault(item.sop_class_uid, set()).add(item.transfer_syntax)
-    for sop_class, found in syntaxes.items():
-        # One context per syntax so the peer can accept each file as it is.
-        for syntax in sorted(found):
-            ae.add_requested_context(sop_class, [syntax])
-        native = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        if not found <= set(native):
-            ae.add_requested_context(sop_class, native)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-    if assoc.is_established:
-        prepare_requestor(assoc)
-    return assoc
+) -> StoreAssociation:
+    """One context per (SOP class, syntax), so the peer can accept each file as it is."""
+    contexts = sorted(set().union(*(_contexts(item) for item in batch)))
+    return associate(
+        peer,
+        calling_ae_title,
+        contexts,
+        max_pdu=SEND_MAX_PDU,
+        timeouts=Timeouts(timeout, timeout, timeout),
+    )
 
 
 def send(
@@ -163,8 +160,10 @@ def _send_batch(
     summary: SendSummary,
     bar: tqdm,
 ) -> None:
-    assoc = _associate(peer, calling_ae_title, batch, timeout)
-    if not assoc.is_established:
+    try:
+        assoc = _associate(peer, calling_ae_title, batch, timeout)
+    except LinkError as exc:
+        log.info("no association with %s: %s", peer, exc)
         for item in batch:
             summary.fail("association rejected or peer unreachable", item.path)
         bar.update(len(batch))
@@ -174,52 +173,49 @@ def _send_batch(
             _send_one(assoc, item, summary)
             bar.update(1)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        assoc.release()
 
 
-def _own_syntax_accepted(assoc: Association, item: OutgoingFile) -> bool:
-    return any(
-        cx.abstract_syntax == item.sop_class_uid and cx.transfer_syntax[0] == item.transfer_syntax
-        for cx in assoc.accepted_contexts
-    )
+def _store(assoc: StoreAssociation, item: OutgoingFile) -> Response:
+    """The file's dataset bytes untouched when the peer takes the file's own syntax.
 
-
-@contextmanager
-def _bytes_as_on_disk(enabled: bool) -> Iterator[None]:
-    """Send the file's dataset bytes untouched when the peer takes the file's own syntax.
-
-    Otherwise pynetdicom decodes the file with pydicom and re-encodes it, which
-    drops group lengths and trailing padding, and sends a truncated file as if
-    it were whole; the receiver could not tell. Re-encoding is only needed to
-    convert between uncompressed syntaxes when the peer refused the file's own.
+    Re-encoding (with pydicom, as pynetdicom did) drops group lengths and trailing
+    padding, and would send a truncated file as if it were whole; the receiver
+    could not tell. So it is done only to convert between uncompressed syntaxes
+    when the peer refused the file's own.
     """
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = enabled
-    try:
-        yield
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
+    accepted = assoc.accepted(item.sop_class_uid)
+    if item.transfer_syntax in accepted or UID(item.transfer_syntax).is_compressed:
+        return assoc.store(item.path)  # refused syntaxes raise ValueError, naming them
+    target = next((UID(s) for s in NATIVE_SYNTAXES if s in accepted), None)
+    if target is None:
+        return assoc.store(item.path)
+    ds = pydicom.dcmread(item.path)
+    dataset = encode(ds, target.is_implicit_VR, target.is_little_endian)
+    if dataset is None:
+        raise ValueError(f"cannot encode the dataset in {target.name}")
+    return assoc.store_encoded(str(ds.SOPClassUID), str(ds.SOPInstanceUID), target, dataset)
 
 
-def _send_one(assoc: Association, item: OutgoingFile, summary: SendSummary) -> None:
-    if not assoc.is_established:
+def _send_one(assoc: StoreAssociation, item: OutgoingFile, summary: SendSummary) -> None:
+    if not assoc.established:
         summary.fail("association lost", item.path)
         return
     try:
-        with _bytes_as_on_disk(_own_syntax_accepted(assoc, item)):
-            status = assoc.send_c_store(item.path)
+        code = _store(assoc, item).status
+    except LinkError as exc:
+        log.info("C-STORE of %s: %s", item.path, exc)
+        summary.fail("no response (timeout or aborted association)", item.path)
+        return
     except Exception as exc:
         summary.fail(f"could not send: {exc}", item.path)
         return
-    code = int(status.Status) if "Status" in status else -1
-    if code == 0x0000:
+    category = code_to_category(code)
+    if category == STATUS_SUCCESS:
         summary.sent += 1
-    elif code in (0xB000, 0xB006, 0xB007):
+    elif category == STATUS_WARNING:
         summary.sent += 1
         summary.warnings += 1
-    elif code == -1:
-        summary.fail("no response (timeout or aborted association)", item.path)
     else:
         summary.fail(f"status 0x{code:04X}", item.path)
 

@@ -1,11 +1,11 @@
 """Extra receiver processes: more interpreters accepting associations on node.port.
 
-One interpreter's GIL and pynetdicom's per-association polling threads bound
-ingest: four parallel associations in one process are no faster than one. With
+One interpreter's GIL bounds ingest: the acceptor's association threads (node.net.association)
+share it, so four parallel associations in one process are no faster than one. With
 `node.receivers = N` the main process starts N-1 receiver processes (spawned,
 never forked from our threaded process). Each binds node.port (and the TLS port)
 with SO_REUSEPORT, so the kernel spreads new connections over them, and runs its
-own AE and intake: the spool write and JobQueue.record_instance into the same SQLite
+own listener and intake: the spool write and JobQueue.record_instance into the same SQLite
 WAL database, Success only after that commit, as in the main process.
 
 Store workers, forwarders, the transcode pool, metrics and systemd notifications

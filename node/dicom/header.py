@@ -26,16 +26,16 @@ from pydicom.errors import BytesLengthException
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 PIXEL_DATA = 0x7FE00010
 ITEM = 0xFFFEE000
 ITEM_DELIMITER = 0xFFFEE00D
 SEQUENCE_DELIMITER = 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
-# Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
-LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
-)
+# Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2), as the
+# walker meets them: bytes.
+LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
 # Every VR of PS3.5 Table 6.2-1. An unknown code is refused: nothing says
 # whether its length field has 2 bytes or 4, so the rest of the walk would be
 # a guess (and pydicom cannot convert its value).

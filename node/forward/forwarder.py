@@ -27,6 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom.status import STATUS_CANCEL, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from node.config.model import DestinationConfig, NodeConfig
 from node.daemon import metrics
@@ -38,12 +39,13 @@ from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
 from node.jobs.model import Job, JobKind
 from node.jobs.retry import RetrySchedule
+from node.net.pdu import MAX_PRESENTATION_CONTEXTS
 from node.net.storelink import (
     AssociationRejected,
     LinkError,
     Peer,
+    Response,
     StoreAssociation,
-    StoreResponse,
     Timeouts,
     associate,
 )
@@ -51,7 +53,6 @@ from node.net.tls import client_context
 
 log = logging.getLogger("node.forward")
 
-MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are the odd numbers 1..255
 POLL_INTERVAL = 1.0
 CLAIM_BATCH = 16
 ERROR_PAUSE = 5.0
@@ -64,8 +65,6 @@ class Verdict(StrEnum):
     REFUSED = "refused"  # permanent: dead letter until an operator retries
 
 
-# PS3.7 C.4 / PS3.4 B.2.3: warnings mean the destination stored the instance.
-WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 STATUS_NAMES = {
     0x0000: "success",
     0x0001: "warning",
@@ -84,17 +83,23 @@ STATUS_NAMES = {
 
 
 def classify_status(code: int) -> Verdict:
-    """What a C-STORE response status means for the job."""
-    if code == 0x0000 or code in WARNING_STATUSES or 0xB000 <= code <= 0xBFFF:
-        return Verdict.DELIVERED
+    """What a C-STORE response status means for the job (categories: PS3.7 C, via pynetdicom)."""
+    category = code_to_category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return Verdict.DELIVERED  # a warning means the destination stored the instance
     if code == 0x0111:
         # The destination already holds this SOP Instance UID: it has the instance
         # (a resend after a crash, with at-least-once delivery, lands here).
         return Verdict.DELIVERED
-    if 0xA700 <= code <= 0xA7FF or code == 0x0110 or code == 0xFE00:
+    if is_out_of_resources(code) or code == 0x0110 or category == STATUS_CANCEL:
         # Out of resources, a generic processing failure, a cancel: may pass later.
         return Verdict.RETRY
-    return Verdict.REFUSED  # 0x0122, 0x0124, 0xA9xx, 0xCxxx and anything unknown
+    return Verdict.REFUSED  # 0x0122, 0x0124, 0xA9xx, 0xCxxx, pending and anything unknown
+
+
+def is_out_of_resources(code: int) -> bool:
+    """0xA7xx (PS3.4 B.2.3): the destination's disk or memory is full; it refuses everything."""
+    return 0xA700 <= code <= 0xA7FF
 
 
 def describe_status(code: int) -> str:
@@ -120,7 +125,7 @@ class Proposal:
     def with_class(self, sop_class: str, wanted: Sequence[UID]) -> Proposal:
         merged = dict(self.syntaxes)
         merged[sop_class] = tuple(dict.fromkeys([*merged.get(sop_class, ()), *wanted]))
-        if sum(len(s) for s in merged.values()) > MAX_CONTEXTS:
+        if sum(len(s) for s in merged.values()) > MAX_PRESENTATION_CONTEXTS:
             merged = {sop_class: tuple(wanted)}  # too many classes: start over with this one
         return Proposal(merged)
 
@@ -243,7 +248,7 @@ class DestinationLink:
         assert self.association is not None
         return {UID(syntax) for syntax in self.association.accepted(sop_class)}
 
-    def send(self, path: Path) -> StoreResponse:
+    def send(self, path: Path) -> Response:
         """C-STORE one Part 10 file; returns the response or raises TransportError."""
         assert self.association is not None
         try:
@@ -434,7 +439,7 @@ class DestinationWorker:
             detail,
             warning=code != 0x0000,
             size=path.stat().st_size,
-            peer_busy=0xA700 <= code <= 0xA7FF,
+            peer_busy=is_out_of_resources(code),
         )
 
     def _file_in_first_possible(

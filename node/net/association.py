@@ -23,26 +23,17 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
 from node.ingest.receiving import ArrivingDataset
-from node.net import dimse, pdu
+from node.net import dimse, pdu, ul
 from node.net.dimse import Answer, Command, CommandError
 from node.net.pduguard import ReceiveLimitExceeded, ReceiveLimits
+from node.net.ul import ConnectionClosed
 
 log = logging.getLogger("node.association")
 
 READ_BUFFER = 256 * 1024
+# Longest wait for a requestor to close its connection after our reject (PS3.8 ARTIM).
+ARTIM_TIMEOUT = 5.0
 CHUNK = 1024 * 1024  # the most of one fragment read in a single call
-
-
-class ConnectionClosed(Exception):
-    """The peer closed the connection in the middle of the protocol.
-
-    `between_pdus` says it closed where a new PDU would have begun: a peer that
-    hangs up without A-RELEASE, not one cut off while sending.
-    """
-
-    def __init__(self, message: str, between_pdus: bool = False) -> None:
-        super().__init__(message)
-        self.between_pdus = between_pdus
 
 
 @dataclass(frozen=True)
@@ -103,9 +94,14 @@ class Association:
     user_identity_response: bytes | None = None
     _send_lock: threading.Lock = field(default_factory=threading.Lock)
     _reader: BinaryIO | None = None
+    _layer: ul.UpperLayer = field(init=False)
+    _timeout: float | None = None  # the socket's, as last set: settimeout is a syscall
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
     _abstract_syntaxes: dict[int, str] = field(default_factory=dict)  # of accepted contexts
     _last_answered: Command | None = None  # what a late C-CANCEL-RQ may refer to
+
+    def __post_init__(self) -> None:
+        self._layer = ul.UpperLayer(ul.Role.ACCEPTOR, self.settings.limits.pdu_limit)
 
     @property
     def calling_ae_title(self) -> str:
@@ -135,8 +131,9 @@ class Association:
             self._reader = cast(BinaryIO, self.sock.makefile("rb", buffering=READ_BUFFER))
             refusal = self.handlers.admit(self)
             if refusal is not None:
-                self._send(pdu.encode_associate_rj(*refusal.result_source_diagnostic))
+                self._send(self._layer.associate_rj(*refusal.result_source_diagnostic))
                 self.handlers.rejected(self, refusal)
+                self._await_transport_close()
                 return
             self._accept()
             self._serve_established()
@@ -148,14 +145,14 @@ class Association:
     def abort(self) -> None:
         """Abort from another thread (a shutdown that ran out of time)."""
         with contextlib.suppress(OSError):
-            self._send(pdu.encode_abort())
+            self._send(self._layer.abort())
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def _handshake(self) -> bool:
         context = self.settings.tls_context
         assert context is not None
-        self.sock.settimeout(self.settings.acse_timeout)
+        self._set_timeout(self.settings.acse_timeout)
         try:
             self.sock = context.wrap_socket(
                 self.sock, server_side=True, do_handshake_on_connect=False
@@ -172,14 +169,11 @@ class Association:
         timeout = self.settings.acse_timeout
         deadline = time.monotonic() + timeout if timeout else None
         try:
-            header = self._receive_before(6, deadline)
-            pdu_type, length = pdu.parse_header(header)
-            if pdu_type != pdu.A_ASSOCIATE_RQ:
-                raise pdu.PDUError(
-                    f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU
-                )
-            self._check_pdu_length(pdu_type, length)
-            return pdu.decode_associate_rq(header + self._receive_before(length, deadline))
+            event = ul.receive_event(
+                self._layer, lambda wanted: self._receive_before(wanted, deadline)
+            )
+            assert isinstance(event, ul.AssociateRequested)  # the only PDU the codec lets by
+            return event.request
         except (ConnectionClosed, OSError) as exc:
             log.info(
                 "connection from %s ended before an association request: %s", self.address, exc
@@ -194,16 +188,15 @@ class Association:
         self.results = self.settings.negotiate(self.request)
         self.accepted = {r.context_id: r.transfer_syntax for r in self.results if r.result == 0}
         self._send(
-            pdu.encode_associate_ac(
+            self._layer.associate_ac(
                 self.request,
                 self.results,
                 self.settings.max_pdu,
-                self.settings.implementation_class_uid,
-                self.settings.implementation_version_name,
+                (self.settings.implementation_class_uid, self.settings.implementation_version_name),
                 self.user_identity_response,
             )
         )
-        self.sock.settimeout(self.settings.network_timeout)
+        self._set_timeout(self.settings.network_timeout)
         self.handlers.established(self)
 
     def _serve_established(self) -> None:
@@ -247,38 +240,63 @@ class Association:
             self.handlers.closed(self, aborted)
 
     def _serve_messages(self) -> bool:
-        """Handle PDUs until the association ends: True if released, False if aborted."""
+        """Handle events until the association ends: True if released, False if aborted."""
         pending: Pending | None = None
-        command_bytes = bytearray()
         self._abstract_syntaxes = self._accepted_abstract_syntaxes()
         try:
             while True:
-                in_message = pending is not None or bool(command_bytes)
-                timeout = (
-                    self.settings.dimse_timeout if in_message else self.settings.network_timeout
-                )
-                self.sock.settimeout(timeout)
-                pdu_type, length = pdu.parse_header(self._read_pdu_header())
-                self._check_pdu_length(pdu_type, length)
-                if pdu_type == pdu.P_DATA_TF:
-                    pending = self._read_pdvs(length, pending, command_bytes)
-                elif pdu_type == pdu.A_RELEASE_RQ:
-                    self._read_exactly(length)
-                    self._send(pdu.encode_release_rp())
+                event = self._next_event(pending)
+                if isinstance(event, ul.DatasetFragment):
+                    assert pending is not None and pending.dataset is not None  # the codec's rule
+                    pending = self._dataset_fragment(event, pending, pending.dataset)
+                elif isinstance(event, ul.CommandReceived):
+                    pending = self._command(event, pending)
+                elif isinstance(event, ul.ReleaseRequested):
+                    self._send(self._layer.release_rp())
                     return True
-                elif pdu_type == pdu.A_ABORT:
-                    self._read_exactly(length)
+                else:  # ul.Aborted: the only other PDU the codec lets by here
                     log.info(
                         "association from %s %r aborted by the peer",
                         self.address,
                         self.calling_ae_title,
                     )
                     return False
-                else:
-                    raise pdu.PDUError(f"unexpected PDU type 0x{pdu_type:02X}", pdu.UNEXPECTED_PDU)
         finally:
             if pending is not None and pending.dataset is not None:
                 pending.dataset.discard()
+
+    def _next_event(self, pending: Pending | None) -> ul.Event:
+        """Read until the codec has an event. Data set bytes go from the socket straight into
+        the arriving dataset's reused buffer, CHUNK at most at a time, never through the codec."""
+        layer = self._layer
+        assert self._reader is not None
+        read = self._reader.read
+        dataset = pending.dataset if pending is not None else None
+        while True:
+            event = layer.next_event()
+            if not isinstance(event, ul.NeedData):
+                return event
+            self._set_timeout(
+                self.settings.dimse_timeout if layer.in_message else self.settings.network_timeout
+            )
+            if dataset is not None and (due := layer.payload_due()):
+                return self._receive_payload(dataset, min(due, CHUNK))
+            layer.receive_data(read(layer.bytes_wanted()))
+
+    def _receive_payload(self, dataset: ArrivingDataset, chunk: int) -> ul.DatasetFragment:
+        self._check_dataset_size(dataset.size + chunk)
+        assert self._reader is not None
+        view = dataset.region(chunk)
+        received = 0
+        while received < chunk:
+            count = self._reader.readinto(view[received:])  # type: ignore[attr-defined]
+            if not count:
+                if received:
+                    self._layer.payload_received(received)
+                raise self._layer.connection_lost()
+            received += count
+        dataset.filled(chunk)
+        return self._layer.payload_received(chunk)
 
     def _accepted_abstract_syntaxes(self) -> dict[int, str]:
         contexts = self.request.contexts if self.request else []
@@ -288,90 +306,35 @@ class Association:
             if context.context_id in self.accepted
         }
 
-    def _read_pdvs(
-        self, length: int, pending: Pending | None, command_bytes: bytearray
-    ) -> Pending | None:
-        remaining = length
-        while remaining:
-            if remaining < pdu.PDV_HEADER_SIZE:
-                raise pdu.PDUError(
-                    "a P-DATA-TF ends inside a PDV header", pdu.INVALID_PDU_PARAMETER
-                )
-            item_length, context_id, control = pdu.PDV_HEADER.unpack(self._read_exactly(6))
-            if item_length < 2 or item_length + 4 > remaining:
-                raise pdu.PDUError(f"a PDV claims {item_length} bytes", pdu.INVALID_PDU_PARAMETER)
-            remaining -= item_length + 4
-            if context_id not in self.accepted:
-                raise pdu.PDUError(
-                    f"a PDV on presentation context {context_id}, which was not accepted"
-                )
-            if control & 0x01:
-                pending = self._command_fragment(
-                    item_length - 2, context_id, control, pending, command_bytes
-                )
-            else:
-                pending = self._dataset_fragment(item_length - 2, context_id, control, pending)
-        return pending
-
-    def _command_fragment(
-        self,
-        size: int,
-        context_id: int,
-        control: int,
-        pending: Pending | None,
-        command_bytes: bytearray,
-    ) -> Pending | None:
-        if pending is not None:
-            return self._command_amid_dataset(size, control, pending)
-        command_bytes += self._read_exactly(size)
-        if len(command_bytes) > 64 * 1024:
-            raise CommandError("a command set over 64 KiB")
-        if not control & 0x02:
-            return None
-        command = dimse.decode_command(command_bytes)
-        command_bytes.clear()
+    def _command(self, event: ul.CommandReceived, pending: Pending | None) -> Pending | None:
+        command = dimse.decode_command(event.command_set)
+        if event.amid_dataset:
+            assert pending is not None
+            return self._command_amid_dataset(command, pending)
         if command.has_dataset:
+            self._layer.expect_dataset(event.context_id)
             arriving = ArrivingDataset(self.settings.receiving_folder, self._buffer)
-            return Pending(context_id, command, arriving)
-        self._respond(Pending(context_id, command))
+            return Pending(event.context_id, command, arriving)
+        self._respond(Pending(event.context_id, command))
         return None
 
-    def _command_amid_dataset(self, size: int, control: int, pending: Pending) -> Pending:
+    def _command_amid_dataset(self, command: Command, pending: Pending) -> Pending:
         """A command while a request's data set is arriving: only a C-CANCEL-RQ may come.
 
         An SCU may send C-CANCEL-RQ while its request is in progress (PS3.7 9.3.2.3). A
         C-STORE cannot be cancelled, so it is noted and its data set goes on arriving.
         """
-        if size > 1024 or not control & 0x02:  # a C-CANCEL-RQ is one PDV of a few dozen bytes
-            raise pdu.PDUError("a new command began before the last one's dataset ended")
-        command = dimse.decode_command(self._read_exactly(size))
         if command.command_field != dimse.C_CANCEL_RQ or command.has_dataset:
             raise pdu.PDUError(f"a {command.name} began before the last one's dataset ended")
         self._note_cancel(command, in_progress=pending.command)
         return pending
 
     def _dataset_fragment(
-        self, size: int, context_id: int, control: int, pending: Pending | None
+        self, event: ul.DatasetFragment, pending: Pending, dataset: ArrivingDataset
     ) -> Pending | None:
-        if pending is None or pending.dataset is None:
-            raise pdu.PDUError("a dataset fragment arrived without a command")
-        if context_id != pending.context_id:
-            raise pdu.PDUError(
-                "a dataset fragment on another presentation context than its command"
-            )
-        dataset = pending.dataset
-        limit = self.settings.limits.message_limit()
-        while size:
-            chunk = min(size, CHUNK)
-            if limit and dataset.size + chunk > limit:
-                raise ReceiveLimitExceeded(
-                    f"a dataset passed {dataset.size + chunk} bytes"
-                    f" (twice limits.max_instance_size: {limit})"
-                )
-            self._read_into(dataset.region(chunk))
-            dataset.filled(chunk)
-            size -= chunk
-        if not control & 0x02:
+        if event.data:  # fed through the codec (_next_event reads payload itself instead)
+            self._receive_held(dataset, event.data)
+        if not event.last:
             return pending
         try:
             self._respond(pending)
@@ -379,6 +342,18 @@ class Association:
             dataset.discard()
             self._buffer = dataset.buffer
         return None
+
+    def _receive_held(self, dataset: ArrivingDataset, data: bytes) -> None:
+        self._check_dataset_size(dataset.size + len(data))
+        dataset.region(len(data))[:] = data
+        dataset.filled(len(data))
+
+    def _check_dataset_size(self, size: int) -> None:
+        limit = self.settings.limits.message_limit()
+        if limit and size > limit:
+            raise ReceiveLimitExceeded(
+                f"a dataset passed {size} bytes (twice limits.max_instance_size: {limit})"
+            )
 
     def _respond(self, pending: Pending) -> None:
         command = pending.command
@@ -449,75 +424,46 @@ class Association:
             why,
         )
 
-    def _check_pdu_length(self, pdu_type: int, length: int) -> None:
-        limit = self.settings.limits.pdu_limit(pdu_type)
-        if limit and length > limit:
-            raise ReceiveLimitExceeded(
-                f"a PDU of type 0x{pdu_type:02X} claims {length} bytes (limit {limit})"
-            )
-
-    def _read_pdu_header(self) -> bytes:
-        assert self._reader is not None
-        header = self._reader.read(pdu.HEADER.size)
-        if not header:
-            raise ConnectionClosed(
-                "the peer closed the connection between PDUs, without A-RELEASE",
-                between_pdus=True,
-            )
-        if len(header) != pdu.HEADER.size:
-            raise ConnectionClosed(
-                f"the connection closed inside a PDU header, after {len(header)} of its"
-                f" {pdu.HEADER.size} bytes"
-            )
-        return header
-
-    def _read_exactly(self, size: int) -> bytes:
-        assert self._reader is not None
-        data = self._reader.read(size)
-        if len(data) != size:
-            raise ConnectionClosed(
-                f"the connection closed in the middle of a PDU, {size - len(data)} bytes early"
-            )
-        return data
+    def _set_timeout(self, timeout: float | None) -> None:
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
     def _receive_before(self, size: int, deadline: float | None) -> bytes:
-        """`size` bytes straight from the socket, all of them before `deadline`."""
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        received = 0
+        """At most `size` bytes straight from the socket, before `deadline`."""
         late = f"no complete association request in {self.settings.acse_timeout} s"
-        while received < size:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(late)
-                self.sock.settimeout(remaining)
-            try:
-                count = self.sock.recv_into(view[received:])
-            except TimeoutError:
-                raise TimeoutError(late) from None  # the deadline passed during the wait
-            if not count:
-                raise ConnectionClosed(f"the connection closed {size - received} bytes early")
-            received += count
-        return bytes(buffer)
-
-    def _read_into(self, view: memoryview) -> None:
-        assert self._reader is not None
-        while view:
-            count = self._reader.readinto(view)  # type: ignore[attr-defined]
-            if not count:
-                raise ConnectionClosed(
-                    f"the connection closed in the middle of a PDU, {len(view)} bytes early"
-                )
-            view = view[count:]
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(late)
+            self._set_timeout(remaining)
+        try:
+            return self.sock.recv(size)
+        except TimeoutError:  # the deadline passed during the wait
+            raise TimeoutError(late) from None
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(data)
 
+    def _await_transport_close(self) -> None:
+        """After an A-ASSOCIATE-RJ the requestor closes the connection (PS3.8 9.2, Sta13).
+
+        Closing first can reset the connection before the requestor has read the
+        reject, and it then reports an abort where we refused (pynetdicom did, under
+        load). So wait for its close, bounded like the ARTIM timer, reading and
+        discarding whatever it still sends.
+        """
+        deadline = time.monotonic() + ARTIM_TIMEOUT
+        with contextlib.suppress(OSError):
+            while (remaining := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(remaining)
+                if not self.sock.recv(4096):
+                    return
+
     def _send_abort_quietly(self, reason: int) -> None:
         with contextlib.suppress(OSError):
-            self._send(pdu.encode_abort(pdu.SERVICE_PROVIDER, reason))
+            self._send(self._layer.abort(pdu.SERVICE_PROVIDER, reason))
 
     def _close(self) -> None:
         if self._reader is not None:

@@ -17,7 +17,9 @@ C_ECHO_RQ = 0x0030
 # own, and is never answered.
 C_CANCEL_RQ = 0x0FFF
 RESPONSE_BIT = 0x8000
+VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 A)
 C_STORE_RSP = C_STORE_RQ | RESPONSE_BIT
+C_ECHO_RSP = C_ECHO_RQ | RESPONSE_BIT
 NO_DATASET = 0x0101
 
 REQUEST_NAMES = {
@@ -161,6 +163,19 @@ def encode_store_request(message_id: int, sop_class_uid: str, sop_instance_uid: 
             _ushort(PRIORITY, 0x0000),
             _ushort(COMMAND_DATASET_TYPE, 0x0000),  # anything but 0x0101: a dataset follows
             _uid(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid),
+        )
+    )
+    return _with_group_length(body)
+
+
+def encode_echo_request(message_id: int, sop_class_uid: str) -> bytes:
+    """A C-ECHO-RQ command set (no dataset)."""
+    body = b"".join(
+        (
+            _uid(AFFECTED_SOP_CLASS_UID, sop_class_uid),
+            _ushort(COMMAND_FIELD, C_ECHO_RQ),
+            _ushort(MESSAGE_ID, message_id),
+            _ushort(COMMAND_DATASET_TYPE, NO_DATASET),
         )
     )
     return _with_group_length(body)

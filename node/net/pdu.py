@@ -1,5 +1,7 @@
-"""Upper Layer PDUs (PS3.8 section 9.3): what the acceptor reads and writes on the wire.
+"""Upper Layer PDUs (PS3.8 section 9.3): the bodies both ends of an association read and write.
 
+The byte layout of each PDU, for the acceptor and the requestor alike; when a
+PDU may come, and how P-DATA-TF carries messages, is node.net.ul's job.
 Only the association request is decoded with pynetdicom's PDU classes: it happens
 once per association and has many optional items. Everything on the per-message
 path (P-DATA-TF, A-RELEASE, A-ABORT) and every PDU we send is a few struct calls.
@@ -8,7 +10,7 @@ path (P-DATA-TF, A-RELEASE, A-ABORT) and every PDU we send is a few struct calls
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ as _AssociateRQDecoder
@@ -33,6 +35,25 @@ PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, mess
 PDV_HEADER_SIZE = PDV_HEADER.size
 
 APPLICATION_CONTEXT_NAME = b"1.2.840.10008.3.1.1.1"
+PROTOCOL_VERSION = 1
+# PS3.8 9.3.2.2: presentation context IDs are the odd numbers 1..255.
+MAX_PRESENTATION_CONTEXTS = 128
+# A-ASSOCIATE-RJ source and diagnostic (PS3.8 9.3.4), for people reading a log.
+REJECT_SOURCES = {
+    1: "service user",
+    2: "service provider (ACSE)",
+    3: "service provider (presentation)",
+}
+REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
 # A-ABORT source and reason (PS3.8 9.3.8)
 SERVICE_PROVIDER = 0x02
 SERVICE_USER = 0x00
@@ -190,6 +211,89 @@ def encode_user_identity_rq(
         + secondary
     )
     return item(USER_IDENTITY_RQ_ITEM, value)
+
+
+def encode_associate_rq(
+    called: str,
+    calling: str,
+    contexts: Sequence[tuple[str, str]],
+    max_pdu: int,
+    implementation: tuple[str, str],
+    user_identity: tuple[str, bytes | None] | None = None,
+) -> bytes:
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2); context i gets ID 2i+1 (IDs are odd, PS3.8 9.3.2.2).
+
+    contexts: (abstract syntax, transfer syntax), one transfer syntax per context.
+    implementation: our Implementation Class UID and Version Name.
+    user_identity (username, passcode or None) adds a User Identity sub-item
+    (PS3.7 D.3.3.7) of type 2, or type 1 without a passcode.
+    """
+    items = [item(0x10, APPLICATION_CONTEXT_NAME)]
+    for index, (abstract, transfer) in enumerate(contexts):
+        sub = item(0x30, abstract.encode("ascii")) + item(0x40, transfer.encode("ascii"))
+        items.append(item(0x20, bytes([2 * index + 1, 0, 0, 0]) + sub))
+    class_uid, version_name = implementation
+    user = (
+        item(0x51, struct.pack(">I", max_pdu))
+        + item(0x52, class_uid.encode("ascii"))
+        + item(0x55, version_name.encode("ascii"))
+    )
+    if user_identity is not None:
+        user += encode_user_identity_rq(*user_identity)
+    items.append(item(0x50, user))
+    fixed = struct.pack(">HH", PROTOCOL_VERSION, 0) + _ae(called) + _ae(calling) + bytes(32)
+    return encode_pdu(A_ASSOCIATE_RQ, fixed + b"".join(items))
+
+
+def _ae(title: str) -> bytes:
+    return title.encode("ascii").ljust(16)[:16]
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What an A-ASSOCIATE-AC says: accepted context IDs with their syntax, the peer's max PDU."""
+
+    syntaxes: dict[int, str]  # presentation context ID -> accepted transfer syntax
+    max_pdu: int  # 0 = no limit
+
+
+def decode_associate_ac(body: bytes) -> Acceptance:
+    """The A-ASSOCIATE-AC body (after the PDU header) as far as a requestor acts on it."""
+    syntaxes: dict[int, str] = {}
+    max_pdu = 0
+    for item_type, value in _items(body, 68):  # after version, AE titles and reserved bytes
+        if item_type == 0x21 and len(value) >= 4 and value[2] == 0:  # result 0 = acceptance
+            transfer = [v for t, v in _items(value, 4) if t == 0x40]
+            if transfer:
+                syntaxes[value[0]] = _uid(transfer[0])
+        elif item_type == 0x50:
+            for sub_type, sub in _items(value, 0):
+                if sub_type == 0x51 and len(sub) == 4:
+                    (max_pdu,) = struct.unpack(">I", sub)
+    return Acceptance(syntaxes, max_pdu)
+
+
+def _items(data: bytes, offset: int) -> list[tuple[int, bytes]]:
+    found = []
+    while offset + 4 <= len(data):
+        item_type, _, length = struct.unpack_from(">BBH", data, offset)
+        found.append((item_type, data[offset + 4 : offset + 4 + length]))
+        offset += 4 + length
+    return found
+
+
+def _uid(value: bytes) -> str:
+    # UIDs are padded with NUL to even length (PS3.5 9.1); some writers pad with a space.
+    return value.rstrip(b"\x00 ").decode("ascii")
+
+
+def describe_reject(result: int, source: int, diagnostic: int) -> str:
+    """An A-ASSOCIATE-RJ's fields in words; result 0: the PDU did not say."""
+    if not result:
+        return "rejected"
+    kind = "permanent" if result == 1 else "transient"
+    why = REJECT_REASONS.get((source, diagnostic), f"reason {diagnostic}")
+    return f"{kind}, {REJECT_SOURCES.get(source, f'source {source}')}: {why}"
 
 
 def encode_associate_rj(result: int, source: int, diagnostic: int) -> bytes:

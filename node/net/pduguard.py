@@ -1,9 +1,9 @@
 """Receive-side limits on what a peer may make the node read for one PDU or one message.
 
 A hostile or broken peer could claim gigabytes in one PDU header or send a
-dataset that never ends. node.association checks every PDU header and the
-running size of each dataset against these limits and aborts the association
-when:
+dataset that never ends. The Upper Layer codec (node.net.ul) checks every PDU
+header against pdu_limit before reading its body, node.net.association the
+running size of each dataset, and the association is aborted when:
 - a P-DATA-TF PDU is longer than the maximum PDU length we advertised
   (node.max_pdu; PS3.8 D.1), or any other PDU is over 1 MiB;
 - the dataset fragments of one message exceed twice limits.max_instance_size.

@@ -24,10 +24,11 @@ class TLSSetupError(OSError):
 class DeferredHandshakeContext(ssl.SSLContext):
     """A server context whose sockets do the TLS handshake on first use, not in accept().
 
-    pynetdicom wraps each accepted socket in its single accept thread; with the
-    default (handshake on connect) one client that connects and stays silent
-    would block every other TLS connection. The listener does the handshake in
-    the connection's own thread instead, under the ACSE timeout.
+    For the pynetdicom acceptor (node.acceptor = "pynetdicom"), which wraps each
+    accepted socket in its single accept thread: with the default (handshake on
+    connect) one client that connects and stays silent would block every other
+    TLS connection. The handshake then runs in the connection's own thread,
+    under the ACSE timeout, as our own acceptor (node.net.association) does.
     """
 
     def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):  # type: ignore[no-untyped-def, override]

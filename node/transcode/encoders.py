@@ -1,6 +1,7 @@
 """Frame encoders: one numpy frame in, one compressed frame (a DICOM fragment) out.
 
-Fast, GIL-releasing codecs are preferred (README §3): imagecodecs CharLS for JPEG-LS,
+Fast, GIL-releasing codecs are preferred (2 threads run them 2x faster, the others 1x):
+imagecodecs CharLS for JPEG-LS,
 OpenJPEG for J2K lossless, OpenJPH for HTJ2K, libjpeg-turbo for JPEG, pylibjpeg-rle for RLE.
 """
 
@@ -23,7 +24,7 @@ def _is_rgb(info: PixelInfo) -> bool:
 
 def _resolutions(info: PixelInfo) -> int:
     # OpenJPEG/OpenJPH refuse more decomposition levels than the image can halve into
-    # (the 3x3 failure in README §2); 6 resolutions is the usual default.
+    # (a 3x3 image fails with the default); 6 resolutions is the usual default.
     smallest = max(1, min(info.rows, info.columns))
     return max(1, min(6, int(math.log2(smallest)) + 1))
 
@@ -78,7 +79,8 @@ def encode_j2k_lossless(frame: np.ndarray, info: PixelInfo, _: Target) -> bytes:
 
 def encode_j2k_lossy(frame: np.ndarray, info: PixelInfo, target: Target) -> bytes:
     # pylibjpeg-openjpeg has rate control by ratio and by PSNR; it is not thread-safe
-    # (README §3), which is fine in a single-threaded worker process.
+    # (two threads encoding at once crash it), which is fine in a single-threaded worker
+    # process.
     from openjpeg import encode as encode_array
 
     ratios = [target.j2k_ratio] if target.j2k_ratio else None

@@ -1,6 +1,8 @@
 """Crash isolation: every decode and encode runs in a worker process.
 
-A C codec that segfaults or aborts (README §2, §3) kills only its worker. The rung in
+A C codec that segfaults or aborts kills only its worker (python-gdcm's RLE encoder aborts
+the interpreter on SC_rgb_small_odd.dcm; pylibjpeg-openjpeg's encoder segfaults when two
+threads encode at once). The rung in
 progress counts as failed, the worker is replaced, and the ladder goes on; the final
 as-received copy is made in the parent without decoding anything.
 """
@@ -97,7 +99,8 @@ class TranscodePool:
     def __init__(self, workers: int | None = None, *, task_timeout: float = DEFAULT_TASK_TIMEOUT):
         self.size = max(1, workers or os.cpu_count() or 1)
         self._timeout = task_timeout
-        # forkserver: the parent has pynetdicom threads, and fork() with threads is unsafe.
+        # forkserver: the parent runs threads (associations, forwarders, store workers), and
+        # fork() with threads is unsafe.
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
         self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
