@@ -134,7 +134,7 @@ class Table:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             raise self.error(
-                unknown[0], "unknown key (check the spelling; see README 'Configuration')"
+                unknown[0], "unknown key (check the spelling; see docs/configuration.md)"
             )
 
 
