@@ -26,7 +26,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +69,27 @@ CREATE TABLE IF NOT EXISTS stored (
     PRIMARY KEY (storage, sop_instance_uid)
 );
 """
+
+
+# Columns added to the tables above after a release, as (table, column, declaration). An
+# existing database gains them at start (add_missing_columns), so upgrading a node in place needs
+# no migration step. Features that need tables of their own keep their CREATE TABLE IF NOT
+# EXISTS text in their own module and list it in EXTRA_SCHEMAS.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = ()
+EXTRA_SCHEMAS: tuple[str, ...] = ()
+
+
+def add_missing_columns(
+    connection: sqlite3.Connection, added: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """ALTER TABLE ... ADD COLUMN for each listed column the database lacks; returns those added."""
+    done = []
+    for table, column, declaration in added:
+        present = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            done.append(f"{table}.{column}")
+    return done
 
 
 def connect(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
@@ -132,6 +153,9 @@ class Database:
         self._reader = connect(path)
         # executescript manages its own transaction; CREATE ... IF NOT EXISTS is idempotent.
         self._writer.executescript(SCHEMA)
+        for extra in EXTRA_SCHEMAS:
+            self._writer.executescript(extra)
+        add_missing_columns(self._writer, ADDED_COLUMNS)
 
     def close(self) -> None:
         with self._write_lock:
