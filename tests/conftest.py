@@ -41,3 +41,8 @@ def start_node(tmp_path: Path, acceptor: str) -> Iterator[StartNode]:
     yield start
     for process in started:
         process.kill()
+
+
+# One PostgreSQL per session for the tests that use it (the queue on both backends, the
+# cluster tests), and a schema of its own per test.
+from tests.postgres import postgres_dsn, postgres_server  # noqa: E402, F401

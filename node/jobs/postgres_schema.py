@@ -1,0 +1,147 @@
+"""The PostgreSQL queue's schema, as versioned migrations applied at start.
+
+Each migration has an id that never changes once released ("0001-core", or a feature's
+own, e.g. "groups-0001"); `schema_migrations` records which ones a database has. At start
+every node applies the missing ones, in list order, inside one transaction that holds an
+advisory lock, so several nodes starting at once apply each migration exactly once.
+
+The tables mirror the SQLite ones (node.jobs.database) plus what a cluster needs:
+- `instances.node` and `jobs.node`: the node whose spool holds the file (only it can read
+  it, unless [queue] shared_spool says every node can);
+- `jobs.claimed_by` and `jobs.lease_until`: who runs a job and until when the claim holds;
+  the claimer renews its leases while it lives, and any node returns expired ones to the
+  queue (a node killed with SIGKILL leaves its jobs to expire);
+- `nodes`: each node's last heartbeat, for `queue status`.
+Times are seconds since the epoch (double precision), as in SQLite, read from each node's
+clock: a cluster's nodes keep their clocks in step with NTP.
+
+The completion functions lock the instance row first: two nodes finishing the last two
+jobs of one instance at once must not both see the other's job still open (SQLite
+serialises writers; PostgreSQL does not), or the instance would never be deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+CORE = """
+CREATE TABLE instances (
+    id BIGSERIAL PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    called_ae_title TEXT NOT NULL,
+    spool_path TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    node TEXT NOT NULL
+);
+CREATE INDEX instances_by_uid ON instances (sop_instance_uid);
+CREATE INDEX instances_by_node ON instances (node);
+CREATE TABLE jobs (
+    id BIGSERIAL PRIMARY KEY,
+    instance_id BIGINT NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    last_error TEXT,
+    result TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    node TEXT NOT NULL,
+    claimed_by TEXT,
+    lease_until DOUBLE PRECISION
+);
+CREATE INDEX jobs_ready ON jobs (state, kind, node, next_attempt_at);
+CREATE INDEX jobs_by_instance ON jobs (instance_id);
+CREATE INDEX jobs_leased ON jobs (claimed_by) WHERE state = 'running';
+CREATE TABLE stored (
+    storage TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    stored_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (storage, sop_instance_uid)
+);
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    started_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL
+);
+
+-- Mark a job done; delete its instance once no job of it is open. Returns the open count.
+CREATE FUNCTION dn_complete_job(p_job BIGINT, p_result TEXT, p_now DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    v_instance BIGINT;
+    v_open INTEGER;
+BEGIN
+    SELECT instance_id INTO v_instance FROM jobs WHERE id = p_job;
+    IF v_instance IS NULL THEN
+        RETURN 0;  -- purged meanwhile: nothing left to keep the spool file for
+    END IF;
+    PERFORM 1 FROM instances WHERE id = v_instance FOR UPDATE;
+    UPDATE jobs SET state = 'done', result = p_result, last_error = NULL, updated_at = p_now,
+        claimed_by = NULL, lease_until = NULL
+    WHERE id = p_job;
+    SELECT COUNT(*) INTO v_open FROM jobs WHERE instance_id = v_instance AND state <> 'done';
+    IF v_open = 0 THEN
+        DELETE FROM instances WHERE id = v_instance;  -- its jobs go with it (ON DELETE CASCADE)
+    END IF;
+    RETURN v_open;
+END $$;
+
+-- dn_complete_job for a store job, recording where the instance is in the same transaction.
+CREATE FUNCTION dn_complete_stored(
+    p_job BIGINT, p_storage TEXT, p_uid TEXT, p_path TEXT, p_syntax TEXT, p_now DOUBLE PRECISION
+) RETURNS INTEGER LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO stored (storage, sop_instance_uid, path, transfer_syntax, stored_at)
+    VALUES (p_storage, p_uid, p_path, p_syntax, p_now)
+    ON CONFLICT (storage, sop_instance_uid) DO UPDATE
+        SET path = EXCLUDED.path, transfer_syntax = EXCLUDED.transfer_syntax,
+            stored_at = EXCLUDED.stored_at;
+    RETURN dn_complete_job(p_job, p_path, p_now);
+END $$;
+
+-- A node's heartbeat: renew the leases of the jobs it runs, and return every expired lease
+-- (of any node) to the queue. Returns how many expired jobs were made pending again.
+CREATE FUNCTION dn_heartbeat(p_node TEXT, p_now DOUBLE PRECISION, p_lease DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    v_expired INTEGER;
+BEGIN
+    INSERT INTO nodes (name, started_at, heartbeat_at) VALUES (p_node, p_now, p_now)
+    ON CONFLICT (name) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at;
+    UPDATE jobs SET lease_until = p_now + p_lease
+    WHERE claimed_by = p_node AND state = 'running';
+    UPDATE jobs SET state = 'pending', claimed_by = NULL, lease_until = NULL, updated_at = p_now
+    WHERE state = 'running' AND lease_until < p_now;
+    GET DIAGNOSTICS v_expired = ROW_COUNT;
+    RETURN v_expired;
+END $$;
+"""
+
+# (id, what it does, SQL). Append only; never edit a released one.
+MIGRATIONS: list[tuple[str, str, str]] = [
+    ("0001-core", "instances, jobs, the stored index, nodes, completion functions", CORE),
+]
+
+# Features that need tables of their own append (id, description, SQL) here, as they add
+# their CREATE TABLE IF NOT EXISTS text to node.jobs.database.EXTRA_SCHEMAS for SQLite.
+EXTRA_MIGRATIONS: list[tuple[str, str, str]] = []
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    id TEXT PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+
+
+def all_migrations() -> Sequence[tuple[str, str, str]]:
+    return [*MIGRATIONS, *EXTRA_MIGRATIONS]
