@@ -1,5 +1,6 @@
 """`dicom-node queue status|retry|purge`: look at and act on the job queue, even while the
-daemon runs (it opens its own SQLite connection; WAL and a busy timeout keep both safe)."""
+daemon runs (it opens its own SQLite connection; WAL and a busy timeout keep both safe).
+On PostgreSQL ([queue] backend) it is the whole cluster's queue, with a line per node."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from node.config.model import Config, load_config
+from node.daemon.queues import queue_settings
 from node.ingest.spool import Spool
+from node.jobs.backends import open_operations, queue_exists
 from node.jobs.interface import QueueOperations
 from node.jobs.model import JobKind, JobState, TargetReport, open_jobs
-from node.jobs.reports import SqliteQueueOperations
 from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
 
 STATES = {
@@ -71,10 +73,11 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if not config.queue_path.exists():
+    settings = queue_settings(config)
+    if not queue_exists(settings):
         print(f"no queue at {config.queue_path}: the node has not run with this config yet")
         return 0 if args.queue_action == "status" else 1
-    queue = SqliteQueueOperations.open(config.queue_path)
+    queue = open_operations(settings)
     try:
         if args.queue_action == "status":
             return show_status(queue, config, as_json=args.json)
@@ -190,6 +193,7 @@ def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         print("  ".join([*cells, line[-1]]).rstrip())
+    _show_nodes(queue, now)
     failed = sum(row.count for row in rows if row.state == JobState.FAILED)
     if failed:
         print(
@@ -197,3 +201,26 @@ def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False
             file=sys.stderr,
         )
     return 0
+
+
+def _show_nodes(queue: QueueOperations, now: float) -> None:
+    """A cluster's queue (PostgreSQL) also says which nodes share it and how each is."""
+    nodes = getattr(queue, "nodes", None)
+    if nodes is None:
+        return
+    table = [("NODE", "HEARTBEAT", "SPOOLED", "RUNNING")]
+    for node in nodes():
+        table.append(
+            (
+                node.name,
+                f"{_age(now - node.heartbeat_at)} ago",
+                str(node.spooled_instances),
+                str(node.running_jobs),
+            )
+        )
+    print()
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )

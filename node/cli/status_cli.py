@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node.config.model import Config, load_config
+from node.daemon.queues import queue_settings
+from node.jobs.backends import open_operations, queue_exists
 from node.jobs.interface import QueueReports
 from node.jobs.model import Failure, SpoolSummary, TargetSummary, summarise_targets
-from node.jobs.reports import SqliteQueueOperations
 
 RECENT_FAILURES = 5
 WIDTH = 100
@@ -33,13 +34,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if not config.queue_path.exists():
+    settings = queue_settings(config)
+    if not queue_exists(settings):
         print(
             f"no queue database at {config.queue_path}: the node has not run with this config"
             " yet (check node.data_dir)"
         )
         return 1
-    reports = SqliteQueueOperations.open(config.queue_path, read_only=True)
+    reports = open_operations(settings, read_only=True)
     try:
         print(render(config, *read_reports(reports, config)))
     finally:

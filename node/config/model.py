@@ -37,6 +37,8 @@ from node.transcode.targets import Target, parse_target
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
+QueueBackendName = Literal["sqlite", "postgresql"]
+StorageKind = Literal["filesystem", "s3"]
 
 DEFAULT_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
@@ -173,6 +175,9 @@ class NodeConfig:
     # Who speaks the Upper Layer and DIMSE on the listener: our own code, or pynetdicom
     # (the reference implementation, kept so that the two can be compared).
     acceptor: Acceptor = "native"
+    # The node's name in a cluster (its jobs in a shared queue, its metrics' `node` label);
+    # empty: the host name.
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,11 +226,29 @@ class RoutingConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     name: str
-    path: Path
+    # Required for kind = "filesystem" (_check_storage); an "s3" target has none.
+    path: Path | None = None
     layout: Annotated[str, Check(_check_layout)] = DEFAULT_LAYOUT
     duplicates: DuplicatePolicy = "overwrite"
     transfer_syntax: Annotated[tuple[Target, ...], Reader(_read_ladder)] = ()
     allow_lossy: bool = False
+    # kind = "s3": an S3-compatible bucket (node.store.s3); the keys below are its.
+    kind: StorageKind = "filesystem"
+    bucket: str = ""
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    credentials_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """[queue]: SQLite in data_dir (one node), or PostgreSQL shared by a cluster."""
+
+    backend: QueueBackendName = "sqlite"
+    dsn_file: Path | None = None
+    lease: Annotated[float, Between(3)] = 60.0
+    shared_spool: bool = False
+    pool_size: Annotated[int, Between(2, 200)] = 10
 
 
 @dataclass(frozen=True)
@@ -272,6 +295,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     unrouted_storage: str | None = None
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -296,6 +320,7 @@ SECTIONS = (
     Section("storage", StorageConfig, "storage", many=True),
     Section("destination", DestinationConfig, "destinations", many=True),
     Section("route", RouteConfig, "routes", many=True),
+    Section("queue", QueueConfig, "queue"),
 )
 """The top-level TOML tables, in the order check-config prints them."""
 
@@ -335,12 +360,44 @@ def _check_security(table: Table, security: SecurityConfig) -> None:
 
 
 def _check_storage(table: Table, storage: StorageConfig) -> None:
+    if storage.kind == "filesystem" and storage.path is None:
+        raise table.error("path", 'is required (the storage root) unless kind = "s3"')
+    if storage.kind == "s3":
+        _check_s3_storage(table, storage)
     lossy = [rung.name for rung in storage.transfer_syntax if rung.lossy]
     if lossy and not storage.allow_lossy:
         raise table.error(
             "transfer_syntax",
             f"{', '.join(lossy)} is lossy: set allow_lossy = true to opt in explicitly",
         )
+
+
+def _check_s3_storage(table: Table, storage: StorageConfig) -> None:
+    if not storage.bucket:
+        raise table.error("bucket", 'is required with kind = "s3"')
+    if storage.path is not None:
+        raise table.error("path", "an s3 target has no path: objects go to bucket and layout")
+    if storage.credentials_file is not None:
+        _check_secret_file(table, "credentials_file", storage.credentials_file)
+
+
+def _check_secret_file(table: Table, key: str, path: Path) -> None:
+    """A file holding a secret: readable by us, not by every user."""
+    try:
+        mode = path.stat().st_mode
+        path.read_bytes()
+    except OSError as exc:
+        raise table.error(key, f"cannot be read: {exc.strerror} ({path})") from None
+    if mode & 0o004:
+        raise table.error(key, f"{path} is readable by every user: chmod o-r it (e.g. 0600)")
+
+
+def _check_queue(table: Table, queue: QueueConfig) -> None:
+    if queue.backend != "postgresql":
+        return
+    if queue.dsn_file is None:
+        raise table.error("dsn_file", 'is required with backend = "postgresql"')
+    _check_secret_file(table, "dsn_file", queue.dsn_file)
 
 
 def _check_retry(table: Table, retry: RetryPolicy) -> None:
@@ -393,6 +450,7 @@ CHECKS: Mapping[type, TableCheck] = {
     TLSConfig: _check_tls,
     SecurityConfig: _check_security,
     StorageConfig: _check_storage,
+    QueueConfig: _check_queue,
     RetryPolicy: _check_retry,
     DestinationConfig: _check_destination,
     RouteConfig: _check_route,

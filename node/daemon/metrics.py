@@ -18,13 +18,14 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from node.jobs.interface import QueueReports
@@ -178,6 +179,28 @@ class QueueCollector(Collector):
         yield oldest
 
 
+class NodeLabelled(Collector):
+    """Every metric of a registry with a `node` label added: the nodes of a cluster scraped
+    into one Prometheus stay apart (the queue gauges are the cluster's, the same on each)."""
+
+    def __init__(self, registry: CollectorRegistry, node: str) -> None:
+        self.registry = registry
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(
+                    sample.name,
+                    {**sample.labels, "node": self.node},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield labelled
+
+
 @dataclass
 class MetricsEndpoint:
     """The running HTTP exporter; close() stops it and forgets the queue collector."""
@@ -199,15 +222,20 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def start_metrics(address: str, reports: QueueReports) -> MetricsEndpoint:
-    """Register the queue collector and, if an address is configured, serve /metrics on it."""
+def start_metrics(address: str, reports: QueueReports, node: str = "") -> MetricsEndpoint:
+    """Register the queue collector and, if an address is configured, serve /metrics on it;
+    node: a `node` label for every metric (empty: none)."""
     collector = QueueCollector(reports)
     REGISTRY.register(collector)
     if not address:
         return MetricsEndpoint(None, None, collector)
     host, port = parse_address(address)
+    served = REGISTRY
+    if node:
+        served = CollectorRegistry(auto_describe=False)
+        served.register(NodeLabelled(REGISTRY, node))
     try:
-        server, thread = start_http_server(port, addr=host)
+        server, thread = start_http_server(port, addr=host, registry=served)
     except OSError as exc:
         REGISTRY.unregister(collector)
         raise OSError(

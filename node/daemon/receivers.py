@@ -41,12 +41,14 @@ from node.daemon.lifecycle import (
     restart_only_changes,
 )
 from node.daemon.logs import set_level, setup_logging
+from node.daemon.queues import queue_settings
 from node.ingest.intake import Intake, free_space_probe
 from node.ingest.route import Router
 from node.ingest.scp import RECEIVING_DIR, StorageSCP
 from node.ingest.spool import Spool
-from node.jobs.jobqueue import SqliteJobQueue
-from node.store.targets import StorageTarget, duplicate_checker
+from node.jobs.backends import open_job_queue
+from node.store.kinds import local_root, storage_targets
+from node.store.targets import duplicate_checker
 
 log = logging.getLogger("node.receivers")
 
@@ -240,8 +242,8 @@ class Receiver:
 
     def __init__(self, config: Config, index: int, on_recorded: Callable[[], None]) -> None:
         self.config = config
-        self.queue = SqliteJobQueue.open(config.queue_path)
-        self.targets = {s.name: StorageTarget(s) for s in config.storage}
+        self.queue = open_job_queue(queue_settings(config), claims=False)
+        self.targets = storage_targets(config.storage, config.node.data_dir)
         router = Router(config)
         self.intake = Intake(
             spool=Spool(config.spool_dir),
@@ -261,7 +263,7 @@ class Receiver:
             config, _ = restart_only_changes(self.config, load_config(self.config.source))
         except ConfigError:
             return
-        targets = {s.name: StorageTarget(s) for s in config.storage}
+        targets = storage_targets(config.storage, config.node.data_dir)
         self.targets.clear()  # shared with the duplicate checker: updated in place
         self.targets.update(targets)
         self.intake.plan_jobs = Router(config).plan
@@ -276,7 +278,7 @@ class Receiver:
 
 
 def _watched_folders(config: Config) -> list[Path]:
-    return [config.spool_dir, *(s.path for s in config.storage)]
+    return [config.spool_dir, *(local_root(s, config.node.data_dir) for s in config.storage)]
 
 
 def run_receiver(config: Config, index: int, wake: socket.socket, ready: Connection) -> None:

@@ -10,6 +10,7 @@ from node.config.model import Config
 from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
 from node.daemon.logs import set_level
 from node.daemon.metrics import MetricsEndpoint, start_metrics
+from node.daemon.queues import metrics_node_label, queue_settings
 from node.daemon.receivers import ReceiverProcesses
 from node.forward.derived import DerivedFiles
 from node.forward.forwarder import Forwarder
@@ -18,10 +19,9 @@ from node.ingest.pynetdicom_acceptor import PynetdicomSCP
 from node.ingest.route import Router
 from node.ingest.scp import StorageSCP
 from node.ingest.spool import Spool
-from node.jobs.database import Database
-from node.jobs.jobqueue import SqliteJobQueue
-from node.jobs.reports import SqliteQueueOperations
-from node.store.targets import StorageTarget, duplicate_checker
+from node.jobs.backends import open_queue
+from node.store.kinds import storage_targets
+from node.store.targets import duplicate_checker
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
 
@@ -36,11 +36,12 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.database = Database(config.queue_path)
-        self.queue = SqliteJobQueue(self.database)
-        self.reports = SqliteQueueOperations(self.database)
+        # [queue] backend: SQLite in data_dir, or PostgreSQL shared by a cluster.
+        self.backend = open_queue(queue_settings(config))
+        self.queue = self.backend.queue
+        self.reports = self.backend.reports
         self.spool = Spool(config.spool_dir)
-        self.targets = {s.name: StorageTarget(s) for s in config.storage}
+        self.targets = storage_targets(config.storage, config.node.data_dir)
         self.router = Router(config)
         # Codec worker processes start on first use: a node that never transcodes has none.
         self.transcode_pool = TranscodePool(config.node.workers or None)
@@ -91,7 +92,9 @@ class Node:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
         self.forwarder.start()
-        self.metrics = start_metrics(self.config.metrics.address, self.reports)
+        self.metrics = start_metrics(
+            self.config.metrics.address, self.reports, node=metrics_node_label(self.config)
+        )
         if self.receivers is not None:
             # Before our own listener: once the port opens, every receiver shares the load.
             self.receivers.start()
@@ -102,7 +105,7 @@ class Node:
 
         Everything new is built first, then swapped in, so a failure changes nothing.
         """
-        targets = {s.name: StorageTarget(s) for s in config.storage}
+        targets = storage_targets(config.storage, config.node.data_dir)
         for target in targets.values():
             target.prepare(clean=False)
         router = Router(config)
@@ -149,7 +152,7 @@ class Node:
         self.queue.requeue_running()
         if self.metrics is not None:
             self.metrics.close()
-        self.database.close()
+        self.backend.close()
         self._stopped.set()
 
     def serve_forever(self) -> None:

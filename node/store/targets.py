@@ -43,10 +43,14 @@ class PlacedInstance:
 class StorageTarget:
     """One [[storage]] folder: stages files next to their destination, then renames."""
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, root: Path | None = None) -> None:
+        """root: the local folder it writes (another kind's staging); default: config.path."""
         self.config = config
         self.name = config.name
-        self.root = config.path
+        if root is None:
+            assert config.path is not None, "config checks: a filesystem target has a path"
+            root = config.path
+        self.root: Path = root
         self.layout = parse_layout(config.layout)
         self.staging = self.root / STAGING_DIR
 

@@ -1,11 +1,11 @@
-"""The queue's seams: lookups on the reader connection, and one retry schedule for all jobs."""
+"""The queue's seams, on both backends: lookups that never wait behind a writer, and one
+retry schedule for all jobs."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,27 +15,22 @@ from node.cli.main import main as cli_main
 from node.config.model import StorageConfig
 from node.forward import forwarder
 from node.ingest.spool import Spool
-from node.jobs.database import Database
 from node.jobs.interface import JobQueue, QueueOperations
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import Job, JobKind, JobSpec, JobState, ReceivedInstance
+from node.jobs.postgres import PostgresJobQueue
+from node.jobs.postgres_reports import PostgresQueueOperations
 from node.jobs.reports import SqliteQueueOperations
 from node.jobs.retry import Backoff, RetrySchedule
 from node.store.targets import StorageTarget
 from node.store.workers import StagedFile, StoreWorkers
+from tests.jobs.conftest import QueueBackend
 
 ARCHIVE = JobSpec(JobKind.STORE, "archive")
 PACS = JobSpec(JobKind.FORWARD, "pacs")
 
 
-@pytest.fixture
-def database(tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "data" / "queue.sqlite3")
-    yield database
-    database.close()
-
-
-def record(queue: SqliteJobQueue, folder: Path, uid: str, jobs: list[JobSpec]) -> Path:
+def record(queue: JobQueue, folder: Path, uid: str, jobs: list[JobSpec]) -> Path:
     spooled = folder / f"{uid}.dcm"
     spooled.write_bytes(b"dicm")
     instance = ReceivedInstance(
@@ -46,10 +41,9 @@ def record(queue: SqliteJobQueue, folder: Path, uid: str, jobs: list[JobSpec]) -
 
 
 def test_lookups_and_reports_do_not_wait_behind_a_writer_in_its_transaction(
-    tmp_path: Path, database: Database
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    queue = SqliteJobQueue(database)
-    operations = SqliteQueueOperations(database)
+    queue, operations = queue_backend.queue, queue_backend.reports
     spooled = record(queue, tmp_path, "1.2.3", [ARCHIVE, PACS])
     lookups: dict[str, Callable[[], object]] = {
         "report": lambda: [(r.kind, r.target, r.state, r.count) for r in operations.report()],
@@ -67,8 +61,7 @@ def test_lookups_and_reports_do_not_wait_behind_a_writer_in_its_transaction(
 
     def hold_the_writer() -> None:
         # What a group commit does while its fsync runs: the writer is taken, for seconds.
-        with database.transaction() as db:
-            db.execute("UPDATE jobs SET last_error = 'not committed yet'")
+        with queue_backend.hold_writer()():
             in_transaction.set()
             release.wait(30)
 
@@ -114,24 +107,22 @@ def store_workers(
     return StoreWorkers(queue, spool, {"archive": target}, stage=failing_stage, schedule=schedule)
 
 
-def retry_delays(path: Path) -> list[float]:
+def retry_delays(backend: QueueBackend) -> list[float]:
     """Each pending job's delay, as retry_later wrote it (next try minus when it was set)."""
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT next_attempt_at - updated_at FROM jobs WHERE state = 'pending'")
-        return [row[0] for row in rows]
+    rows = backend.rows("SELECT next_attempt_at - updated_at FROM jobs WHERE state = 'pending'")
+    return [row[0] for row in rows]
 
 
 def test_store_jobs_retry_with_jitter_and_never_become_dead_letters(
-    tmp_path: Path, database: Database
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    queue = SqliteJobQueue(database)
-    operations = SqliteQueueOperations(database)
+    queue, operations = queue_backend.queue, queue_backend.reports
     for index in range(30):
         record(queue, tmp_path, f"1.2.{index}", [ARCHIVE])
     workers = store_workers(tmp_path, queue)
     for job in queue.claim(JobKind.STORE, limit=30):
         workers.run(job)
-    first = retry_delays(database.path)
+    first = retry_delays(queue_backend)
     assert len(first) == 30 and all(0.8 - 1e-3 <= d <= 1.0 + 1e-3 for d in first), first
     assert max(first) - min(first) > 0.02, "store retries in lockstep: no jitter"
 
@@ -142,13 +133,13 @@ def test_store_jobs_retry_with_jitter_and_never_become_dead_letters(
     assert job.attempts == 40
     report = {(r.state, r.count) for r in operations.report()}
     assert report == {("pending", 30)}, "a store job became a dead letter"
-    assert max(retry_delays(database.path)) == pytest.approx(300, rel=0.21)
+    assert max(retry_delays(queue_backend)) == pytest.approx(300, rel=0.21)
 
 
 def test_the_one_schedule_dead_letters_store_jobs_when_configured(
-    tmp_path: Path, database: Database
+    tmp_path: Path, queue_backend: QueueBackend
 ) -> None:
-    queue = SqliteJobQueue(database)
+    queue = queue_backend.queue
     record(queue, tmp_path, "1.2.3", [ARCHIVE])
     twice = RetrySchedule(Backoff(initial_delay=0.0, max_delay=0.0, max_attempts=2))
     workers = store_workers(tmp_path, queue, twice)
@@ -156,7 +147,7 @@ def test_the_one_schedule_dead_letters_store_jobs_when_configured(
     for _ in range(2):
         (job,) = queue.claim(JobKind.STORE)
         workers.run(job)
-    (failure,) = SqliteQueueOperations(database).recent_failures(5)
+    (failure,) = queue_backend.reports.recent_failures(5)
     assert failure.error.startswith("gave up after 2 attempts: [Errno 28] No space left")
 
 
@@ -179,7 +170,12 @@ def test_queue_status_says_when_each_target_gives_up(
     assert rows == {"archive": "never", "pacs": "7", "vna": "never"}
 
 
-def test_the_sqlite_backend_has_every_method_of_the_interface() -> None:
-    for protocol, backend in [(JobQueue, SqliteJobQueue), (QueueOperations, SqliteQueueOperations)]:
+def test_every_backend_has_every_method_of_the_interface() -> None:
+    for protocol, backend in [
+        (JobQueue, SqliteJobQueue),
+        (QueueOperations, SqliteQueueOperations),
+        (JobQueue, PostgresJobQueue),
+        (QueueOperations, PostgresQueueOperations),
+    ]:
         wanted = {name for name in dir(protocol) if not name.startswith("_")}
         assert wanted and wanted <= set(dir(backend)), wanted - set(dir(backend))
