@@ -46,3 +46,4 @@ def start_node(tmp_path: Path, acceptor: str) -> Iterator[StartNode]:
 # One PostgreSQL per session for the tests that use it (the queue on both backends, the
 # cluster tests), and a schema of its own per test.
 from tests.postgres import postgres_dsn, postgres_server  # noqa: E402, F401
+from tests.seaweed import bucket, seaweed  # noqa: E402, F401

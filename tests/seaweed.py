@@ -12,9 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.processes import ServerProcess, free_port
 from tests.tools import missing_tool
@@ -74,7 +79,7 @@ class SeaweedS3(ServerProcess):
             "-master.volumeSizeLimitMB=64",
             f"-volume.port={ports['volume']}",
             f"-volume.port.grpc={grpc['volume']}",
-            "-volume.max=20",
+            "-volume.max=100",
             f"-filer.port={ports['filer']}",
             f"-filer.port.grpc={grpc['filer']}",
             "-s3",
@@ -126,3 +131,24 @@ class SeaweedS3(ServerProcess):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[SeaweedS3]:
+    """One SeaweedFS S3 gateway for the session; tests make buckets of their own."""
+    folder = Path(tempfile.mkdtemp(prefix="dicom-node-s3-"))
+    server = SeaweedS3(folder).start()
+    try:
+        yield server
+    finally:
+        server.kill()  # it holds no data worth a graceful stop
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def bucket(seaweed: SeaweedS3) -> str:
+    """The session's one bucket (SeaweedFS gives each bucket volumes of its own, so a bucket
+    per test would soon run out): tests tell their objects apart by SOP Instance UID."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    seaweed.make_bucket(name)
+    return name
