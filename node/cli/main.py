@@ -99,7 +99,12 @@ Subcommand = Callable[[argparse._SubParsersAction], None]
 def _optional_subcommands() -> list[tuple[str, Subcommand, Callable[[argparse.Namespace], int]]]:
     """Subcommands owned by other modules: each module adds its own parser."""
     found = []
-    for module_name in ("node.cli.transcode_cli", "node.cli.queue_cli", "node.cli.status_cli"):
+    for module_name in (
+        "node.cli.transcode_cli",
+        "node.cli.queue_cli",
+        "node.cli.status_cli",
+        "node.cli.haproxy_cli",
+    ):
         try:
             module = __import__(module_name, fromlist=["add_parser", "run"])
         except ModuleNotFoundError as exc:
