@@ -1,7 +1,7 @@
 """The running node: builds the stages from the config and runs them (server),
 signals, reload and shutdown (lifecycle), extra receiver processes
-(receivers), systemd notification (notify), journald logging (logs) and the
-Prometheus endpoint (metrics).
+(receivers), systemd notification (notify), journald logging (logs), the
+Prometheus endpoint (metrics) and the queue settings a config asks for (queues).
 
 May import: every stage package and node.config.
 """

@@ -8,7 +8,10 @@
   stored index);
 - reports: operations and the one job report behind `queue status`, `status`
   and the metrics;
-- retry: the one retry schedule of store and forward jobs.
+- retry: the one retry schedule of store and forward jobs;
+- postgres, postgres_schema, postgres_reports: the same on PostgreSQL, shared by the
+  nodes of a cluster (pool, SKIP LOCKED claims, leases, versioned migrations);
+- backends: which backend a node opens ([queue] backend).
 
 May import: nothing else of the node's.
 """

@@ -1,6 +1,7 @@
 """Stage 5-6: storage targets. Store workers claim jobs, have worker processes
 transcode where a target asks for another syntax, and place each file by its
-path template (layout) with an atomic rename (durable).
+path template (layout) with an atomic rename (durable), or upload it to an
+S3-compatible bucket (s3); kinds picks the kind a [[storage]] table asks for.
 
 May import: node.jobs, node.transcode, node.config, node.dicom, node.ingest
 (the spool), node.daemon.metrics.
