@@ -415,11 +415,14 @@ class SqliteGroups:
             return
         now = time.time()
         with self.database.transaction(durable=False) as db:
-            first, *rest = jobs
-            db.execute(
-                "UPDATE jobs SET state = ?, last_error = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (JobState.WAITING, error, now, first.id, JobState.RUNNING),
-            )
+            rest = jobs
+            if error is not None:
+                first, *rest = jobs
+                db.execute(
+                    "UPDATE jobs SET state = ?, last_error = ?, updated_at = ?"
+                    " WHERE id = ? AND state = ?",
+                    (JobState.WAITING, error, now, first.id, JobState.RUNNING),
+                )
             db.executemany(
                 "UPDATE jobs SET state = ?, attempts = attempts - 1, updated_at = ?"
                 " WHERE id = ? AND state = ?",

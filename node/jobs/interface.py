@@ -11,7 +11,8 @@ keeps these promises:
 - claim, release, retry_later and defer_target may be lost in a crash: the job
   then just runs again or sooner;
 - lookups do not wait behind a writer's commit;
-- is_known counts WAITING jobs too (an instance waiting in a group is on its way).
+- is_known, open_targets and dead_letter_target count WAITING jobs (members of
+  a group not yet sent) as open, like pending ones.
 
 Series and study groups (GroupQueue, GroupOperations; SQL and its schema in
 node.jobs.groups, which a backend may reuse: it is portable) add these:
@@ -19,8 +20,9 @@ node.jobs.groups, which a backend may reuse: it is portable) add these:
   group, in the same transaction as the instance: the job is inserted in state
   WAITING (never claimed by `claim`), the group (kind, target, level, Study
   Instance UID, Series Instance UID or "" for a study) is the newest version
-  with that key if it is WAITING or HELD, else a new version (a late arrival,
-  counted in GroupTotals.late_arrivals); its last_arrival_at is now;
+  with that key if it is WAITING or HELD, else a new version; its members and
+  last_arrival_at (now) are updated; every member of a version > 1 is a late
+  arrival, counted in GroupTotals.late_arrivals in the same transaction;
 - complete, complete_many and complete_stored mark the job's membership done in
   the same transaction (a purged job's membership stays not done);
 - requeue_running first puts the running jobs of dispatched groups back to
@@ -71,8 +73,9 @@ class GroupQueue(Protocol):
         ...
 
     def return_to_group(self, jobs: Sequence[Job], error: str | None = None) -> None:
-        """Give claimed group jobs back (the association broke): WAITING again, attempts as
-        before the claim, except the first, which was tried; error is its last_error."""
+        """Give claimed group jobs back to their dispatched group: WAITING again, attempts as
+        before the claim. With an error, the first job was tried (the association broke
+        during it): it keeps its attempt and the error as its last_error."""
         ...
 
     def settle_groups(self) -> list[GroupReport]:

@@ -220,20 +220,20 @@ class SqliteJobQueue(groups.SqliteGroups):
     # Targets: the ones gone from the config, and holds on unreachable destinations.
 
     def open_targets(self, kind: JobKind) -> list[str]:
-        """Targets of this kind that have pending or running jobs."""
+        """Targets of this kind that have pending, running or waiting (grouped) jobs."""
         with self.database.read() as db:
             rows = db.execute(
-                "SELECT DISTINCT target FROM jobs WHERE kind = ? AND state IN (?, ?)",
-                (kind, JobState.PENDING, JobState.RUNNING),
+                "SELECT DISTINCT target FROM jobs WHERE kind = ? AND state IN (?, ?, ?)",
+                (kind, JobState.PENDING, JobState.RUNNING, JobState.WAITING),
             ).fetchall()
         return [row[0] for row in rows]
 
     def dead_letter_target(self, kind: JobKind, target: str, error: str) -> int:
-        """Dead-letter every pending or running job of a target (one no longer configured)."""
+        """Dead-letter every open job of a target (one no longer configured)."""
         with self.database.transaction() as db:
             return db.execute(
                 "UPDATE jobs SET state = ?, last_error = ?, updated_at = ?"
-                " WHERE kind = ? AND target = ? AND state IN (?, ?)",
+                " WHERE kind = ? AND target = ? AND state IN (?, ?, ?)",
                 (
                     JobState.FAILED,
                     error,
@@ -242,6 +242,7 @@ class SqliteJobQueue(groups.SqliteGroups):
                     target,
                     JobState.PENDING,
                     JobState.RUNNING,
+                    JobState.WAITING,
                 ),
             ).rowcount
 
