@@ -426,7 +426,7 @@ GROUP_KEYS = (
 def _check_route_trigger(table: Table, route: RouteConfig) -> None:
     if route.trigger == "instance":
         for key in GROUP_KEYS:
-            if key in table.data:
+            if getattr(route, key):  # set (check-config prints the defaults: those are fine)
                 raise table.error(key, 'applies only with trigger = "series" or "study"')
         return
     if route.stable_after <= 0:
