@@ -280,7 +280,6 @@ def _dispatch(db: sqlite3.Connection, group_id: int, reason: str, now: float) ->
         (JobState.PENDING, now, now, JobState.WAITING, JobKind.STORE, group_id),
     )
     _count(db, "dispatched")
-    log.info("group %d dispatched: %s", group_id, reason)
 
 
 def _selection(
