@@ -429,40 +429,27 @@ class SqliteGroups:
             )
 
     def settle_groups(self) -> list[GroupReport]:
+        settle = (
+            f"SELECT {_GROUP_COLUMNS} FROM job_groups g WHERE g.state = ?"
+            f" AND NOT EXISTS (SELECT 1 {_OPEN_MEMBER})"
+        )
+        # Looked for on the reader first: the timer asks twice a second, and a group held
+        # by a failed member for days must not cost a durable commit each time.
+        with self.database.read() as db:
+            if db.execute(settle + " LIMIT 1", (GroupState.DISPATCHED,)).fetchone() is None:
+                return []
         now = time.time()
 
         def work(db: sqlite3.Connection) -> list[GroupReport]:
-            rows = db.execute(
-                f"SELECT {_GROUP_COLUMNS} FROM job_groups g WHERE g.state = ?"
-                f" AND NOT EXISTS (SELECT 1 {_OPEN_MEMBER})",
-                (GroupState.DISPATCHED,),
-            ).fetchall()
             settled = []
-            for row in rows:
-                purged = db.execute(
-                    "SELECT COUNT(*) FROM job_group_members WHERE group_id = ? AND done_at IS NULL",
-                    (row[0],),
-                ).fetchone()[0]
-                db.execute(
-                    "UPDATE job_groups SET state = ?, delivered_at = ? WHERE id = ?",
-                    (GroupState.DELIVERED, now, row[0]),
-                )
-                db.execute("DELETE FROM job_group_members WHERE group_id = ?", (row[0],))
-                group = _group_from_row(row)
-                note = f"; {purged} members were purged, not delivered" if purged else ""
-                settled.append(_with_state(group, GroupState.DELIVERED, group.reason + note))
+            for row in db.execute(settle, (GroupState.DISPATCHED,)).fetchall():
+                settled.append(_settle(db, row, now))
             db.execute(
                 "DELETE FROM job_groups WHERE state = ? AND delivered_at < ?",
                 (GroupState.DELIVERED, now - REMEMBER_DELIVERED),
             )
             return settled
 
-        with self.database.read() as db:
-            dispatched = db.execute(
-                "SELECT 1 FROM job_groups WHERE state = ? LIMIT 1", (GroupState.DISPATCHED,)
-            ).fetchone()
-        if dispatched is None:
-            return []
         return list(self.database.write_durably(work))
 
     # Operations.
@@ -502,6 +489,22 @@ class SqliteGroups:
                     [GroupState.HELD, GroupState.WAITING, *params],
                 ).rowcount
             )
+
+
+def _settle(db: sqlite3.Connection, row: Sequence[object], now: float) -> GroupReport:
+    """Mark a group whose members are all done (or purged) delivered; forget its members."""
+    group = _group_from_row(row)
+    (purged,) = db.execute(
+        "SELECT COUNT(*) FROM job_group_members WHERE group_id = ? AND done_at IS NULL",
+        (group.id,),
+    ).fetchone()
+    db.execute(
+        "UPDATE job_groups SET state = ?, delivered_at = ? WHERE id = ?",
+        (GroupState.DELIVERED, now, group.id),
+    )
+    db.execute("DELETE FROM job_group_members WHERE group_id = ?", (group.id,))
+    note = f"; {purged} members were purged, not delivered" if purged else ""
+    return _with_state(group, GroupState.DELIVERED, group.reason + note)
 
 
 def _claimed(job: Job) -> Job:
