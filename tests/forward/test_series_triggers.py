@@ -24,7 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from tests.forward_support import StoreSCP, destination, forwarding_config, queue_cli
+from tests.forward_support import (
+    RefusingSCP,
+    StoreSCP,
+    destination,
+    forwarding_config,
+    queue_cli,
+)
 from tests.orthanc import Orthanc
 from tests.processes import NODELAY
 from tests.support import (
@@ -71,6 +77,20 @@ ROUTES = [
         "stable_after": 6,
     },
     {
+        "name": "mixed",
+        "match": {"SeriesDescription": "MIXED*"},
+        "destinations": ["refuser", "scp"],
+        "trigger": "study",
+        "stable_after": 2,
+    },
+    {
+        "name": "full",
+        "match": {"SeriesDescription": "FULL*"},
+        "destinations": ["full"],
+        "trigger": "series",
+        "stable_after": 2,
+    },
+    {
         "name": "studies",
         "match": {"SeriesDescription": "KILL*"},
         "destinations": ["pacs"],
@@ -85,6 +105,8 @@ class Site:
     node: NodeProcess
     scp: StoreSCP
     orthanc: Orthanc
+    refuser: RefusingSCP  # refuses MR (0x0122) until allowed
+    full: RefusingSCP  # out of resources (0xA700) until allowed
     metrics_port: int
     folder: Path
 
@@ -98,6 +120,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     folder = tmp_path_factory.mktemp("triggers")
     scp = StoreSCP(folder / "scp", "STORESCP", "-v").start()
     orthanc = Orthanc(folder / "orthanc").start()
+    refuser = RefusingSCP(folder / "refuser").start()
+    full = RefusingSCP(folder / "full", "full").start()
     metrics_port = free_port()
     config = forwarding_config(
         folder,
@@ -105,17 +129,19 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         [
             destination("scp", "STORESCP", scp.port),
             destination("pacs", "ORTHANC", orthanc.dicom_port),
+            destination("refuser", "REFUSER", refuser.port),
+            destination("full", "REFUSER", full.port),
         ],
         ROUTES,
         metrics={"address": f"127.0.0.1:{metrics_port}"},
     )
     node = configured_node(folder, config=config).start()
     try:
-        yield Site(node, scp, orthanc, metrics_port, folder)
+        yield Site(node, scp, orthanc, refuser, full, metrics_port, folder)
     finally:
         node.stop()
-        orthanc.stop()
-        scp.stop()
+        for peer in (orthanc, scp, refuser, full):
+            peer.stop()
 
 
 @dataclass(frozen=True)
@@ -135,9 +161,11 @@ def make_series(
     series: str | None = None,
     number: int = 1,
     first: int = 1,
+    example: str = "CT_small.dcm",
 ) -> Series:
-    """`count` CT instances of one series, Instance Numbers first.., new SOP Instance UIDs."""
-    source = get_testdata_file("CT_small.dcm")
+    """`count` instances of one series (copies of a pydicom example), Instance Numbers
+    first.., new SOP Instance UIDs."""
+    source = get_testdata_file(example)
     assert source is not None
     study = study or generate_uid()
     series = series or generate_uid()
@@ -324,6 +352,46 @@ def test_hold_pauses_a_group_and_release_sends_it_now(site: Site) -> None:
     assert released.returncode == 0 and released.stdout.startswith("1 groups"), released.stdout
     assert wait_until(lambda: len(received(site.scp, series.sop_uids)) == 2, timeout=20)
     assert association_of(site.scp, series.sop_uids) == series.sop_uids
+
+
+def test_a_refused_member_holds_its_group_only_with_the_reason(site: Site) -> None:
+    study = generate_uid()
+    ct = make_series(site.folder / "mixed", "MIXED CT", 2, study=study, number=1)
+    mr = make_series(
+        site.folder / "mixed", "MIXED MR", 2, study=study, number=2, example="MR_small.dcm"
+    )
+    send(site, ct.paths + mr.paths)
+    everything = ct.sop_uids + mr.sop_uids
+    # The other destination of the same route gets the whole study, in one association.
+    assert wait_until(lambda: len(received(site.scp, everything)) == 4, timeout=30)
+    assert association_of(site.scp, everything) == everything
+    assert site.node.logged(f"Study Instance UID {study} delivered to forward 'scp'")
+    assert wait_until(lambda: site.refuser.count() == 2, timeout=30)  # the CT series
+    assert site.node.logged("dead letter: SOP Instance UID", timeout=10)
+    status = queue_cli(site.config, "status").stdout
+    (line,) = [line for line in status.splitlines() if study in line and "refuser" in line]
+    assert " dispatched " in line and "a member failed: status 0x0122" in line, line
+    assert f"Study Instance UID {study} delivered to forward 'refuser'" not in site.node.log()
+
+    site.refuser.allow_mr()  # the cause is fixed; the operator sends the dead letters again
+    retried = queue_cli(site.config, "retry", "--failed", "--destination", "refuser")
+    assert retried.returncode == 0, retried.stderr
+    assert wait_until(lambda: site.refuser.count() == 4, timeout=30)
+    assert site.node.logged(f"Study Instance UID {study} delivered to forward 'refuser'")
+
+
+def test_a_peer_out_of_resources_mid_group_gets_the_group_again_whole(site: Site) -> None:
+    series = make_series(site.folder / "to-full", "FULL T1", 3)
+    send(site, series.paths)
+    assert site.node.logged("unreachable or out of resources during a group", timeout=30)
+    assert site.full.count() == 0
+    site.full.allow_mr()  # its disk has room again
+    assert wait_until(lambda: site.full.count() == 3, timeout=30)
+    assert site.node.logged(f"series {series.uid} of Study Instance UID {series.study} delivered")
+    forwarded = Counter(re.findall(r"forwarded SOP Instance UID (\S+) to 'full'", site.node.log()))
+    assert [forwarded[uid] for uid in series.sop_uids] == [1, 1, 1]
+    sent_whole = f"sending series {series.uid} (version 1, 3 instances)"
+    assert site.node.log().count(sent_whole) >= 2  # the first try, and the whole group again
 
 
 def test_kill_9_with_three_studies_waiting_then_a_restart_delivers_each_whole_once(
