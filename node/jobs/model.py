@@ -131,8 +131,9 @@ def summarise_targets(
 
 def _with_row(summary: TargetSummary, row: TargetReport) -> TargetSummary:
     changes: dict[str, Any] = {}
-    if row.state == JobState.PENDING:
-        changes.update(pending=row.count, oldest_pending=row.oldest_created_at)
+    if row.state in (JobState.PENDING, JobState.WAITING):  # waiting: in a series/study group
+        times = [t for t in (summary.oldest_pending, row.oldest_created_at) if t is not None]
+        changes.update(pending=summary.pending + row.count, oldest_pending=min(times, default=None))
     elif row.state == JobState.RUNNING:
         changes.update(running=row.count)
     elif row.state == JobState.FAILED:

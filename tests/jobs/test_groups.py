@@ -24,6 +24,7 @@ from node.jobs.model import (
     JobSpec,
     ReceivedInstance,
     group_due,
+    summarise_targets,
 )
 from tests.jobs.conftest import Queues
 
@@ -99,6 +100,9 @@ def test_grouped_jobs_wait_in_their_group_and_claim_never_takes_them(queues: Que
     )
     assert group.first_arrival_at <= group.last_arrival_at
     assert states(queues)[("forward", "ai", "waiting")] == 3
+    # `dicom-node status` and the systemd status line count them as on their way.
+    (ai,) = [t for t in summarise_targets(queues.operations.report()) if t.target == "ai"]
+    assert (ai.pending, ai.oldest_pending) == (3, group.first_arrival_at)
     assert queues.jobs.open_targets(JobKind.FORWARD) == ["ai"]
     assert queues.jobs.next_due_in(JobKind.FORWARD) is None  # not due until dispatched
 
