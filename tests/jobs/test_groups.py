@@ -8,12 +8,17 @@ when every member is, and what a restart does to a group in flight.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from node.daemon.group_timer import GroupTimer
+from node.jobs.database import Database
+from node.jobs.interface import JobQueue, QueueOperations
+from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import (
     GroupLevel,
     GroupMembership,
@@ -26,7 +31,26 @@ from node.jobs.model import (
     group_due,
     summarise_targets,
 )
-from tests.jobs.conftest import Queues
+from node.jobs.reports import SqliteQueueOperations
+
+
+@dataclass
+class Queues:
+    """A queue backend under test: the worker-facing queue and the operator's reports on
+    one store (the shape of tests/jobs/conftest.py's QueueBackend where a second backend
+    is there: these tests use only the interface), and a folder for spool files."""
+
+    queue: JobQueue
+    reports: QueueOperations
+    folder: Path
+
+
+@pytest.fixture
+def queues(tmp_path: Path) -> Iterator[Queues]:
+    database = Database(tmp_path / "data" / "queue.sqlite3")
+    yield Queues(SqliteJobQueue(database), SqliteQueueOperations(database), tmp_path)
+    database.close()
+
 
 SERIES = GroupTrigger(GroupLevel.SERIES, "mr-to-ai", stable_after=30.0, force_after=600.0)
 STUDY = GroupTrigger(GroupLevel.STUDY, "studies", stable_after=30.0)
@@ -62,24 +86,24 @@ def record(
         uid, CTImageStorage, ExplicitVRLittleEndian, "MODALITY", "NODE", spooled, 4
     )
     jobs = [replace(job, group=membership) for job in targets] + list(plain)
-    queues.jobs.record_instance(instance, jobs)
+    queues.queue.record_instance(instance, jobs)
     return uid
 
 
 def only_group(queues: Queues) -> GroupReport:
-    (group,) = queues.jobs.waiting_groups()
+    (group,) = queues.queue.waiting_groups()
     return group
 
 
 def states(queues: Queues) -> dict[tuple[str, str, str], int]:
-    return {(r.kind, r.target, r.state): r.count for r in queues.operations.report()}
+    return {(r.kind, r.target, r.state): r.count for r in queues.reports.report()}
 
 
 def test_grouped_jobs_wait_in_their_group_and_claim_never_takes_them(queues: Queues) -> None:
     for number in (1, 2, 3):
         record(queues, instance_number=number, description="T1 AX")
-    assert queues.jobs.claim(JobKind.FORWARD) == []
-    assert len(queues.jobs.claim(JobKind.STORE)) == 3  # the ungrouped jobs go as they came
+    assert queues.queue.claim(JobKind.FORWARD) == []
+    assert len(queues.queue.claim(JobKind.STORE)) == 3  # the ungrouped jobs go as they came
     group = only_group(queues)
     assert (group.kind, group.target, group.route, group.level, group.state) == (
         "forward",
@@ -101,10 +125,10 @@ def test_grouped_jobs_wait_in_their_group_and_claim_never_takes_them(queues: Que
     assert group.first_arrival_at <= group.last_arrival_at
     assert states(queues)[("forward", "ai", "waiting")] == 3
     # `dicom-node status` and the systemd status line count them as on their way.
-    (ai,) = [t for t in summarise_targets(queues.operations.report()) if t.target == "ai"]
+    (ai,) = [t for t in summarise_targets(queues.reports.report()) if t.target == "ai"]
     assert (ai.pending, ai.oldest_pending) == (3, group.first_arrival_at)
-    assert queues.jobs.open_targets(JobKind.FORWARD) == ["ai"]
-    assert queues.jobs.next_due_in(JobKind.FORWARD) is None  # not due until dispatched
+    assert queues.queue.open_targets(JobKind.FORWARD) == ["ai"]
+    assert queues.queue.next_due_in(JobKind.FORWARD) is None  # not due until dispatched
 
 
 def test_a_dispatched_study_is_claimed_whole_in_series_then_instance_order(
@@ -124,9 +148,9 @@ def test_a_dispatched_study_is_claimed_whole_in_series_then_instance_order(
     }
     group = only_group(queues)
     assert (group.level, group.series_instance_uid, group.members) == ("study", "", 6)
-    assert queues.jobs.claim_group(JobKind.FORWARD, "ai") is None  # not dispatched yet
-    assert queues.jobs.dispatch_group(group.id, "stable for 30 s", if_members=6)
-    claim = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    assert queues.queue.claim_group(JobKind.FORWARD, "ai") is None  # not dispatched yet
+    assert queues.queue.dispatch_group(group.id, "stable for 30 s", if_members=6)
+    claim = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert claim is not None
     assert [uids[job.instance.sop_instance_uid] for job in claim.jobs] == [
         ("1.2.3.10", 1, 1),
@@ -142,37 +166,37 @@ def test_a_dispatched_study_is_claimed_whole_in_series_then_instance_order(
         "stable for 30 s",
         "dispatched",
     )
-    assert queues.jobs.claim_group(JobKind.FORWARD, "ai") is None  # all taken
-    assert queues.jobs.claim(JobKind.FORWARD) == []
-    assert queues.jobs.waiting_groups() == []
+    assert queues.queue.claim_group(JobKind.FORWARD, "ai") is None  # all taken
+    assert queues.queue.claim(JobKind.FORWARD) == []
+    assert queues.queue.waiting_groups() == []
 
 
 def test_a_group_that_grew_since_it_was_seen_is_not_dispatched_as_stable(queues: Queues) -> None:
     record(queues)
     seen = only_group(queues)
     record(queues, instance_number=2)  # arrives between the timer's read and its dispatch
-    assert not queues.jobs.dispatch_group(seen.id, "stable", if_members=seen.members)
+    assert not queues.queue.dispatch_group(seen.id, "stable", if_members=seen.members)
     assert only_group(queues).state == "waiting"
-    assert queues.jobs.dispatch_group(seen.id, "forced", if_members=None)
-    assert not queues.jobs.dispatch_group(seen.id, "again")  # dispatched once only
-    assert queues.jobs.waiting_groups() == []
+    assert queues.queue.dispatch_group(seen.id, "forced", if_members=None)
+    assert not queues.queue.dispatch_group(seen.id, "again")  # dispatched once only
+    assert queues.queue.waiting_groups() == []
 
 
 def test_a_late_arrival_starts_the_next_version_and_is_counted(queues: Queues) -> None:
     first = {record(queues, instance_number=n) for n in (1, 2)}
-    assert queues.operations.group_totals().late_arrivals == 0
+    assert queues.reports.group_totals().late_arrivals == 0
     group = only_group(queues)
-    assert queues.jobs.dispatch_group(group.id, "stable")
+    assert queues.queue.dispatch_group(group.id, "stable")
     late = record(queues, instance_number=3)
     follow_up = only_group(queues)
     assert (follow_up.version, follow_up.members, follow_up.state) == (2, 1, "waiting")
     assert follow_up.id != group.id
-    assert queues.operations.group_totals().late_arrivals == 1
+    assert queues.reports.group_totals().late_arrivals == 1
     record(queues, instance_number=4)
     assert only_group(queues).members == 2
-    assert queues.operations.group_totals().late_arrivals == 2
+    assert queues.reports.group_totals().late_arrivals == 2
     # The dispatched version is sent as it was: nothing late is added to it, nothing resent.
-    claim = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    claim = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert claim is not None
     assert {job.instance.sop_instance_uid for job in claim.jobs} == first
     assert late not in first
@@ -184,40 +208,40 @@ def test_a_group_is_delivered_only_when_every_member_is_and_a_failure_holds_only
     for number in (1, 2, 3):
         record(queues, instance_number=number, targets=(JobSpec(JobKind.FORWARD, "ai"),))
     record(queues, series="1.2.3.99", targets=(JobSpec(JobKind.FORWARD, "pacs"),))
-    for group in queues.jobs.waiting_groups():
-        assert queues.jobs.dispatch_group(group.id, "stable")
-    ai = queues.jobs.claim_group(JobKind.FORWARD, "ai")
-    pacs = queues.jobs.claim_group(JobKind.FORWARD, "pacs")
+    for group in queues.queue.waiting_groups():
+        assert queues.queue.dispatch_group(group.id, "stable")
+    ai = queues.queue.claim_group(JobKind.FORWARD, "ai")
+    pacs = queues.queue.claim_group(JobKind.FORWARD, "pacs")
     assert ai is not None and pacs is not None
-    queues.jobs.complete_many([(job, "success") for job in ai.jobs[:2]])
-    queues.jobs.dead_letter(ai.jobs[2], "status 0xA900 (data set does not match SOP class)")
-    queues.jobs.complete_many([(job, "success") for job in pacs.jobs])
-    settled = queues.jobs.settle_groups()
+    queues.queue.complete_many([(job, "success") for job in ai.jobs[:2]])
+    queues.queue.dead_letter(ai.jobs[2], "status 0xA900 (data set does not match SOP class)")
+    queues.queue.complete_many([(job, "success") for job in pacs.jobs])
+    settled = queues.queue.settle_groups()
     assert [(g.target, g.state, g.members) for g in settled] == [("pacs", "delivered", 1)]
-    (held,) = queues.operations.dispatched_groups()
+    (held,) = queues.reports.dispatched_groups()
     assert held.target == "ai"
     assert held.reason == "a member failed: status 0xA900 (data set does not match SOP class)"
-    assert queues.jobs.settle_groups() == []
+    assert queues.queue.settle_groups() == []
     # The operator fixes the cause: the member goes again on its own, and the group is done.
-    assert queues.operations.retry(JobKind.FORWARD, "ai", failed=True) == 1
-    (again,) = queues.jobs.claim(JobKind.FORWARD, target="ai")
+    assert queues.reports.retry(JobKind.FORWARD, "ai", failed=True) == 1
+    (again,) = queues.queue.claim(JobKind.FORWARD, target="ai")
     assert again.id == ai.jobs[2].id
-    queues.jobs.complete(again, "success")
-    (delivered,) = queues.jobs.settle_groups()
+    queues.queue.complete(again, "success")
+    (delivered,) = queues.queue.settle_groups()
     assert (delivered.id, delivered.state, delivered.members) == (held.id, "delivered", 3)
-    assert queues.operations.dispatched_groups() == []
+    assert queues.reports.dispatched_groups() == []
 
 
 def test_after_a_restart_a_group_in_flight_is_sent_as_a_group_again(queues: Queues) -> None:
     for number in (1, 2, 3):
         record(queues, instance_number=number)
-    assert queues.jobs.dispatch_group(only_group(queues).id, "stable")
-    claim = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    assert queues.queue.dispatch_group(only_group(queues).id, "stable")
+    claim = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert claim is not None
-    queues.jobs.complete(claim.jobs[0], "success")  # delivered before the crash
-    assert queues.jobs.requeue_running() == 0  # the other two are the group's again
-    assert queues.jobs.claim(JobKind.FORWARD) == []
-    again = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    queues.queue.complete(claim.jobs[0], "success")  # delivered before the crash
+    assert queues.queue.requeue_running() == 0  # the other two are the group's again
+    assert queues.queue.claim(JobKind.FORWARD) == []
+    again = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert again is not None
     assert [job.id for job in again.jobs] == [job.id for job in claim.jobs[1:]]
     assert [job.attempts for job in again.jobs] == [2, 2]
@@ -226,15 +250,15 @@ def test_after_a_restart_a_group_in_flight_is_sent_as_a_group_again(queues: Queu
 def test_a_broken_association_gives_the_rest_back_to_the_group(queues: Queues) -> None:
     for number in (1, 2, 3):
         record(queues, instance_number=number)
-    assert queues.jobs.dispatch_group(only_group(queues).id, "stable")
-    claim = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    assert queues.queue.dispatch_group(only_group(queues).id, "stable")
+    claim = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert claim is not None
-    queues.jobs.return_to_group(claim.jobs, "association aborted by the peer")
-    again = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    queues.queue.return_to_group(claim.jobs, "association aborted by the peer")
+    again = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert again is not None
     assert [job.attempts for job in again.jobs] == [2, 1, 1]  # only the first was tried
-    queues.jobs.return_to_group(again.jobs)  # stopping: none tried
-    last = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    queues.queue.return_to_group(again.jobs)  # stopping: none tried
+    last = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert last is not None and [job.attempts for job in last.jobs] == [2, 1, 1]
 
 
@@ -242,28 +266,28 @@ def test_a_storage_group_makes_its_store_jobs_due_together(queues: Queues) -> No
     archive = (JobSpec(JobKind.STORE, "archive"),)
     for number in (1, 2):
         record(queues, instance_number=number, targets=archive, plain=())
-    assert queues.jobs.claim(JobKind.STORE) == []
-    assert queues.jobs.dispatch_group(only_group(queues).id, "stable")
-    stored = queues.jobs.claim(JobKind.STORE)
+    assert queues.queue.claim(JobKind.STORE) == []
+    assert queues.queue.dispatch_group(only_group(queues).id, "stable")
+    stored = queues.queue.claim(JobKind.STORE)
     assert len(stored) == 2
-    queues.jobs.complete_stored(stored[0], queues.folder / "a.dcm", ExplicitVRLittleEndian)
-    assert queues.jobs.settle_groups() == []
-    queues.jobs.complete_stored(stored[1], queues.folder / "b.dcm", ExplicitVRLittleEndian)
-    assert [g.state for g in queues.jobs.settle_groups()] == ["delivered"]
+    queues.queue.complete_stored(stored[0], queues.folder / "a.dcm", ExplicitVRLittleEndian)
+    assert queues.queue.settle_groups() == []
+    queues.queue.complete_stored(stored[1], queues.folder / "b.dcm", ExplicitVRLittleEndian)
+    assert [g.state for g in queues.queue.settle_groups()] == ["delivered"]
 
 
 def test_hold_keeps_a_group_from_its_timer_until_release(queues: Queues) -> None:
     record(queues, series="1.2.3.1")
     record(queues, series="1.2.3.2")
-    assert queues.operations.hold_groups(series="1.2.3.1") == 1
-    held = {g.series_instance_uid: g for g in queues.jobs.waiting_groups()}
+    assert queues.reports.hold_groups(series="1.2.3.1") == 1
+    held = {g.series_instance_uid: g for g in queues.queue.waiting_groups()}
     assert held["1.2.3.1"].state == "held" and held["1.2.3.2"].state == "waiting"
     assert group_due(held["1.2.3.1"]) == (None, "")
-    assert queues.operations.hold_groups(series="1.2.3.1") == 0  # already held
-    assert queues.operations.release_groups(study=STUDY_UID, target="other") == 0
-    assert queues.operations.release_groups(study=STUDY_UID) == 2
-    assert queues.jobs.waiting_groups() == []
-    claim = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    assert queues.reports.hold_groups(series="1.2.3.1") == 0  # already held
+    assert queues.reports.release_groups(study=STUDY_UID, target="other") == 0
+    assert queues.reports.release_groups(study=STUDY_UID) == 2
+    assert queues.queue.waiting_groups() == []
+    claim = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert claim is not None and claim.group.reason == "released by an operator"
 
 
@@ -277,8 +301,8 @@ def test_the_timer_dispatches_from_the_recorded_last_arrival(queues: Queues) -> 
     assert only_group(queues).state == "waiting" and woken == []
     assert 0 < pause <= 0.5
     timer.tick(now=stable_at + 0.01)
-    assert queues.jobs.waiting_groups() == [] and woken == [1]
-    claim = queues.jobs.claim_group(JobKind.FORWARD, "ai")
+    assert queues.queue.waiting_groups() == [] and woken == [1]
+    claim = queues.queue.claim_group(JobKind.FORWARD, "ai")
     assert claim is not None and claim.group.reason == "stable for 30 s"
 
 
