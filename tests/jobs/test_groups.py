@@ -293,7 +293,7 @@ def test_hold_keeps_a_group_from_its_timer_until_release(queues: Queues) -> None
 
 def test_the_timer_dispatches_from_the_recorded_last_arrival(queues: Queues) -> None:
     woken: list[int] = []
-    timer = GroupTimer(queues.jobs, lambda: woken.append(1))
+    timer = GroupTimer(queues.queue, lambda: woken.append(1))
     record(queues)
     group = only_group(queues)
     stable_at = group.last_arrival_at + group.stable_after
