@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node.jobs.model import (
     GroupClaim,
@@ -115,27 +115,27 @@ _OPEN_MEMBER = """
 """
 
 
-def _group_from_row(row: Sequence[object], descriptions: tuple[str, ...] = ()) -> GroupReport:
+def _group_from_row(row: Any, descriptions: tuple[str, ...] = ()) -> GroupReport:
     required = tuple(json.loads(str(row[15]))) if row[15] else ()
     return GroupReport(
-        id=int(row[0]),  # type: ignore[call-overload]
+        id=int(row[0]),
         kind=str(row[1]),
         target=str(row[2]),
         route=str(row[3]),
         level=str(row[4]),
         study_instance_uid=str(row[5]),
         series_instance_uid=str(row[6]),
-        version=int(row[7]),  # type: ignore[call-overload]
+        version=int(row[7]),
         state=str(row[8]),
-        members=int(row[9]),  # type: ignore[call-overload]
-        first_arrival_at=float(row[10]),  # type: ignore[arg-type]
-        last_arrival_at=float(row[11]),  # type: ignore[arg-type]
-        stable_after=float(row[12]),  # type: ignore[arg-type]
-        force_after=float(row[13]),  # type: ignore[arg-type]
-        expected_instances=int(row[14]),  # type: ignore[call-overload]
+        members=int(row[9]),
+        first_arrival_at=float(row[10]),
+        last_arrival_at=float(row[11]),
+        stable_after=float(row[12]),
+        force_after=float(row[13]),
+        expected_instances=int(row[14]),
         required_series=required,
         series_descriptions=descriptions,
-        dispatched_at=None if row[16] is None else float(row[16]),  # type: ignore[arg-type]
+        dispatched_at=None if row[16] is None else float(row[16]),
         reason=str(row[17] or ""),
     )
 
@@ -491,7 +491,7 @@ class SqliteGroups:
             )
 
 
-def _settle(db: sqlite3.Connection, row: Sequence[object], now: float) -> GroupReport:
+def _settle(db: sqlite3.Connection, row: Any, now: float) -> GroupReport:
     """Mark a group whose members are all done (or purged) delivered; forget its members."""
     group = _group_from_row(row)
     (purged,) = db.execute(
