@@ -91,6 +91,15 @@ ROUTES = [
         "stable_after": 2,
     },
     {
+        "name": "counted",
+        "match": {"SeriesDescription": "COUNTED*"},
+        "destinations": ["scp"],
+        "trigger": "series",
+        "stable_after": 60,
+        "force_after": 120,
+        "expected_instances_from": "NumberOfSeriesRelatedInstances",
+    },
+    {
         "name": "studies",
         "match": {"SeriesDescription": "KILL*"},
         "destinations": ["pacs"],
@@ -162,6 +171,7 @@ def make_series(
     number: int = 1,
     first: int = 1,
     example: str = "CT_small.dcm",
+    announced: int | None = None,
 ) -> Series:
     """`count` instances of one series (copies of a pydicom example), Instance Numbers
     first.., new SOP Instance UIDs."""
@@ -178,6 +188,8 @@ def make_series(
         ds.file_meta.MediaStorageSOPInstanceUID = uid
         ds.SeriesNumber, ds.InstanceNumber = number, instance_number
         ds.SeriesDescription = description
+        if announced is not None:
+            ds.NumberOfSeriesRelatedInstances = announced
         path = folder / f"{description.replace(' ', '_')}-{number}-{instance_number}.dcm"
         ds.save_as(path)
         paths.append(path)
@@ -335,6 +347,18 @@ def test_force_after_sends_a_series_that_never_goes_quiet(site: Site) -> None:
     rest = series.sop_uids[len(forced) :]
     assert association_of(site.scp, rest) == rest  # the rest: version 2, on its stable timer
     assert site.node.logged("forced after 5 s")
+
+
+def test_a_series_whose_instances_are_all_there_goes_without_the_quiet_period(
+    site: Site,
+) -> None:
+    series = make_series(site.folder / "counted", "COUNTED T1", 3, announced=3)
+    send(site, series.paths[:2])
+    send(site, series.paths[2:])
+    # stable_after is 60 s: the modality's count (3 of 3) sends it at once.
+    assert wait_until(lambda: len(received(site.scp, series.sop_uids)) == 3, timeout=20)
+    assert association_of(site.scp, series.sop_uids) == series.sop_uids
+    assert site.node.logged("complete: 3 of 3 instances")
 
 
 def test_hold_pauses_a_group_and_release_sends_it_now(site: Site) -> None:
