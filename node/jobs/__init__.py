@@ -9,8 +9,12 @@
 - reports: operations and the one job report behind `queue status`, `status`
   and the metrics;
 - retry: the one retry schedule of store and forward jobs;
-- postgres, postgres_schema, postgres_reports: the same on PostgreSQL, shared by the
-  nodes of a cluster (pool, SKIP LOCKED claims, leases, versioned migrations);
+- groups: series and study groups (membership recorded with the instance,
+  dispatch, group claims, late arrivals as new versions);
+- rows: the job row as the SELECTs read it;
+- postgres, postgres_schema, postgres_reports, postgres_groups: the same on
+  PostgreSQL, shared by the nodes of a cluster (pool, SKIP LOCKED claims, leases,
+  versioned migrations);
 - backends: which backend a node opens ([queue] backend).
 
 May import: nothing else of the node's.
