@@ -36,7 +36,15 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from node.jobs.model import Job, JobKind, JobSpec, ReceivedInstance
+from node.jobs.model import (
+    GroupClaim,
+    GroupReport,
+    Job,
+    JobKind,
+    JobSpec,
+    ReceivedInstance,
+)
+from node.jobs.postgres_groups import PostgresGroups, join_groups, requeue_group_members
 from node.jobs.postgres_schema import MIGRATIONS_TABLE, all_migrations
 
 log = logging.getLogger("node.jobs.postgres")
@@ -282,6 +290,7 @@ class PostgresJobQueue:
     def __init__(self, database: PostgresDatabase) -> None:
         self.database = database
         self.node = database.node
+        self.groups = PostgresGroups(database)
 
     @classmethod
     def open(cls, settings: PostgresSettings, *, claims: bool = True) -> PostgresJobQueue:
@@ -299,24 +308,43 @@ class PostgresJobQueue:
     # Intake.
 
     def record_instance(self, instance: ReceivedInstance, jobs: Sequence[JobSpec]) -> int:
-        """Record a spooled instance and its jobs in one durable commit; return the instance id."""
-        rows = self.database.execute(
-            RECORD_SQL,
-            {  # type: ignore[arg-type]
-                "uid": instance.sop_instance_uid,
-                "class": instance.sop_class_uid,
-                "syntax": instance.transfer_syntax,
-                "calling": instance.calling_ae_title,
-                "called": instance.called_ae_title,
-                "spool": str(instance.spool_path),
-                "size": instance.size,
-                "now": time.time(),
-                "node": self.node,
-                "kinds": [str(job.kind) for job in jobs],
-                "targets": [job.target for job in jobs],
-            },
-        )
-        return int(rows[0][0])
+        """Record a spooled instance and its jobs in one durable commit; return the instance id.
+
+        One statement; with jobs of a series or study group, one transaction that also
+        records their membership."""
+        now = time.time()
+        plain = [job for job in jobs if job.group is None]
+        grouped = [job for job in jobs if job.group is not None]
+        params = self._record_params(instance, plain, now)
+        if not grouped:
+            return int(self.database.execute(RECORD_SQL, params)[0][0])  # type: ignore[arg-type]
+
+        def work(connection: psycopg.Connection[Any]) -> int:
+            row = connection.execute(RECORD_SQL, params).fetchone()  # type: ignore[arg-type]
+            assert row is not None
+            join_groups(
+                connection, self.database, int(row[0]), grouped, instance.sop_instance_uid, now
+            )
+            return int(row[0])
+
+        return self.database.in_transaction(work, statements=1)
+
+    def _record_params(
+        self, instance: ReceivedInstance, jobs: Sequence[JobSpec], now: float
+    ) -> dict[str, Any]:
+        return {
+            "uid": instance.sop_instance_uid,
+            "class": instance.sop_class_uid,
+            "syntax": instance.transfer_syntax,
+            "calling": instance.calling_ae_title,
+            "called": instance.called_ae_title,
+            "spool": str(instance.spool_path),
+            "size": instance.size,
+            "now": now,
+            "node": self.node,
+            "kinds": [str(job.kind) for job in jobs],
+            "targets": [job.target for job in jobs],
+        }
 
     def spool_paths(self) -> set[Path]:
         """The spool files of every instance this node recorded (its spool holds them)."""
@@ -328,12 +356,21 @@ class PostgresJobQueue:
     # The job lifecycle.
 
     def requeue_running(self) -> int:
-        """After a crash or restart, this node's jobs that were in flight are pending again."""
-        return self.database.rowcount(
-            "UPDATE jobs SET state = 'pending', claimed_by = NULL, lease_until = NULL,"
-            " updated_at = %s WHERE state = 'running' AND claimed_by = %s",
-            (time.time(), self.node),
-        )
+        """After a crash or restart, this node's jobs that were in flight are pending again
+        (members of a dispatched group: WAITING for their group's claim again)."""
+
+        def work(connection: psycopg.Connection[Any]) -> int:
+            now = time.time()
+            requeue_group_members(connection, self.node, now)
+            return int(
+                connection.execute(
+                    "UPDATE jobs SET state = 'pending', claimed_by = NULL, lease_until = NULL,"
+                    " updated_at = %s WHERE state = 'running' AND claimed_by = %s",
+                    (now, self.node),
+                ).rowcount
+            )
+
+        return self.database.in_transaction(work, statements=2)
 
     def claim(self, kind: JobKind, *, target: str | None = None, limit: int = 16) -> list[Job]:
         """Mark up to `limit` due jobs as running (leased to this node) and return them."""
@@ -434,7 +471,8 @@ class PostgresJobQueue:
         """Targets of this kind with pending or running jobs this node may run (during a
         rolling config change another node may still have a target this one lacks)."""
         rows = self.database.execute(
-            "SELECT DISTINCT target FROM jobs WHERE kind = %s AND state IN ('pending', 'running')"
+            "SELECT DISTINCT target FROM jobs WHERE kind = %s"
+            " AND state IN ('pending', 'running', 'waiting')"
             " AND (%s::text IS NULL OR node = %s)",
             (str(kind), self._owner, self._owner),
         )
@@ -445,7 +483,7 @@ class PostgresJobQueue:
         return self.database.rowcount(
             "UPDATE jobs SET state = 'failed', last_error = %s, updated_at = %s,"
             " claimed_by = NULL, lease_until = NULL"
-            " WHERE kind = %s AND target = %s AND state IN ('pending', 'running')"
+            " WHERE kind = %s AND target = %s AND state IN ('pending', 'running', 'waiting')"
             " AND (%s::text IS NULL OR node = %s)",
             (error, time.time(), str(kind), target, self._owner, self._owner),
         )
@@ -473,6 +511,23 @@ class PostgresJobQueue:
         )
         return bool(rows)
 
+    # Series and study groups (node.jobs.postgres_groups), shared by the cluster.
+
+    def waiting_groups(self) -> list[GroupReport]:
+        return self.groups.waiting_groups()
+
+    def dispatch_group(self, group_id: int, reason: str, *, if_members: int | None = None) -> bool:
+        return self.groups.dispatch_group(group_id, reason, if_members=if_members)
+
+    def claim_group(self, kind: JobKind, target: str) -> GroupClaim | None:
+        return self.groups.claim_group(kind, target)
+
+    def return_to_group(self, jobs: Sequence[Job], error: str | None = None) -> None:
+        self.groups.return_to_group(jobs, error)
+
+    def settle_groups(self) -> list[GroupReport]:
+        return self.groups.settle_groups()
+
     # The stored index, shared by the cluster.
 
     def stored_path(self, storage: str, sop_instance_uid: str) -> Path | None:
@@ -488,7 +543,7 @@ class PostgresJobQueue:
             "SELECT 1 FROM stored WHERE storage = %s AND sop_instance_uid = %s"
             " UNION ALL SELECT 1 FROM jobs JOIN instances ON instances.id = jobs.instance_id"
             " WHERE jobs.kind = 'store' AND jobs.target = %s AND jobs.state IN"
-            " ('pending', 'running') AND instances.sop_instance_uid = %s LIMIT 1",
+            " ('pending', 'running', 'waiting') AND instances.sop_instance_uid = %s LIMIT 1",
             (storage, sop_instance_uid, storage, sop_instance_uid),
         )
         return bool(rows)

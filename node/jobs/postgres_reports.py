@@ -20,8 +20,17 @@ from typing import Any
 
 import psycopg
 
-from node.jobs.model import Failure, JobKind, JobState, SpoolSummary, TargetReport
+from node.jobs.model import (
+    Failure,
+    GroupReport,
+    GroupTotals,
+    JobKind,
+    JobState,
+    SpoolSummary,
+    TargetReport,
+)
 from node.jobs.postgres import PostgresDatabase, PostgresSettings
+from node.jobs.postgres_groups import PostgresGroups
 
 # Newest error per (kind, target, state): DISTINCT ON keeps the row with the latest update.
 REPORT_SQL = """
@@ -75,6 +84,7 @@ class PostgresQueueOperations:
 
     def __init__(self, database: PostgresDatabase) -> None:
         self.database = database
+        self.groups = PostgresGroups(database)
 
     @classmethod
     def open(cls, settings: PostgresSettings) -> PostgresQueueOperations:
@@ -125,6 +135,27 @@ class PostgresQueueOperations:
             NodeReport(row[0], float(row[1]), int(row[2]), int(row[3]))
             for row in self.database.execute(NODES_SQL)
         ]
+
+    # Series and study groups, the cluster's (node.jobs.postgres_groups).
+
+    def waiting_groups(self) -> list[GroupReport]:
+        return self.groups.waiting_groups()
+
+    def dispatched_groups(self) -> list[GroupReport]:
+        return self.groups.dispatched_groups()
+
+    def group_totals(self) -> GroupTotals:
+        return self.groups.group_totals()
+
+    def release_groups(
+        self, *, study: str | None = None, series: str | None = None, target: str | None = None
+    ) -> int:
+        return self.groups.release_groups(study=study, series=series, target=target)
+
+    def hold_groups(
+        self, *, study: str | None = None, series: str | None = None, target: str | None = None
+    ) -> int:
+        return self.groups.hold_groups(study=study, series=series, target=target)
 
     # Operations.
 

@@ -125,9 +125,103 @@ BEGIN
 END $$;
 """
 
+# Series and study groups (node.jobs.groups' tables, node.jobs.postgres_groups' rules).
+GROUPS = """
+CREATE TABLE job_groups (
+    id BIGSERIAL PRIMARY KEY,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    level TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    route TEXT NOT NULL,
+    state TEXT NOT NULL,
+    members INTEGER NOT NULL,
+    stable_after DOUBLE PRECISION NOT NULL,
+    force_after DOUBLE PRECISION NOT NULL,
+    expected_instances INTEGER NOT NULL,
+    required_series TEXT NOT NULL,
+    first_arrival_at DOUBLE PRECISION NOT NULL,
+    last_arrival_at DOUBLE PRECISION NOT NULL,
+    dispatched_at DOUBLE PRECISION,
+    delivered_at DOUBLE PRECISION,
+    reason TEXT NOT NULL,
+    UNIQUE (kind, target, level, study_instance_uid, series_instance_uid, version)
+);
+CREATE INDEX job_groups_by_state ON job_groups (state, kind, target);
+CREATE TABLE job_group_members (
+    group_id BIGINT NOT NULL REFERENCES job_groups (id),
+    job_id BIGINT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    series_number BIGINT,
+    instance_number BIGINT,
+    series_description TEXT NOT NULL,
+    arrived_at DOUBLE PRECISION NOT NULL,
+    done_at DOUBLE PRECISION,
+    PRIMARY KEY (group_id, job_id)
+);
+CREATE INDEX job_group_members_by_job ON job_group_members (job_id);
+CREATE TABLE job_group_totals (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+-- Both counters exist from the start: two nodes' first increments never race to insert.
+INSERT INTO job_group_totals (name, value) VALUES ('late_arrivals', 0), ('dispatched', 0);
+-- node.jobs.groups inserts grouped jobs without a node: the recording transaction sets it.
+ALTER TABLE jobs ALTER COLUMN node SET DEFAULT current_setting('dicom_node.node');
+
+CREATE OR REPLACE FUNCTION dn_complete_job(p_job BIGINT, p_result TEXT, p_now DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    v_instance BIGINT;
+    v_open INTEGER;
+BEGIN
+    SELECT instance_id INTO v_instance FROM jobs WHERE id = p_job;
+    IF v_instance IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM instances WHERE id = v_instance FOR UPDATE;
+    UPDATE jobs SET state = 'done', result = p_result, last_error = NULL, updated_at = p_now,
+        claimed_by = NULL, lease_until = NULL
+    WHERE id = p_job;
+    UPDATE job_group_members SET done_at = p_now WHERE job_id = p_job AND done_at IS NULL;
+    SELECT COUNT(*) INTO v_open FROM jobs WHERE instance_id = v_instance AND state <> 'done';
+    IF v_open = 0 THEN
+        DELETE FROM instances WHERE id = v_instance;
+    END IF;
+    RETURN v_open;
+END $$;
+
+-- An expired lease on a member of a dispatched group makes it WAITING again: its group is
+-- claimed (and sent) as a group again. Other expired jobs are pending again.
+CREATE OR REPLACE FUNCTION dn_heartbeat(p_node TEXT, p_now DOUBLE PRECISION, p_lease DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    v_grouped INTEGER;
+    v_expired INTEGER;
+BEGIN
+    INSERT INTO nodes (name, started_at, heartbeat_at) VALUES (p_node, p_now, p_now)
+    ON CONFLICT (name) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at;
+    UPDATE jobs SET lease_until = p_now + p_lease
+    WHERE claimed_by = p_node AND state = 'running';
+    UPDATE jobs SET state = 'waiting', claimed_by = NULL, lease_until = NULL, updated_at = p_now
+    WHERE state = 'running' AND lease_until < p_now AND id IN (
+        SELECT m.job_id FROM job_group_members m JOIN job_groups g ON g.id = m.group_id
+        WHERE g.state = 'dispatched' AND g.kind = 'forward' AND m.done_at IS NULL);
+    GET DIAGNOSTICS v_grouped = ROW_COUNT;
+    UPDATE jobs SET state = 'pending', claimed_by = NULL, lease_until = NULL, updated_at = p_now
+    WHERE state = 'running' AND lease_until < p_now;
+    GET DIAGNOSTICS v_expired = ROW_COUNT;
+    RETURN v_grouped + v_expired;
+END $$;
+"""
+
 # (id, what it does, SQL). Append only; never edit a released one.
 MIGRATIONS: list[tuple[str, str, str]] = [
     ("0001-core", "instances, jobs, the stored index, nodes, completion functions", CORE),
+    ("0002-groups", "series and study groups; completion and heartbeat know them", GROUPS),
 ]
 
 # Features that need tables of their own append (id, description, SQL) here, as they add

@@ -8,7 +8,6 @@ when every member is, and what a restart does to a group in flight.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from node.daemon.group_timer import GroupTimer
-from node.jobs.database import Database
 from node.jobs.interface import JobQueue, QueueOperations
-from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import (
     GroupLevel,
     GroupMembership,
@@ -31,7 +28,7 @@ from node.jobs.model import (
     group_due,
     summarise_targets,
 )
-from node.jobs.reports import SqliteQueueOperations
+from tests.jobs.conftest import QueueBackend
 
 
 @dataclass
@@ -46,10 +43,9 @@ class Queues:
 
 
 @pytest.fixture
-def queues(tmp_path: Path) -> Iterator[Queues]:
-    database = Database(tmp_path / "data" / "queue.sqlite3")
-    yield Queues(SqliteJobQueue(database), SqliteQueueOperations(database), tmp_path)
-    database.close()
+def queues(queue_backend: QueueBackend, tmp_path: Path) -> Queues:
+    """Both backends (tests/jobs/conftest.py: SQLite, then PostgreSQL)."""
+    return Queues(queue_backend.queue, queue_backend.reports, tmp_path)
 
 
 SERIES = GroupTrigger(GroupLevel.SERIES, "mr-to-ai", stable_after=30.0, force_after=600.0)
