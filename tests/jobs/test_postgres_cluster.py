@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from node.jobs.backends import QueueSettings, open_queue
-from node.jobs.model import JobKind, JobSpec
+from node.jobs.interface import JobQueue
+from node.jobs.model import GroupMembership, JobKind, JobSpec, ReceivedInstance
 from node.jobs.postgres import PostgresDatabase, PostgresSettings, UnsafeServer
 from node.jobs.postgres_reports import PostgresQueueOperations
 from node.jobs.postgres_schema import all_migrations
 from tests.jobs.conftest import QueueBackend
+from tests.jobs.test_groups import STUDY
 from tests.jobs.test_queue_contract import ARCHIVE, PACS, record
 
 ON_POSTGRES = pytest.mark.parametrize("queue_backend", ["postgresql"], indirect=True)
@@ -190,3 +194,93 @@ def test_a_server_that_would_lose_acknowledged_commits_is_refused(
         open_queue(settings)
     with psycopg.connect(postgres_dsn) as connection:  # nothing was created on such a server
         assert connection.execute("SELECT to_regclass('jobs')").fetchone() == (None,)
+
+
+def record_study_member(queue: JobQueue, folder: Path, study: str, number: int) -> None:
+    uid = f"{study}.{number}.{uuid.uuid4().int % 10**12}"
+    spooled = folder / f"{uid}.dcm"
+    spooled.write_bytes(b"dicm")
+    membership = GroupMembership(
+        trigger=STUDY,
+        study_instance_uid=study,
+        series_instance_uid="",
+        member_series_uid=f"{study}.1",
+        series_number=1,
+        instance_number=number,
+    )
+    instance = ReceivedInstance(uid, CTImageStorage, ExplicitVRLittleEndian, "CT", "N", spooled, 4)
+    queue.record_instance(instance, [JobSpec(JobKind.FORWARD, "ai", group=membership)])
+
+
+@ON_POSTGRES
+def test_a_study_arriving_on_two_nodes_at_once_joins_one_group(
+    queue_backend: QueueBackend, tmp_path: Path
+) -> None:
+    """Without the lock on the group's key both nodes would start version 1 of a new study
+    at once (and one would fail on the unique key and refuse its instance)."""
+    other = queue_backend.another_node("node-b")
+    queues = [queue_backend.queue, other.queue]
+    studies = [f"1.2.826.0.1.3680043.10.77.{n}" for n in range(25)]
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def send(index: int) -> None:
+        for study in studies:  # each study's first instance on both nodes at the same moment
+            start.wait()
+            try:
+                for number in range(2):
+                    record_study_member(queues[index], tmp_path, study, 2 * number + index)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    found = queue_backend.queue.waiting_groups()
+    assert sorted((g.study_instance_uid, g.version, g.members) for g in found) == [
+        (study, 1, 4) for study in sorted(studies)
+    ]
+    group = found[0]
+    assert queue_backend.queue.dispatch_group(group.id, "stable")
+    # Each node claims the members its own spool holds, and only those.
+    for queue, name in ((queue_backend.queue, "node-a"), (other.queue, "node-b")):
+        claim = queue.claim_group(JobKind.FORWARD, "ai")
+        assert claim is not None and len(claim.jobs) == 2
+        owners = queue_backend.rows(
+            "SELECT DISTINCT node FROM jobs WHERE id IN ("
+            + ", ".join(str(job.id) for job in claim.jobs)
+            + ")"
+        )
+        assert owners == [(name,)]
+        assert queue.claim_group(JobKind.FORWARD, "ai") is None
+
+
+@ON_POSTGRES
+def test_a_dead_nodes_group_members_wait_for_their_group_again(
+    queue_backend: QueueBackend, tmp_path: Path
+) -> None:
+    dying = queue_backend.another_node("node-dead", lease=1.0, shared_spool=True)
+    study = "1.2.826.0.1.3680043.10.78"
+    for number in range(3):
+        record_study_member(dying.queue, tmp_path, study, number)
+    (group,) = dying.queue.waiting_groups()
+    assert dying.queue.dispatch_group(group.id, "stable")
+    claim = dying.queue.claim_group(JobKind.FORWARD, "ai")
+    assert claim is not None and len(claim.jobs) == 3
+    database = dying.queue.database  # type: ignore[attr-defined]
+    database._stopping.set()  # SIGKILL: its heartbeat stops
+    database._heartbeat.join(5)
+    survivor = queue_backend.another_node("node-b", lease=1.0, shared_spool=True)
+    assert survivor.queue.claim_group(JobKind.FORWARD, "ai") is None
+    deadline = time.monotonic() + 20
+    taken = None
+    while taken is None and time.monotonic() < deadline:
+        survivor.queue.database.heartbeat()  # type: ignore[attr-defined]
+        taken = survivor.queue.claim_group(JobKind.FORWARD, "ai")
+        time.sleep(0.2)
+    assert taken is not None, "the dead node's group members never came back"
+    assert [job.id for job in taken.jobs] == [job.id for job in claim.jobs]
+    assert survivor.queue.claim(JobKind.FORWARD) == [], "a group member went out on its own"
