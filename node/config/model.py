@@ -133,6 +133,42 @@ def _write_match(match: tuple[tuple[str, str], ...]) -> str:
     return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in match) + " }"
 
 
+def _read_coerce_set(
+    table: Table, key: str, default: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """A table of DICOM keyword = value template, each checked as coercion will use it."""
+    from node.shape.coerce import CoercionError, parse_assignment
+
+    assignments = table.table(key)
+    for name, value in assignments.data.items():
+        if not isinstance(value, str):
+            raise assignments.error(name, f"must be a template string, got {value!r}")
+        try:
+            parse_assignment(name, value)
+        except CoercionError as exc:
+            raise assignments.error(name, str(exc)) from None
+    return tuple(assignments.data.items())
+
+
+def _check_selectors(table: Table, key: str, names: tuple[str, ...]) -> None:
+    from node.shape.selectors import SelectorError, parse_selector
+
+    for name in names:
+        try:
+            parse_selector(name)
+        except SelectorError as exc:
+            raise table.error(key, str(exc)) from None
+
+
+def _check_deidentify_options(table: Table, key: str, names: tuple[str, ...]) -> None:
+    from node.shape.options import OptionError, parse_options
+
+    try:
+        parse_options(names)
+    except OptionError as exc:
+        raise table.error(key, str(exc)) from None
+
+
 AETitle = Annotated[str, Check(_check_ae_title)]
 Port = Annotated[int, Between(1, 65535)]
 # Keys a destination's (client side) TLS does not take: they configure the listener.
@@ -219,6 +255,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class CoerceConfig:
+    """[storage.coerce] and [destination.coerce]: attributes set or deleted in that
+    target's copy only (node.shape.coerce)."""
+
+    set: Annotated[tuple[tuple[str, str], ...], Reader(_read_coerce_set, _write_match)] = ()
+    delete: Annotated[tuple[str, ...], Check(_check_selectors)] = ()
+
+
+@dataclass(frozen=True)
+class DeidentifyConfig:
+    """[storage.deidentify] and [destination.deidentify]: PS3.15 Annex E for that target."""
+
+    profile: Literal["none", "basic"] = "none"
+    options: Annotated[tuple[str, ...], Check(_check_deidentify_options)] = ()
+    uid_secret_file: Path | None = None
+    keep: Annotated[tuple[str, ...], Check(_check_selectors)] = ()
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     name: str
     path: Path
@@ -226,6 +281,8 @@ class StorageConfig:
     duplicates: DuplicatePolicy = "overwrite"
     transfer_syntax: Annotated[tuple[Target, ...], Reader(_read_ladder)] = ()
     allow_lossy: bool = False
+    coerce: CoerceConfig = field(default_factory=CoerceConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
 
 
 @dataclass(frozen=True)
@@ -251,6 +308,8 @@ class DestinationConfig:
     # read from passcode_file when an association is opened (never kept in the config).
     username: str = ""
     passcode_file: Path | None = None
+    coerce: CoerceConfig = field(default_factory=CoerceConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
 
 
 @dataclass(frozen=True)
@@ -383,6 +442,32 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
         )
 
 
+def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
+    if deidentify.profile == "none":
+        for key in ("options", "uid_secret_file", "keep"):
+            if key in table.data:
+                raise table.error(key, 'needs profile = "basic"')
+        return
+    path = deidentify.uid_secret_file
+    if path is None:
+        if "retain-uids" not in deidentify.options:
+            raise table.error("uid_secret_file", "is required: UIDs are remapped under this key")
+        return
+    from node.shape.build import SecretError, read_uid_secret
+
+    try:
+        mode = path.stat().st_mode
+        read_uid_secret(path)
+    except OSError as exc:
+        raise table.error("uid_secret_file", f"cannot be read: {exc.strerror} ({path})") from None
+    except SecretError as exc:
+        raise table.error("uid_secret_file", str(exc)) from None
+    if mode & 0o004:
+        raise table.error(
+            "uid_secret_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
+        )
+
+
 def _check_route(table: Table, route: RouteConfig) -> None:
     if not route.storage and not route.destinations:
         raise table.error("storage", "a route must name at least one storage or destination")
@@ -396,6 +481,7 @@ CHECKS: Mapping[type, TableCheck] = {
     RetryPolicy: _check_retry,
     DestinationConfig: _check_destination,
     RouteConfig: _check_route,
+    DeidentifyConfig: _check_deidentify,
 }
 
 

@@ -33,7 +33,7 @@ from node.config.model import DestinationConfig, NodeConfig
 from node.daemon import metrics
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.forward.completions import Completions, Delivery
-from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.derived import DerivedFiles, Unshapable, Untranscodable
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
@@ -50,6 +50,8 @@ from node.net.storelink import (
     associate,
 )
 from node.net.tls import client_context
+from node.shape import ShapeContext
+from node.shape.build import build_shaping
 
 log = logging.getLogger("node.forward")
 
@@ -339,6 +341,8 @@ class DestinationWorker:
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
         self.hold = hold
+        # [destination.coerce] / [destination.deidentify]: this destination's own view.
+        self.shaping = build_shaping(destination.coerce, destination.deidentify)
         self.thread = threading.Thread(
             target=self._loop, name=f"forward-{destination.name}-{index}", daemon=True
         )
@@ -434,6 +438,8 @@ class DestinationWorker:
             detail += f": {_printable(response.error_comment)}"
         if notes and verdict is Verdict.DELIVERED:
             detail += f" (fallback: {'; '.join(notes)})"
+        if self.shaping is not None:
+            detail += f" ({self.shaping.describe()})"
         return DeliveryOutcome(
             verdict,
             detail,
@@ -460,8 +466,12 @@ class DestinationWorker:
                     instance.transfer_syntax,
                     syntax,
                     allow_lossy=self.destination.allow_lossy,
+                    shaping=self.shaping,
+                    context=ShapeContext(instance.calling_ae_title, instance.called_ae_title),
                 )
                 return path, syntax, notes
+            except Unshapable as exc:
+                return None, syntax, [str(exc)]  # the same in every syntax
             except Untranscodable as exc:
                 notes.append(str(exc))
         return None, UID(instance.transfer_syntax), notes
