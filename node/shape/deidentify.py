@@ -5,7 +5,8 @@ nesting; private attributes are removed; UIDs are remapped under the target's ke
 (node.shape.uidmap); Patient Identity Removed, De-identification Method and its Code
 Sequence are added. Where the table offers a choice (X/Z, X/D, Z/D, X/Z/D, X/Z/U*), the
 rightmost action is taken: it is the one the most demanding IOD asks for, so the output
-stays as valid as the input without knowing each IOD's attribute types.
+stays as valid as the input without knowing each IOD's attribute types (see resolve()
+for the one exception).
 
 Pixels are never altered, so an instance that may show identity in them (Burned In
 Annotation YES, or missing for US, SC and OT) is refused.
@@ -38,8 +39,16 @@ _NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT"})
 _BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 
 
-def resolve(action: str) -> str:
-    """The one action taken for a table entry: the rightmost of a choice."""
+# Type 2 wherever it is used (Acquisition Context Module), so X/Z must empty it.
+TYPE_2_SEQUENCES = frozenset({0x00400555})
+
+
+def resolve(action: str, tag: int, is_sequence: bool) -> str:
+    """The one action taken for a table entry: the rightmost of a choice, except that
+    X/Z removes a sequence: a Type 3 sequence present must have items (Referenced Study
+    Sequence in the General Study Module), and the only Type 2 one is listed."""
+    if action == "X/Z" and is_sequence and tag not in TYPE_2_SEQUENCES:
+        return "X"
     return action.rsplit("/", 1)[-1]
 
 
@@ -100,7 +109,8 @@ class _Walk:
             if action is None:
                 self._unlisted(ds, tag, depth)
             else:
-                self._apply(ds, tag, resolve(action), depth)
+                chosen = resolve(action, int(tag), _is_sequence(ds, tag))
+                self._apply(ds, tag, chosen, depth)
         self._drop_overlays_without_data(ds)
 
     def _unlisted(self, ds: Dataset, tag: BaseTag, depth: int) -> None:

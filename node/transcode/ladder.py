@@ -12,7 +12,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import UID
 
-from node.shape import ShapeContext, Shaping, ShapingFailed
+from node.shape import ShapeContext, Shaping, ShapingFailed, ShapingRefused
 from node.transcode.files import copy_atomically
 from node.transcode.rung import RungResult, try_rung
 from node.transcode.targets import Target
@@ -78,8 +78,10 @@ def walk_ladder(
         if target is None and position > 0:
             log.info("%s: header only, in the syntax as received (%s)", "; ".join(reasons), src)
         result = attempt(target)
-        if result.refused:
-            raise ShapingFailed(result.reason)
+        if result.unshapable:
+            raise (ShapingRefused if result.unshapable == "refused" else ShapingFailed)(
+                result.reason
+            )
         if result.ok:
             return Outcome(
                 UID(result.transfer_syntax) if target is None else target.transfer_syntax,

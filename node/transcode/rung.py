@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
-from node.shape import ShapeContext, Shaping, ShapingFailed, apply_shaping
+from node.shape import ShapeContext, Shaping, ShapingFailed, ShapingRefused, apply_shaping
 from node.transcode.byteorder import ByteOrderError, convert_byte_order
 from node.transcode.capabilities import first_problem
 from node.transcode.codecs import Codec, codec_for
@@ -51,7 +51,9 @@ class RungResult:
     source_sop_instance_uid: str = ""
     sop_instance_uid: str = ""
     size: int = 0
-    refused: bool = False  # the target's shaping refused the instance: no rung can do better
+    # The target's shaping could not be applied: "refused" (on purpose, e.g. burned-in
+    # annotation) or "failed" (e.g. a value too long). No other rung can do better.
+    unshapable: str = ""
     transfer_syntax: str = ""  # what was written
 
 
@@ -88,8 +90,9 @@ def try_rung(
         try:
             apply_shaping(ds, shaping, context)
         except ShapingFailed as failure:
+            kind = "refused" if isinstance(failure, ShapingRefused) else "failed"
             return RungResult(
-                target, False, str(failure), source_sop_instance_uid=source_uid, refused=True
+                target, False, str(failure), source_sop_instance_uid=source_uid, unshapable=kind
             )
     try:
         encoded = part10_bytes(ds) if target is None else encode_for_target(ds, target)
