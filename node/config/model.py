@@ -445,7 +445,7 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
 def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
     if deidentify.profile == "none":
         for key in ("options", "uid_secret_file", "keep"):
-            if key in table.data:
+            if getattr(deidentify, key):
                 raise table.error(key, 'needs profile = "basic"')
         return
     path = deidentify.uid_secret_file
