@@ -4,5 +4,5 @@ sending threads (completions) and transcoded copies made once per syntax
 (derived).
 
 May import: node.net, node.jobs, node.transcode, node.config, node.dicom,
-node.ingest (the spool), node.daemon.metrics.
+node.ingest (the spool), node.daemon.metrics, node.shape (a destination's header changes).
 """
