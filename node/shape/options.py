@@ -17,10 +17,18 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 
 @dataclass(frozen=True)
 class Option:
+    """Picklable (worker processes get it): a rule is a module-level function."""
+
     name: str  # as the config writes it
     code_value: str  # CID 7050 De-identification Method, scheme DCM
     code_meaning: str
-    keeps: Callable[[int, str], bool]  # (tag, Basic Profile action) -> kept as is
+    keywords: frozenset[str] = frozenset()  # kept as they are
+    rule: Callable[[int, str], bool] | None = None  # (tag, Basic Profile action) -> kept
+
+    def keeps(self, tag: int, action: str) -> bool:
+        if self.rule is not None:
+            return self.rule(tag, action)
+        return keyword_for_tag(tag) in self.keywords
 
 
 def _vr(tag: int) -> str:
@@ -28,10 +36,6 @@ def _vr(tag: int) -> str:
         return dictionary_VR(tag)
     except KeyError:
         return ""
-
-
-def _keyword_in(keywords: frozenset[str]) -> Callable[[int, str], bool]:
-    return lambda tag, action: keyword_for_tag(tag) in keywords
 
 
 # Column "Rtn. UIDs Opt.": K for the U attributes but two, and the reference sequences.
@@ -109,30 +113,30 @@ BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")
 OPTIONS = {
     option.name: option
     for option in (
-        Option("retain-uids", "113110", "Retain UIDs Option", _keeps_uid),
+        Option("retain-uids", "113110", "Retain UIDs Option", rule=_keeps_uid),
         Option(
             "retain-longitudinal-dates",
             "113106",
             "Retain Longitudinal Temporal Information Full Dates Option",
-            _keeps_date,
+            rule=_keeps_date,
         ),
         Option(
             "retain-device-identity",
             "113109",
             "Retain Device Identity Option",
-            _keyword_in(DEVICE_IDENTITY),
+            keywords=DEVICE_IDENTITY,
         ),
         Option(
             "retain-institution-identity",
             "113112",
             "Retain Institution Identity Option",
-            _keyword_in(INSTITUTION_IDENTITY),
+            keywords=INSTITUTION_IDENTITY,
         ),
         Option(
             "retain-patient-characteristics",
             "113108",
             "Retain Patient Characteristics Option",
-            _keyword_in(PATIENT_CHARACTERISTICS),
+            keywords=PATIENT_CHARACTERISTICS,
         ),
     )
 }

@@ -23,7 +23,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from node.shape import ShapeContext, Shaping, ShapingRefused
+from node.shape import ShapeContext, Shaping, ShapingFailed, ShapingRefused
 from node.shape.deidentify import Deidentification, dummy_value
 from node.shape.profile import basic_profile_table
 from node.shape.uidmap import UidMap
@@ -269,3 +269,14 @@ def test_the_profile_is_marked_in_the_copy(copies: list[Copy]) -> None:
     assert [item.CodeValue for item in ds.DeidentificationMethodCodeSequence] == ["113100"]
     assert ds.DeidentificationMethodCodeSequence[0].CodingSchemeDesignator == "DCM"
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
+
+
+def test_a_source_that_cannot_be_shaped_is_never_written_as_received(tmp_path: Path) -> None:
+    # Every rung fails for a truncated source; a target without a shaping would get the
+    # instance as received (the ladder's last resort), a de-identifying one never.
+    out = tmp_path / "out.dcm"
+    with pytest.raises(ShapingFailed, match="source truncated"):
+        transcode_file(find("rtplan_truncated.dcm"), out, [], shaping=SHAPING)
+    assert not out.exists()
+    assert transcode_file(find("rtplan_truncated.dcm"), out, []).fallback is False
+    assert out.read_bytes() == find("rtplan_truncated.dcm").read_bytes()

@@ -23,11 +23,15 @@ def test_transcode_coerces_and_deidentifies_offline_and_writes_nothing_it_refuse
     out = tmp_path / "out"
     done = dicom_node(
         "transcode", "--coerce", str(coerce), "--deidentify", "--uid-secret-file", str(key),
-        "--option", "retain-longitudinal-dates", "--to", "JPEGLSLossless", "-o", str(out),
+        "--option", "retain-longitudinal-dates", "--option", "retain-device-identity",
+        "--to", "JPEGLSLossless", "-o", str(out),
         str(find("CT_small.dcm")), str(find("US1_UNCR.dcm")),
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr  # one refused
-    assert "applying: PS3.15 Basic Profile (2026c) with retain-longitudinal-dates" in done.stderr
+    assert (
+        "applying: PS3.15 Basic Profile (2026c) with retain-longitudinal-dates,"
+        " retain-device-identity" in done.stderr
+    )
     assert "converted: 1" in done.stdout
     assert "refused (not written): 1" in done.stdout
     assert "US1_UNCR.dcm: refused for de-identification" in done.stdout
@@ -37,6 +41,7 @@ def test_transcode_coerces_and_deidentifies_offline_and_writes_nothing_it_refuse
     assert copy.PatientID == "RESEARCH-ANONYMOUS"  # templates see de-identified values
     assert "StudyID" not in copy
     assert copy.StudyDate == source.StudyDate
+    assert copy.StationName == source.StationName  # the options reach the worker processes
     assert copy.StudyInstanceUID == UidMap(key.read_bytes().strip()).remap(source.StudyInstanceUID)
 
 
