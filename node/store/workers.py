@@ -78,7 +78,11 @@ def transcoding_stager(transcode: Transcoder) -> Stager:
             )
         note = f"fell back: {'; '.join(outcome.reasons)}" if outcome.fallback else ""
         if target.shaping is not None:
-            note = "; ".join(n for n in (target.shaping.describe(), note) if n)
+            renamed = outcome.sop_instance_uid != job.instance.sop_instance_uid
+            view = target.shaping.describe()
+            if renamed and outcome.sop_instance_uid:
+                view += f", stored as SOP Instance UID {outcome.sop_instance_uid}"
+            note = "; ".join(n for n in (view, note) if n)
         return StagedFile(staged, outcome.transfer_syntax, note)
 
     return stage

@@ -181,3 +181,5 @@ def test_the_log_says_which_profile_and_coercion_applied(run: Run) -> None:
     log = run.node.log()
     assert "PS3.15 Basic Profile (2026c)" in log
     assert "coerce set PatientID, InstitutionName; delete OtherPatientIDsSequence" in log
+    mapped = UidMap(SECRET).remap(dcmread(run.study[0]).SOPInstanceUID)
+    assert f"PS3.15 Basic Profile (2026c), stored as SOP Instance UID {mapped}" in log
