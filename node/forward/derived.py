@@ -116,14 +116,14 @@ class DerivedFiles:
         path = self.path_for(source, syntax)
         if path.exists():
             return path
-        self._raise_if_failed_before(source, syntax)
+        self._raise_if_failed_before(source.stem, syntax)
         # Decoded before taking this syntax's lock: a thread holds at most one stripe at a
         # time, so two stripes (or one stripe hashed twice) can never deadlock.
         origin = self._decoded_origin(source, source_syntax, syntax)
         with self._locks[hash(path) % len(self._locks)]:
             if path.exists():
                 return path
-            self._raise_if_failed_before(source, syntax)
+            self._raise_if_failed_before(source.stem, syntax)
             started = time.monotonic()
             outcome = self.transcode(origin, path, [rung], allow_lossy=allow_lossy)
             metrics.record_transcode(
@@ -136,7 +136,7 @@ class DerivedFiles:
                 # The ladder's last rung copied the file as received: not what was asked.
                 path.unlink(missing_ok=True)
                 reason = "; ".join(outcome.reasons) or "no reason given"
-                self._remember_failure(source, syntax, reason)
+                self._remember_failure(source.stem, syntax, reason)
                 raise Untranscodable(f"cannot transcode to {syntax_name(syntax)}: {reason}")
             return path
 
@@ -155,7 +155,7 @@ class DerivedFiles:
         path = self.path_for(source, syntax, shaping)
         if path.exists():
             return path
-        failure_key = Path(f"{source.stem}.{shaping.key}")
+        failure_key = f"{source.stem}.{shaping.key}"  # this view's failures, not another's
         self._raise_if_failed_before(failure_key, syntax)
         # Pixels decoded at most once for all destinations (the shared unshaped copy);
         # a header-only view decodes nothing.
@@ -187,18 +187,19 @@ class DerivedFiles:
             return source
         return self.get(source, source_syntax, ExplicitVRLittleEndian.keyword)
 
-    def _raise_if_failed_before(self, source: Path, syntax: UID) -> None:
+    def _raise_if_failed_before(self, key: str, syntax: UID) -> None:
+        """key: the spool file's stem, or stem.view for a shaped view."""
         with self._failures_lock:
-            reason = self._failures.get((source.stem, syntax))
-            refused = (source.stem, "") in self._failures
-        if refused:
-            raise Unshapable(self._failures[(source.stem, "")])
+            reason = self._failures.get((key, syntax))
+            refusal = self._failures.get((key, ""))
+        if refusal is not None:
+            raise Unshapable(refusal)
         if reason is not None:
             raise Untranscodable(f"cannot transcode to {syntax_name(syntax)}: {reason}")
 
-    def _remember_failure(self, source: Path, syntax: UID, reason: str) -> None:
+    def _remember_failure(self, key: str, syntax: UID, reason: str) -> None:
         # A failed encode fails again for the next destination: skip the work, keep the reason.
         with self._failures_lock:
             if len(self._failures) > 10_000:
                 self._failures.clear()
-            self._failures[(source.stem, syntax)] = reason
+            self._failures[(key, syntax)] = reason
