@@ -142,7 +142,7 @@ def test_report_goes_over_a_new_association_with_role_selection_when_the_first_r
     modality = Modality(node.port, receiver.ae_title)
     refs = references(files)
     status = modality.send_and_request(
-        files, "2.25.1005", refs, wait_for_report=5, take_reports=False
+        files, "2.25.1005", refs, wait_for_report=1, take_reports=False
     )
     assert status == 0x0000
     reports = [r for r in receiver.wait(1, timeout=30) if r.transaction_uid == "2.25.1005"]
