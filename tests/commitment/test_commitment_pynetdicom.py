@@ -172,6 +172,11 @@ def test_no_report_from_a_destination_sends_again_then_dead_letters(
     assert wait_until(lambda: len(silent.actions) >= 1, timeout=20)
     status = dicom_node("queue", "-c", str(node.config_path), "status")
     assert re.search(r"sent\s+silent\s+1\s+1", status.stdout), status.stdout
+    assert re.search(
+        r"forward\s+silent\s+pending\s+1 .*awaiting the storage commitment report", status.stdout
+    ), status.stdout
+    spool = node.config_path.parent / "data" / "spool"
+    assert any(uid.encode() in p.read_bytes() for p in spool.rglob("*.dcm"))
     assert wait_until(lambda: "dead letter: SOP Instance UID " + uid in _log(node), timeout=40)
     assert silent.stored.count(uid) == 2  # sent, no report, sent again, no report: given up
     assert len(silent.actions) >= 2
