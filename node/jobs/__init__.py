@@ -8,7 +8,9 @@
   stored index);
 - reports: operations and the one job report behind `queue status`, `status`
   and the metrics;
-- retry: the one retry schedule of store and forward jobs.
+- retry: the one retry schedule of store and forward jobs;
+- commitments (tables in commitment_schema): Storage Commitment requests
+  received and sent, and the history of finished instances.
 
 May import: nothing else of the node's.
 """

@@ -411,7 +411,10 @@ class Association:
             return self._answer_store(pending)
         if command.command_field == dimse.C_ECHO_RQ:
             return Answer(self.handlers.echo(self, command))
-        if command.command_field in (dimse.N_ACTION_RQ, dimse.N_EVENT_REPORT_RQ):
+        if command.command_field in (
+            dimse.N_ACTION_RQ,
+            dimse.N_EVENT_REPORT_RQ,
+        ) and command.sop_class_uid == self._abstract_syntaxes.get(pending.context_id):
             return self._answer_normalized(pending)
         log.warning(
             "%s from %s %r is not a service the node provides: answered 0x%04X",
@@ -448,19 +451,9 @@ class Association:
         return Answer(status, comment)
 
     def _answer_normalized(self, pending: Pending) -> Answer:
-        """N-ACTION-RQ or N-EVENT-REPORT-RQ: its SOP Class must be its context's, as for C-STORE."""
+        """N-ACTION-RQ or N-EVENT-REPORT-RQ on a context of its own SOP Class (Storage
+        Commitment): the handlers answer it with the data set's bytes."""
         command = pending.command
-        abstract_syntax = self._abstract_syntaxes.get(pending.context_id)
-        if command.sop_class_uid != abstract_syntax:
-            log.warning(
-                "refused %s from %s %r: SOP Class %r not negotiated on context %d",
-                command.name,
-                self.address,
-                self.calling_ae_title,
-                command.sop_class_uid,
-                pending.context_id,
-            )
-            return Answer(dimse.SOP_CLASS_NOT_SUPPORTED)
         syntax = self.accepted[pending.context_id]
         data = b""
         if pending.dataset is not None:
