@@ -199,3 +199,45 @@ def test_a_sent_commitment_holds_its_jobs_until_the_deadline(tmp_path: Path) -> 
         2,
         1,
     )
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "message"),
+    [
+        (
+            {"node": {"acceptor": "pynetdicom"}, "commitment": {"enabled": True}},
+            "commitment.enabled",
+            'needs node.acceptor = "native"',
+        ),
+        (
+            {
+                "node": {"acceptor": "pynetdicom"},
+                "destination": [
+                    {"name": "a", "ae_title": "A", "host": "h", "port": 104},
+                    {"name": "b", "ae_title": "B", "host": "h", "port": 104, "commitment": True},
+                ],
+            },
+            "destination[1].commitment",
+            'needs node.acceptor = "native"',
+        ),
+        (
+            {"node": {"receivers": 2}, "commitment": {"enabled": True}},
+            "commitment.enabled",
+            "needs node.receivers = 1",
+        ),
+        ({"commitment": {"when": "forwarded"}}, "commitment.when", "must be one of"),
+        (
+            {"commitment": {"requestor": [{"ae_title": "CT01", "host": "h"}]}},
+            "commitment.requestor[0].port",
+            "is required",
+        ),
+    ],
+)
+def test_config_errors_name_the_key(data: dict[str, object], key: str, message: str) -> None:
+    from node.config.model import parse_config
+    from node.config.schema import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(data, Path("/etc/dicom-node/config.toml"))
+    assert raised.value.key == key
+    assert message in raised.value.message
