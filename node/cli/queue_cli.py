@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from node.cli import groups_cli
 from node.cli.commitment_status import print_commitments
 from node.config.model import Config, load_config
 from node.ingest.spool import Spool
@@ -56,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which jobs: failed (default), pending, or all (never running ones)",
     )
     purge.add_argument("--yes", action="store_true", help="really delete (else: dry run)")
+    groups_cli.add_actions(actions, _add_config_option)
 
 
 def _add_config_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             return show_status(queue, config, as_json=args.json, commitments=commitments)
         if args.queue_action == "retry":
             return retry(queue, args)
+        if args.queue_action in groups_cli.ACTIONS:
+            return groups_cli.run(queue, args)
         return purge(queue, config, args)
     finally:
         queue.close()
@@ -201,6 +205,10 @@ def show_status(
         print("  ".join([*cells, line[-1]]).rstrip())
     if commitments is not None:
         print_commitments(commitments)
+    groups = groups_cli.group_lines(queue, now, _age)
+    if groups:
+        print("\nseries and study groups not yet delivered:")
+        print("\n".join(groups))
     failed = sum(row.count for row in rows if row.state == JobState.FAILED)
     if failed:
         print(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from node.commitment.wiring import commitment_service
 from node.config.model import Config
+from node.daemon.group_timer import GroupTimer
 from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
 from node.daemon.logs import set_level
 from node.daemon.metrics import MetricsEndpoint, start_metrics
@@ -83,6 +84,8 @@ class Node:
         self.receivers = (
             ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None
         )
+        # Series and study groups: dispatched when stable, from the times the queue recorded.
+        self.group_timer = GroupTimer(self.queue, self._wake_workers)
         self._stopped = threading.Event()
         self.metrics: MetricsEndpoint | None = None
 
@@ -106,6 +109,7 @@ class Node:
         self.forwarder.start()
         if self.commitment.reporter is not None:
             self.commitment.reporter.start()
+        self.group_timer.start()
         self.metrics = start_metrics(self.config.metrics.address, self.reports)
         if self.receivers is not None:
             # Before our own listener: once the port opens, every receiver shares the load.
@@ -163,6 +167,7 @@ class Node:
         self.scp.stop(ASSOCIATION_DRAIN_TIMEOUT)
         if self.receivers is not None:
             self.receivers.join(ASSOCIATION_DRAIN_TIMEOUT)
+        self.group_timer.stop()
         self.store_workers.stop()
         self.forwarder.stop()
         if self.commitment.reporter is not None:

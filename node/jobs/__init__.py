@@ -10,7 +10,10 @@
   and the metrics;
 - retry: the one retry schedule of store and forward jobs;
 - commitments (tables in commitment_schema): Storage Commitment requests
-  received and sent, and the history of finished instances.
+  received and sent, and the history of finished instances;
+- groups: series and study groups (membership recorded with the instance,
+  dispatch, group claims, late arrivals as new versions);
+- rows: the job row as the SELECTs read it.
 
 May import: nothing else of the node's.
 """

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from node.jobs.database import Database
-from node.jobs.jobqueue import JOB_COLUMNS, job_from_row
 from node.jobs.model import Job, JobKind, JobState
+from node.jobs.rows import JOB_COLUMNS, job_from_row
 
 COMMITTED = 0  # an item's reason once its instance is committed; a Failure Reason otherwise
 _CHUNK = 500  # SQL parameters per IN list
