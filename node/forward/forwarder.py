@@ -426,6 +426,9 @@ class DestinationWorker:
             and self.link.idle_for() >= self.destination.idle_timeout
         ):
             self.link.release()
+        elif self.committer is not None and self.link.association is not None:
+            # A Storage Commitment report may come on our association while it idles.
+            self.link.association.is_usable()
         due = self.queue.next_due_in(JobKind.FORWARD, self.destination.name)
         timeout = POLL_INTERVAL if due is None else min(POLL_INTERVAL, max(due, 0.01))
         self.wake.wait(timeout)

@@ -191,9 +191,28 @@ class StoreAssociation:
         if not self.established:
             return False
         if self._peer_spoke():
+            if self.on_event_report is not None and self._serve_idle_report():
+                return True
             self.close()
             return False
         return True
+
+    def _serve_idle_report(self) -> bool:
+        """What the peer sent while we were idle, if it is an N-EVENT-REPORT-RQ (a Storage
+        Commitment report on our association): answered, and the association goes on."""
+        try:
+            self.sock.settimeout(self.timeouts.dimse)
+            event: ul.Event | ul.NeedData = self._receive()
+            while isinstance(event, ul.CommandReceived) and self._is_event_report(event):
+                self._answer_event_report(event)
+                event = self.layer.next_event()  # another one may be read already
+            if isinstance(event, ul.NeedData):
+                return True
+            if isinstance(event, ul.ReleaseRequested):
+                self.sock.sendall(self.layer.release_rp())
+        except (OSError, LinkError, ul.ConnectionClosed, pdu.PDUError, ReceiveLimitExceeded):
+            pass
+        return False
 
     def _peer_spoke(self) -> bool:
         try:
@@ -432,6 +451,8 @@ class StoreAssociation:
                 event = self._receive()
                 if isinstance(event, ul.ReleaseRequested):  # release collision (PS3.8 7.2.2)
                     self.sock.sendall(self.layer.release_rp())
+                if isinstance(event, ul.CommandReceived) and self._is_event_report(event):
+                    self._answer_event_report(event)  # a report just before our release
                 if isinstance(event, ul.ReleaseReplied | ul.Aborted):
                     break
         except (OSError, LinkError, ul.ConnectionClosed, pdu.PDUError, ReceiveLimitExceeded):

@@ -199,3 +199,47 @@ class SilentDestination:
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+
+
+class ReportingDestination:
+    """A destination that reports on the association the N-ACTION-RQ came on, a moment after
+    answering it (while the node's worker idles on that association)."""
+
+    def __init__(self, ae_title: str = "REPORTER", delay: float = 0.3) -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.delay = delay
+        self.statuses: list[int] = []
+        self._sending = threading.Lock()  # one report at a time on an association
+        self._server: ThreadedAssociationServer | None = None
+
+    def start(self) -> ReportingDestination:
+        ae = AE(self.ae_title)
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_supported_context(StorageCommitmentPushModel)
+
+        def on_action(event: evt.Event) -> tuple[int, None]:
+            info = event.action_information
+            report = Dataset()
+            report.TransactionUID = info.TransactionUID
+            report.ReferencedSOPSequence = list(info.ReferencedSOPSequence)
+            assoc = event.assoc
+
+            def send() -> None:
+                time.sleep(self.delay)
+                answer = assoc.send_n_event_report(report, 1, StorageCommitmentPushModel, INSTANCE)
+                self.statuses.append(int(answer[0].Status) if answer[0] else -1)
+
+            threading.Thread(target=send, daemon=True).start()
+            return 0x0000, None
+
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000), (evt.EVT_N_ACTION, on_action)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()

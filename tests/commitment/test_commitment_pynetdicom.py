@@ -13,6 +13,7 @@ import pytest
 
 from tests.commitment.peers import (
     Modality,
+    ReportingDestination,
     ReportReceiver,
     SilentDestination,
     action_dataset,
@@ -36,8 +37,17 @@ def peers() -> Iterator[tuple[ReportReceiver, SilentDestination]]:
 
 
 @pytest.fixture(scope="module")
+def reporter() -> Iterator[ReportingDestination]:
+    destination = ReportingDestination("REPORTER").start()
+    yield destination
+    destination.stop()
+
+
+@pytest.fixture(scope="module")
 def node(
-    tmp_path_factory: pytest.TempPathFactory, peers: tuple[ReportReceiver, SilentDestination]
+    tmp_path_factory: pytest.TempPathFactory,
+    peers: tuple[ReportReceiver, SilentDestination],
+    reporter: ReportingDestination,
 ) -> Iterator[NodeProcess]:
     receiver, silent = peers
     down_port = free_port()  # nothing listens there
@@ -53,6 +63,14 @@ def node(
                 "commitment": True,
                 "retry": {"initial_delay": 0.5, "max_delay": 0.5, "max_attempts": 2},
             },
+            {
+                "name": "reporter",
+                "ae_title": reporter.ae_title,
+                "host": "127.0.0.1",
+                "port": reporter.port,
+                "commitment": True,
+                "idle_timeout": 30,
+            },
         ]
         sections["route"] = [
             {
@@ -61,6 +79,7 @@ def node(
                 "destinations": ["down"],
             },
             {"match": {"CallingAETitle": "SILENT*"}, "destinations": ["silent"]},
+            {"match": {"CallingAETitle": "SAMEASSOC"}, "destinations": ["reporter"]},
             {"match": {"CallingAETitle": "MOD*"}, "storage": ["archive"]},
             {"match": {"CallingAETitle": "LEAVER"}, "storage": ["archive"]},
         ]
@@ -185,3 +204,21 @@ def test_no_report_from_a_destination_sends_again_then_dead_letters(
         rf" commitment report from 'silent' within {REPORT_TIMEOUT} s",
         _log(node),
     ), _log(node)
+
+
+def test_a_destination_may_report_on_our_association_while_it_idles(
+    node: NodeProcess, reporter: ReportingDestination, tmp_path: Path
+) -> None:
+    files = copies_with_new_uids(CT_SMALL, tmp_path, 2)
+    uids = [uid for _cls, uid in references(files)]
+    Modality(node.port, "SAMEASSOC").send_and_request(files, "2.25.1007", references(files))
+
+    def committed() -> bool:
+        log = _log(node)
+        return all(
+            f"forwarded SOP Instance UID {uid} to 'reporter': committed by" in log for uid in uids
+        )
+
+    assert wait_until(committed, timeout=30), _log(node)
+    assert reporter.statuses and set(reporter.statuses) == {0x0000}
+    assert re.search(r"storage commitment report from 'REPORTER' for Transaction UID", _log(node))
