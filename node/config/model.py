@@ -37,6 +37,7 @@ from node.transcode.targets import Target, parse_target
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
+CommitWhen = Literal["received", "stored", "delivered"]
 # "instance": each instance is sent on its own as it arrives; "series"/"study": per group.
 Trigger = Literal["instance", "series", "study"]
 
@@ -325,6 +326,32 @@ class DestinationConfig:
     passcode_file: Path | None = None
     coerce: CoerceConfig = field(default_factory=CoerceConfig)
     deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
+    # Storage Commitment (PS3.4 J): a job is delivered only once the destination's
+    # N-EVENT-REPORT says the instance is committed ("delivered means committed").
+    commitment: bool = False
+
+
+@dataclass(frozen=True)
+class RequestorConfig:
+    """One [[commitment.requestor]]: where a report goes when the requesting association is gone."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+@dataclass(frozen=True)
+class CommitmentConfig:
+    """Storage Commitment SCP (PS3.4 J): whether peers may ask, and when an instance is committed."""
+
+    enabled: bool = False
+    # received: spooled and recorded; stored: in every storage target; delivered: also
+    # delivered to every destination of the instance.
+    when: CommitWhen = "stored"
+    # Seconds after a request: instances still not there are reported failed (0x0110);
+    # also how long a destination's report is waited for before the instances are re-sent.
+    report_timeout: Annotated[float, Between(1)] = 3600.0
+    requestor: tuple[RequestorConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -355,6 +382,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     unrouted_storage: str | None = None
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -379,6 +407,7 @@ SECTIONS = (
     Section("storage", StorageConfig, "storage", many=True),
     Section("destination", DestinationConfig, "destinations", many=True),
     Section("route", RouteConfig, "routes", many=True),
+    Section("commitment", CommitmentConfig, "commitment"),
 )
 """The top-level TOML tables, in the order check-config prints them."""
 
@@ -599,7 +628,32 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
     _unique_names(file, "storage", [s.name for s in config.storage])
     _unique_names(file, "destination", [d.name for d in config.destinations])
     _check_route_targets(file, config)
+    _check_commitment_acceptor(file, config)
     return config
+
+
+def _check_commitment_acceptor(file: Path, config: Config) -> None:
+    """Storage Commitment runs on our own acceptor, in the main process only."""
+    uses = [
+        ("commitment.enabled", config.commitment.enabled),
+        *(
+            (f"destination[{index}].commitment", d.commitment)
+            for index, d in enumerate(config.destinations)
+        ),
+    ]
+    key = next((key for key, used in uses if used), None)
+    if key is None:
+        return
+    if config.node.acceptor != "native":
+        raise ConfigError(
+            file, key, 'needs node.acceptor = "native" (the pynetdicom acceptor has no N-ACTION)'
+        )
+    if config.node.receivers > 1:
+        raise ConfigError(
+            file,
+            key,
+            "needs node.receivers = 1 (reports are sent and received by the main process)",
+        )
 
 
 def load_config(path: Path | str) -> Config:
