@@ -39,6 +39,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
 QueueBackendName = Literal["sqlite", "postgresql"]
 StorageKind = Literal["filesystem", "s3"]
+CommitWhen = Literal["received", "stored", "delivered"]
 # "instance": each instance is sent on its own as it arrives; "series"/"study": per group.
 Trigger = Literal["instance", "series", "study"]
 
@@ -135,6 +136,42 @@ def _write_match(match: tuple[tuple[str, str], ...]) -> str:
     if not match:
         return "{}"
     return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in match) + " }"
+
+
+def _read_coerce_set(
+    table: Table, key: str, default: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """A table of DICOM keyword = value template, each checked as coercion will use it."""
+    from node.shape.coerce import CoercionError, parse_assignment
+
+    assignments = table.table(key)
+    for name, value in assignments.data.items():
+        if not isinstance(value, str):
+            raise assignments.error(name, f"must be a template string, got {value!r}")
+        try:
+            parse_assignment(name, value)
+        except CoercionError as exc:
+            raise assignments.error(name, str(exc)) from None
+    return tuple(assignments.data.items())
+
+
+def _check_selectors(table: Table, key: str, names: tuple[str, ...]) -> None:
+    from node.shape.selectors import SelectorError, parse_selector
+
+    for name in names:
+        try:
+            parse_selector(name)
+        except SelectorError as exc:
+            raise table.error(key, str(exc)) from None
+
+
+def _check_deidentify_options(table: Table, key: str, names: tuple[str, ...]) -> None:
+    from node.shape.options import OptionError, parse_options
+
+    try:
+        parse_options(names)
+    except OptionError as exc:
+        raise table.error(key, str(exc)) from None
 
 
 def _check_count_keyword(table: Table, key: str, keyword: str) -> None:
@@ -239,6 +276,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class CoerceConfig:
+    """[storage.coerce] and [destination.coerce]: attributes set or deleted in that
+    target's copy only (node.shape.coerce)."""
+
+    set: Annotated[tuple[tuple[str, str], ...], Reader(_read_coerce_set, _write_match)] = ()
+    delete: Annotated[tuple[str, ...], Check(_check_selectors)] = ()
+
+
+@dataclass(frozen=True)
+class DeidentifyConfig:
+    """[storage.deidentify] and [destination.deidentify]: PS3.15 Annex E for that target."""
+
+    profile: Literal["none", "basic"] = "none"
+    options: Annotated[tuple[str, ...], Check(_check_deidentify_options)] = ()
+    uid_secret_file: Path | None = None
+    keep: Annotated[tuple[str, ...], Check(_check_selectors)] = ()
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     name: str
     # Required for kind = "filesystem" (_check_storage); an "s3" target has none.
@@ -253,6 +309,8 @@ class StorageConfig:
     endpoint_url: str = ""
     region: str = "us-east-1"
     credentials_file: Path | None = None
+    coerce: CoerceConfig = field(default_factory=CoerceConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
 
 
 @dataclass(frozen=True)
@@ -289,6 +347,34 @@ class DestinationConfig:
     # read from passcode_file when an association is opened (never kept in the config).
     username: str = ""
     passcode_file: Path | None = None
+    coerce: CoerceConfig = field(default_factory=CoerceConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
+    # Storage Commitment (PS3.4 J): a job is delivered only once the destination's
+    # N-EVENT-REPORT says the instance is committed ("delivered means committed").
+    commitment: bool = False
+
+
+@dataclass(frozen=True)
+class RequestorConfig:
+    """One [[commitment.requestor]]: where a report goes when the requesting association is gone."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+@dataclass(frozen=True)
+class CommitmentConfig:
+    """Storage Commitment SCP (PS3.4 J): whether peers may ask, and when an instance is committed."""
+
+    enabled: bool = False
+    # received: spooled and recorded; stored: in every storage target; delivered: also
+    # delivered to every destination of the instance.
+    when: CommitWhen = "stored"
+    # Seconds after a request: instances still not there are reported failed (0x0110);
+    # also how long a destination's report is waited for before the instances are re-sent.
+    report_timeout: Annotated[float, Between(1)] = 3600.0
+    requestor: tuple[RequestorConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -320,6 +406,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     unrouted_storage: str | None = None
     queue: QueueConfig = field(default_factory=QueueConfig)
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -345,6 +432,7 @@ SECTIONS = (
     Section("destination", DestinationConfig, "destinations", many=True),
     Section("route", RouteConfig, "routes", many=True),
     Section("queue", QueueConfig, "queue"),
+    Section("commitment", CommitmentConfig, "commitment"),
 )
 """The top-level TOML tables, in the order check-config prints them."""
 
@@ -464,6 +552,32 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
         )
 
 
+def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
+    if deidentify.profile == "none":
+        for key in ("options", "uid_secret_file", "keep"):
+            if getattr(deidentify, key):
+                raise table.error(key, 'needs profile = "basic"')
+        return
+    path = deidentify.uid_secret_file
+    if path is None:
+        if "retain-uids" not in deidentify.options:
+            raise table.error("uid_secret_file", "is required: UIDs are remapped under this key")
+        return
+    from node.shape.build import SecretError, read_uid_secret
+
+    try:
+        mode = path.stat().st_mode
+        read_uid_secret(path)
+    except OSError as exc:
+        raise table.error("uid_secret_file", f"cannot be read: {exc.strerror} ({path})") from None
+    except SecretError as exc:
+        raise table.error("uid_secret_file", str(exc)) from None
+    if mode & 0o004:
+        raise table.error(
+            "uid_secret_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
+        )
+
+
 def _check_route(table: Table, route: RouteConfig) -> None:
     if not route.storage and not route.destinations:
         raise table.error("storage", "a route must name at least one storage or destination")
@@ -526,6 +640,7 @@ CHECKS: Mapping[type, TableCheck] = {
     RetryPolicy: _check_retry,
     DestinationConfig: _check_destination,
     RouteConfig: _check_route,
+    DeidentifyConfig: _check_deidentify,
 }
 
 
@@ -571,7 +686,32 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
     _unique_names(file, "storage", [s.name for s in config.storage])
     _unique_names(file, "destination", [d.name for d in config.destinations])
     _check_route_targets(file, config)
+    _check_commitment_acceptor(file, config)
     return config
+
+
+def _check_commitment_acceptor(file: Path, config: Config) -> None:
+    """Storage Commitment runs on our own acceptor, in the main process only."""
+    uses = [
+        ("commitment.enabled", config.commitment.enabled),
+        *(
+            (f"destination[{index}].commitment", d.commitment)
+            for index, d in enumerate(config.destinations)
+        ),
+    ]
+    key = next((key for key, used in uses if used), None)
+    if key is None:
+        return
+    if config.node.acceptor != "native":
+        raise ConfigError(
+            file, key, 'needs node.acceptor = "native" (the pynetdicom acceptor has no N-ACTION)'
+        )
+    if config.node.receivers > 1:
+        raise ConfigError(
+            file,
+            key,
+            "needs node.receivers = 1 (reports are sent and received by the main process)",
+        )
 
 
 def load_config(path: Path | str) -> Config:

@@ -28,6 +28,7 @@ def queue_settings(config: Config) -> QueueSettings:
         lease=queue.lease,
         shared_spool=queue.shared_spool,
         pool_size=queue.pool_size,
+        keep_finished=config.commitment.enabled,
     )
 
 

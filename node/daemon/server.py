@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from node.commitment.wiring import commitment_service
 from node.config.model import Config
 from node.daemon.group_timer import GroupTimer
 from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
@@ -41,6 +42,7 @@ class Node:
         self.backend = open_queue(queue_settings(config))
         self.queue = self.backend.queue
         self.reports = self.backend.reports
+        self.commitments = self.backend.commitments
         self.spool = Spool(config.spool_dir)
         self.targets = storage_targets(config.storage, config.node.data_dir)
         self.router = Router(config)
@@ -55,6 +57,8 @@ class Node:
             self.queue,
             self.spool,
             DerivedFiles(config.spool_dir, self.transcode_pool.transcode),
+            self.commitments,
+            config.commitment.report_timeout,
         )
         self.intake = Intake(
             spool=self.spool,
@@ -70,6 +74,12 @@ class Node:
             if config.node.acceptor == "pynetdicom"
             else StorageSCP(config, self.intake)
         )
+        # Storage Commitment: as SCP ([commitment]) and as SCU (destinations' commitment).
+        self.commitment = commitment_service(
+            config, self.commitments, lambda: self.forwarder.committer
+        )
+        if isinstance(self.scp, StorageSCP):
+            self.scp.commitment = self.commitment
         # node.receivers > 1: more processes accept associations on the same port (opt-in).
         self.receivers = (
             ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None
@@ -82,6 +92,8 @@ class Node:
     def _wake_workers(self) -> None:
         self.store_workers.wake.set()
         self.forwarder.wake()
+        if self.commitment.reporter is not None:
+            self.commitment.reporter.wake.set()
 
     def _watched_folders(self) -> list[Path]:
         return [self.config.spool_dir, *(t.root for t in self.targets.values())]
@@ -95,6 +107,8 @@ class Node:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
         self.forwarder.start()
+        if self.commitment.reporter is not None:
+            self.commitment.reporter.start()
         self.group_timer.start()
         self.metrics = start_metrics(
             self.config.metrics.address, self.reports, node=metrics_node_label(self.config)
@@ -118,7 +132,13 @@ class Node:
         forwarder = None
         if config.destinations != self.config.destinations:
             forwarder = Forwarder(
-                config.destinations, config.node, self.queue, self.spool, self.forwarder.derived
+                config.destinations,
+                config.node,
+                self.queue,
+                self.spool,
+                self.forwarder.derived,
+                self.commitments,
+                config.commitment.report_timeout,
             )
         # self.targets is shared with the duplicate checker: update it in place.
         self.targets.clear()
@@ -152,6 +172,8 @@ class Node:
         self.group_timer.stop()
         self.store_workers.stop()
         self.forwarder.stop()
+        if self.commitment.reporter is not None:
+            self.commitment.reporter.stop()
         self.transcode_pool.close()
         # Whatever a worker left unfinished is pending again, ready for the next start.
         self.queue.requeue_running()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from node.jobs.interface import JobQueue, QueueOperations
+from node.jobs.interface import CommitmentRecords, JobQueue, QueueOperations
 
 Backend = Literal["sqlite", "postgresql"]
 
@@ -28,14 +28,18 @@ class QueueSettings:
     lease: float = 60.0
     shared_spool: bool = False
     pool_size: int = 10
+    # Remember finished instances (Storage Commitment asks about them later).
+    keep_finished: bool = False
 
 
 @dataclass
 class OpenQueue:
-    """A node's queue and reports on one backend connection (pool); close() closes both."""
+    """A node's queue, reports and Storage Commitment records on one backend connection
+    (pool); close() closes them all."""
 
     queue: JobQueue
     reports: QueueOperations
+    commitments: CommitmentRecords
     close: Callable[[], None]
 
 
@@ -50,25 +54,36 @@ def _postgres_settings(settings: QueueSettings):  # type: ignore[no-untyped-def]
         lease=settings.lease,
         shared_spool=settings.shared_spool,
         pool_size=settings.pool_size,
+        keep_finished=settings.keep_finished,
     )
 
 
 def open_queue(settings: QueueSettings) -> OpenQueue:
-    """The node's job queue and its reports, sharing one database (and its heartbeat)."""
+    """The node's job queue, its reports and commitment records, sharing one database."""
     if settings.backend == "postgresql":
         from node.jobs.postgres import PostgresDatabase, PostgresJobQueue
+        from node.jobs.postgres_commitments import PostgresCommitments
         from node.jobs.postgres_reports import PostgresQueueOperations
 
         database = PostgresDatabase(_postgres_settings(settings))
         return OpenQueue(
-            PostgresJobQueue(database), PostgresQueueOperations(database), database.close
+            PostgresJobQueue(database),
+            PostgresQueueOperations(database),
+            PostgresCommitments(database),
+            database.close,
         )
+    from node.jobs.commitments import SqliteCommitments
     from node.jobs.database import Database
     from node.jobs.jobqueue import SqliteJobQueue
     from node.jobs.reports import SqliteQueueOperations
 
     sqlite = Database(settings.sqlite_path)
-    return OpenQueue(SqliteJobQueue(sqlite), SqliteQueueOperations(sqlite), sqlite.close)
+    return OpenQueue(
+        SqliteJobQueue(sqlite, keep_finished=settings.keep_finished),
+        SqliteQueueOperations(sqlite),
+        SqliteCommitments(sqlite),
+        sqlite.close,
+    )
 
 
 def open_job_queue(settings: QueueSettings, *, claims: bool = True) -> JobQueue:
@@ -96,3 +111,17 @@ def open_operations(settings: QueueSettings, *, read_only: bool = False) -> Queu
     from node.jobs.reports import SqliteQueueOperations
 
     return SqliteQueueOperations.open(settings.sqlite_path, read_only=read_only)
+
+
+def commitment_records(operations: QueueOperations) -> CommitmentRecords:
+    """The Storage Commitment records on the database of `operations` (`queue status`)."""
+    from node.jobs.database import Database
+
+    database = getattr(operations, "database")  # noqa: B009  (both backends have one)
+    if isinstance(database, Database):
+        from node.jobs.commitments import SqliteCommitments
+
+        return SqliteCommitments(database)
+    from node.jobs.postgres_commitments import PostgresCommitments
+
+    return PostgresCommitments(database)

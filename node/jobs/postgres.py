@@ -68,6 +68,7 @@ class PostgresSettings:
     lease: float = 60.0
     shared_spool: bool = False
     pool_size: int = 10
+    keep_finished: bool = False  # remember finished instances (Storage Commitment)
 
 
 def read_dsn_file(path: Path) -> str:
@@ -92,6 +93,7 @@ class PostgresDatabase:
             min_size=1,
             max_size=settings.pool_size,
             kwargs={"autocommit": True},
+            configure=self._configure,
             name=f"dicom-node-{settings.node}",
             open=False,
         )
@@ -111,6 +113,14 @@ class PostgresDatabase:
                 target=self._beat, name="queue-heartbeat", daemon=True
             )
             self._heartbeat.start()
+
+    def _configure(self, connection: psycopg.Connection[Any]) -> None:
+        """Settings of every pooled connection that the server-side functions read."""
+        connection.execute(
+            "SELECT set_config('dicom_node.node', %s, false),"
+            " set_config('dicom_node.keep_finished', %s, false)",
+            (self.node, "on" if self.settings.keep_finished else "off"),
+        )
 
     def close(self) -> None:
         self._stopping.set()

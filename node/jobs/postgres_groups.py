@@ -1,4 +1,5 @@
-"""Series and study groups on the PostgreSQL queue, shared by every node of a cluster.
+"""Series and study groups on the PostgreSQL queue, shared by every node of a cluster
+(and the sqlite3-shaped adapter node.jobs.postgres_commitments uses too).
 
 The SQL of node.jobs.groups is portable, so it runs here as it is: PortableDatabase
 gives it the small part of the sqlite3 API it uses (`?` placeholders, rowcount,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from node.jobs.postgres import PostgresDatabase
 
 # The tables whose INSERTs node.jobs.groups reads `lastrowid` of.
-_ID_TABLES = ("INSERT INTO jobs ", "INSERT INTO job_groups ")
+_ID_TABLES = ("INSERT INTO jobs ", "INSERT INTO job_groups ", "INSERT INTO commitments ")
 GROUP_WRITES_LOCK = 13  # with hashtext(current_schema()), as the migrations' lock
 
 
@@ -52,6 +53,9 @@ class PortableCursor:
 
     def fetchall(self) -> list[Any]:
         return self.cursor.fetchall() if self.cursor.description is not None else []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
 
 
 class PortableConnection:

@@ -218,10 +218,74 @@ BEGIN
 END $$;
 """
 
+# Storage Commitment records (node.jobs.commitments' tables) and the finished-instance
+# history, written by dn_complete_job when the connection says keep_finished.
+COMMITMENT = """
+CREATE TABLE commitments (
+    id BIGSERIAL PRIMARY KEY,
+    direction TEXT NOT NULL,
+    transaction_uid TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    our_ae_title TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    deadline DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    last_error TEXT,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX commitments_by_transaction ON commitments (direction, transaction_uid);
+CREATE TABLE commitment_items (
+    commitment_id BIGINT NOT NULL REFERENCES commitments (id),
+    position INTEGER NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    reason INTEGER,
+    job_id BIGINT,
+    PRIMARY KEY (commitment_id, position)
+);
+CREATE INDEX commitment_items_by_job ON commitment_items (job_id);
+CREATE TABLE finished_instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    finished_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX finished_instances_by_age ON finished_instances (finished_at);
+
+CREATE OR REPLACE FUNCTION dn_complete_job(p_job BIGINT, p_result TEXT, p_now DOUBLE PRECISION)
+RETURNS INTEGER LANGUAGE plpgsql AS $$
+DECLARE
+    v_instance BIGINT;
+    v_open INTEGER;
+BEGIN
+    SELECT instance_id INTO v_instance FROM jobs WHERE id = p_job;
+    IF v_instance IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM instances WHERE id = v_instance FOR UPDATE;
+    UPDATE jobs SET state = 'done', result = p_result, last_error = NULL, updated_at = p_now,
+        claimed_by = NULL, lease_until = NULL
+    WHERE id = p_job;
+    UPDATE job_group_members SET done_at = p_now WHERE job_id = p_job AND done_at IS NULL;
+    SELECT COUNT(*) INTO v_open FROM jobs WHERE instance_id = v_instance AND state <> 'done';
+    IF v_open = 0 THEN
+        IF current_setting('dicom_node.keep_finished', true) = 'on' THEN
+            INSERT INTO finished_instances (sop_instance_uid, sop_class_uid, finished_at)
+            SELECT sop_instance_uid, sop_class_uid, p_now FROM instances WHERE id = v_instance
+            ON CONFLICT (sop_instance_uid) DO UPDATE
+                SET sop_class_uid = EXCLUDED.sop_class_uid, finished_at = EXCLUDED.finished_at;
+        END IF;
+        DELETE FROM instances WHERE id = v_instance;
+    END IF;
+    RETURN v_open;
+END $$;
+"""
+
 # (id, what it does, SQL). Append only; never edit a released one.
 MIGRATIONS: list[tuple[str, str, str]] = [
     ("0001-core", "instances, jobs, the stored index, nodes, completion functions", CORE),
     ("0002-groups", "series and study groups; completion and heartbeat know them", GROUPS),
+    ("0003-commitment", "Storage Commitment records and finished instances", COMMITMENT),
 ]
 
 # Features that need tables of their own append (id, description, SQL) here, as they add

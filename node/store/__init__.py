@@ -4,5 +4,5 @@ path template (layout) with an atomic rename (durable), or upload it to an
 S3-compatible bucket (s3); kinds picks the kind a [[storage]] table asks for.
 
 May import: node.jobs, node.transcode, node.config, node.dicom, node.ingest
-(the spool), node.daemon.metrics.
+(the spool), node.daemon.metrics, node.shape (a target's header changes).
 """
