@@ -11,6 +11,7 @@ from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
 from node.daemon.logs import set_level
 from node.daemon.metrics import MetricsEndpoint, start_metrics
 from node.daemon.receivers import ReceiverProcesses
+from node.daemon.webview import NodeWebView
 from node.forward.derived import DerivedFiles
 from node.forward.forwarder import Forwarder
 from node.ingest.intake import Intake, free_space_probe
@@ -24,6 +25,7 @@ from node.jobs.reports import SqliteQueueOperations
 from node.store.targets import StorageTarget, duplicate_checker
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
+from node.web.server import WebServer, start_web
 
 log = logging.getLogger("node.server")
 
@@ -74,6 +76,10 @@ class Node:
         )
         self._stopped = threading.Event()
         self.metrics: MetricsEndpoint | None = None
+        # The status page (node.web); `phase` is what it shows as the node's state.
+        self.phase = "starting"
+        self.web_view = NodeWebView(self)
+        self.web: WebServer | None = None
 
     def _wake_workers(self) -> None:
         self.store_workers.wake.set()
@@ -92,6 +98,7 @@ class Node:
         self.store_workers.start()
         self.forwarder.start()
         self.metrics = start_metrics(self.config.metrics.address, self.reports)
+        self.web = start_web(self.config.web, self.web_view)
         if self.receivers is not None:
             # Before our own listener: once the port opens, every receiver shares the load.
             self.receivers.start()
@@ -149,6 +156,8 @@ class Node:
         self.queue.requeue_running()
         if self.metrics is not None:
             self.metrics.close()
+        if self.web is not None:
+            self.web.close()
         self.database.close()
         self._stopped.set()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from node.jobs.model import (
+    DeadLetter,
     Failure,
     Job,
     JobKind,
@@ -70,6 +71,11 @@ class QueueReports(Protocol):
     def report(self) -> list[TargetReport]: ...
     def recent_failures(self, limit: int) -> list[Failure]: ...
     def spool_summary(self) -> SpoolSummary: ...
+    # Dead letters newest first, a page at a time (the status page), and how many there are.
+    def dead_letters(
+        self, kind: JobKind | None, target: str | None, offset: int, limit: int
+    ) -> list[DeadLetter]: ...
+    def count_dead_letters(self, kind: JobKind | None, target: str | None) -> int: ...
 
 
 class QueueOperations(QueueReports, Protocol):

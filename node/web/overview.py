@@ -1,0 +1,179 @@
+"""The status page's data, as JSON-ready dicts: the API serves them as they are and the
+HTML pages render the same dicts, so page and API cannot disagree.
+
+No patient data: AE titles, addresses, counts, SOP Instance UIDs and error texts
+(which name UIDs and statuses, never patient attributes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+from node.jobs.model import JobKind, JobState, TargetReport, TargetSummary, summarise_targets
+from node.web.status import configured_targets
+from node.web.traffic import WINDOW
+from node.web.view import Hold, Live, NodeView
+
+DEAD_LETTERS_PER_PAGE = 25
+MAX_PER_PAGE = 200
+
+
+def overview(view: NodeView, now: float | None = None) -> dict[str, Any]:
+    """Everything the front page shows, read once."""
+    now = time.time() if now is None else now
+    config = view.config()
+    live = view.live()
+    rows = view.queue().report()
+    summaries = summarise_targets(rows, configured_targets(config))
+    return {
+        "generated_at": now,
+        "now": now_section(view, live, now),
+        "destinations": destination_rows(view, live, rows, summaries, now),
+        "storage": storage_rows(summaries, now),
+        "associations": [dataclasses.asdict(r) for r in view.recent_associations().newest_first()],
+        "panels": {
+            panel.key: {
+                "title": panel.title,
+                "columns": list(panel.columns),
+                "rows": [list(row) for row in panel.rows],
+                "note": panel.note,
+            }
+            for panel in view.panels()
+        },
+    }
+
+
+def now_section(view: NodeView, live: Live, now: float) -> dict[str, Any]:
+    config = view.config()
+    minimum = config.limits.min_free_space
+    return {
+        "ae_title": config.node.ae_title,
+        "dicom_port": config.node.port,
+        "phase": live.phase,
+        "version": live.version,
+        "started_at": live.started_at,
+        "uptime_seconds": max(0.0, now - live.started_at),
+        "associations_open": live.associations_open,
+        "min_free_space": minimum,
+        "folders": [
+            {
+                "role": folder.role,
+                "path": str(folder.path),
+                "free": folder.free,
+                "low": folder.free is not None and folder.free < minimum,
+            }
+            for folder in live.folders
+        ],
+    }
+
+
+def destination_state(
+    hold: Hold | None, summary: TargetSummary, next_due: float | None, now: float
+) -> tuple[str, float | None]:
+    """idle, sending, held (the destination backs off an unreachable peer) or waiting (its
+    jobs are scheduled for a retry later), with the time of the next try."""
+    if hold is not None and hold.until > now:
+        return "held", hold.until
+    if summary.running:
+        return "sending", None
+    if summary.pending:
+        if next_due is not None and next_due > now:
+            return "waiting", next_due
+        return "sending", None
+    return "idle", None
+
+
+def _next_due(rows: list[TargetReport]) -> dict[tuple[str, str], float | None]:
+    return {(r.kind, r.target): r.next_attempt_at for r in rows if r.state == JobState.PENDING}
+
+
+def _age(then: float | None, now: float) -> float | None:
+    return None if then is None else max(0.0, now - then)
+
+
+def destination_rows(
+    view: NodeView,
+    live: Live,
+    rows: list[TargetReport],
+    summaries: list[TargetSummary],
+    now: float,
+) -> list[dict[str, Any]]:
+    config = view.config()
+    by_name = {s.target: s for s in summaries if s.kind == JobKind.FORWARD}
+    due = _next_due(rows)
+    delays = view.delivery_delays()
+    result = []
+    for destination in config.destinations:
+        summary = by_name.get(destination.name) or TargetSummary("forward", destination.name)
+        hold = live.holds.get(destination.name)
+        state, next_try = destination_state(
+            hold, summary, due.get(("forward", destination.name)), now
+        )
+        result.append(
+            {
+                "name": destination.name,
+                "peer": f"{destination.ae_title}@{destination.host}:{destination.port}",
+                "state": state,
+                "next_try": next_try,
+                "failed_attempts_in_a_row": hold.streak if hold and state == "held" else 0,
+                "pending": summary.pending,
+                "running": summary.running,
+                "depth": summary.pending + summary.running,
+                "dead_letters": summary.failed,
+                "oldest_pending": summary.oldest_pending,
+                "oldest_pending_age": _age(summary.oldest_pending, now),
+                "last_error": summary.last_error,
+                "last_error_at": summary.last_error_at,
+                "delivery_delay": dataclasses.asdict(delays.summary(destination.name, now)),
+            }
+        )
+    return result
+
+
+def storage_rows(summaries: list[TargetSummary], now: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": s.target,
+            "pending": s.pending,
+            "running": s.running,
+            "dead_letters": s.failed,
+            "oldest_pending_age": _age(s.oldest_pending, now),
+            "last_error": s.last_error,
+            "last_error_at": s.last_error_at,
+        }
+        for s in summaries
+        if s.kind == JobKind.STORE
+    ]
+
+
+def traffic(view: NodeView, now: float | None = None) -> dict[str, Any]:
+    ring = view.traffic()
+    return {
+        "window_minutes": WINDOW,
+        "minutes": [dataclasses.asdict(m) for m in ring.minutes(now)],
+        "totals": ring.totals(now),
+    }
+
+
+def dead_letter_page(
+    view: NodeView, destination: str | None, page: int, per_page: int = DEAD_LETTERS_PER_PAGE
+) -> dict[str, Any]:
+    """One page of dead letters, newest first; forward jobs only when a destination is given."""
+    per_page = min(max(1, per_page), MAX_PER_PAGE)
+    kind = JobKind.FORWARD if destination else None
+    queue = view.queue()
+    total = queue.count_dead_letters(kind, destination)
+    pages = max(1, math.ceil(total / per_page))
+    page = min(max(1, page), pages)
+    items = queue.dead_letters(kind, destination, (page - 1) * per_page, per_page)
+    return {
+        "destination": destination,
+        "total": total,
+        "page": page,
+        "pages": pages,
+        "per_page": per_page,
+        "items": [dataclasses.asdict(item) for item in items],
+    }
