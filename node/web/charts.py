@@ -7,14 +7,19 @@ from collections.abc import Sequence
 from html import escape
 
 WIDTH = 300
-HEIGHT = 70
-TOP = 4  # room above the tallest bar
+HEIGHT = 70  # of the plot; the time axis' labels go below it
+LABELS = 12
+TOP = 13  # room above the tallest bar, for the peak label
 
 
 def _bar_title(minutes_ago: int, value: float, unit: str) -> str:
     when = "this minute" if minutes_ago == 0 else f"{minutes_ago} min ago"
     shown = f"{value:.1f}" if unit == "MB" else f"{value:.0f}"
     return f"{when}: {shown} {unit}"
+
+
+def _peak(peak: float, unit: str) -> str:
+    return f"{peak:.1f} {unit}" if unit == "MB" else f"{peak:.0f}"
 
 
 def bar_chart(flow: str, unit: str, values: Sequence[float]) -> str:
@@ -38,11 +43,15 @@ def bar_chart(flow: str, unit: str, values: Sequence[float]) -> str:
     shown_total = f"{total:.1f}" if unit == "MB" else f"{total:.0f}"
     label = f"{flow}, {unit} per minute over the last {count} minutes: {shown_total} in all"
     return (
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}"'
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT + LABELS}" width="{WIDTH}"'
+        f' height="{HEIGHT + LABELS}"'
         f' role="img" aria-label="{escape(label)}" data-flow="{escape(flow)}"'
         f' data-unit="{escape(unit)}" data-total="{shown_total}" data-peak="{peak:g}">'
         f"<title>{escape(label)}</title>"
         f'<line class="axis" x1="0" y1="{HEIGHT - 0.5}" x2="{WIDTH}" y2="{HEIGHT - 0.5}"/>'
         + "".join(bars)
+        + f'<text class="tick" x="1" y="{HEIGHT + LABELS - 2}">{count} min ago</text>'
+        + f'<text class="tick end" x="{WIDTH - 1}" y="{HEIGHT + LABELS - 2}">now</text>'
+        + f'<text class="tick end" x="{WIDTH - 1}" y="10">peak {_peak(peak, unit)}</text>'
         + "</svg>"
     )

@@ -92,6 +92,9 @@ def test_status_page_follows_an_outage_of_a_destination(tmp_path: Path) -> None:
         with chromium(tmp_path / "profile") as driver:
             from selenium.webdriver.common.by import By
 
+            # JavaScript is off in this browser: the page must do without it.
+            driver.get("data:text/html,<title>off</title><script>document.title='on'</script>")
+            assert driver.title == "off"
             # Without the token: 401 and the sign-in form.
             driver.get(base + "/")
             events = network_events(driver)
@@ -148,6 +151,19 @@ def test_status_page_follows_an_outage_of_a_destination(tmp_path: Path) -> None:
             state, depth, dead = read_page(driver, page_row)
             assert (state, depth) == ("idle", "0") and int(dead) >= 2
             dead_letters = int(dead)
+
+            # What the page keeps in memory: both associations, and every delivery's delay.
+            rows = driver.find_elements(By.CSS_SELECTOR, "#associations tbody tr.outcome-released")
+            assert len(rows) == 2 and all("STORESCU" in row.text for row in rows)
+            assert sorted(row.find_elements(By.TAG_NAME, "td")[5].text for row in rows) == [
+                "100",
+                "100",
+            ]
+            delay = pacs_row(base)["delivery_delay"]
+            assert (
+                delay["deliveries"] == 200 - dead_letters
+                and delay["maximum"] >= delay["median"] > 0
+            )
 
             # /api/status is `dicom-node status --json`, field for field, on a quiet node.
             cli = dicom_node("status", "--json", "-c", str(node.config_path), timeout=60)
