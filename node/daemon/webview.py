@@ -1,8 +1,11 @@
 """The running node as the status page sees it (node.web.view.NodeView).
 
 Features that add a section to the page (waiting study groups, storage commitments)
-register a panel source on the view: `view.panel_sources.append(callable)`, where
-the callable returns node.web.view.Panel objects.
+register a panel source on the view: `node.web_view.panel_sources.append(callable)`,
+where the callable returns node.web.view.Panel objects; a panel whose rows have an
+action (releasing a waiting group) registers its handler too:
+`node.web_view.panel_actions["groups"] = release`, called with the row's key and
+returning what it did (a KeyError for a row it does not know).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class NodeWebView:
         self.node = running
         self.started_at = time.time()
         self.panel_sources: list[Callable[[], Sequence[Panel]]] = []
+        self.panel_actions: dict[str, Callable[[str], str]] = {}
 
     def config(self) -> Config:
         return self.node.config
@@ -76,6 +80,9 @@ class NodeWebView:
 
     def panels(self) -> list[Panel]:
         return [panel for source in self.panel_sources for panel in source()]
+
+    def panel_action(self, panel: str, row: str) -> str:
+        return self.panel_actions[panel](row)
 
     def retry_dead_letters(self, destination: str) -> int:
         count = self.node.reports.retry(JobKind.FORWARD, destination, failed=True)

@@ -60,6 +60,7 @@ API_INDEX = {
     "/api/traffic": "instances and bytes per minute over the last hour",
     "/api/dead-letters?destination=NAME&page=N&per_page=N": "dead letters, newest first",
     "POST /api/destinations/NAME/retry": "re-queue a destination's dead letters (token)",
+    "POST /api/panels/PANEL/ROW": "a panel's action on one row, e.g. release a group (token)",
 }
 
 
@@ -196,6 +197,7 @@ class WebApp:
         self.post_routes: dict[str, Route] = {
             "/logout": self.logout,
             "/actions/retry": self.retry_action,
+            "/actions/panel": self.panel_action,
         }
 
     # WSGI
@@ -362,6 +364,9 @@ class WebApp:
             name = self._destination(request.path[len(prefix) : -len(suffix)])
             assert name is not None
             return Response.json({"destination": name, "retried": self._retry(name)})
+        if request.path.startswith("/api/panels/"):
+            panel, _, row = request.path[len("/api/panels/") :].partition("/")
+            return Response.json({"panel": panel, "row": row, "result": self._act(panel, row)})
         route = self.post_routes.get(request.path)
         if route is None:
             raise BadRequest(HTTPStatus.NOT_FOUND, f"no action {request.path}")
@@ -390,6 +395,18 @@ class WebApp:
         if name is None:
             raise BadRequest(HTTPStatus.BAD_REQUEST, "which destination?")
         self._retry(name)
+        return Response.redirect("/")
+
+    def _act(self, panel: str, row: str) -> str:
+        try:
+            result = self.view.panel_action(panel, row)
+        except KeyError:
+            raise BadRequest(HTTPStatus.NOT_FOUND, f"no row {row!r} in {panel!r}") from None
+        log.info("status page: %s %r: %s", panel, row, result)
+        return result
+
+    def panel_action(self, request: Request, caller: Caller) -> Response:
+        self._act(request.form.get("panel", ""), request.form.get("row", ""))
         return Response.redirect("/")
 
     def login(self, request: Request, token: str | None) -> Response:

@@ -37,9 +37,12 @@ def overview(view: NodeView, now: float | None = None) -> dict[str, Any]:
         "panels": {
             panel.key: {
                 "title": panel.title,
+                "empty": panel.empty,
                 "columns": list(panel.columns),
                 "rows": [list(row) for row in panel.rows],
                 "note": panel.note,
+                "action": panel.action,
+                "row_keys": list(panel.row_keys),
             }
             for panel in view.panels()
         },

@@ -248,15 +248,33 @@ def storage_section(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def panels_section(panels: Mapping[str, Mapping[str, Any]]) -> str:
-    """Tables other features add (waiting groups, storage commitments), in their order."""
+def _panel_form(panel: str, row: str, label: str, viewer: Viewer) -> str:
+    return (
+        '<form class="inline" method="post" action="/actions/panel">'
+        f'<input type="hidden" name="csrf" value="{escape(viewer.csrf)}">'
+        f'<input type="hidden" name="panel" value="{escape(panel)}">'
+        f'<input type="hidden" name="row" value="{escape(row)}">'
+        f'<button type="submit">{escape(label)}</button></form>'
+    )
+
+
+def panels_section(panels: Mapping[str, Mapping[str, Any]], viewer: Viewer) -> str:
+    """Tables other features add (waiting groups, storage commitments), in their order;
+    a panel with an action gets a button per row for a token holder."""
     parts = []
     for key, panel in panels.items():
-        rows = ["<tr>" + _cells(escape(str(v)) for v in row) + "</tr>" for row in panel["rows"]]
+        acts = bool(viewer.can_act and panel["action"] and panel["row_keys"])
+        columns = [*panel["columns"], ""] if acts else panel["columns"]
+        rows = []
+        for index, row in enumerate(panel["rows"]):
+            cells = [escape(str(v)) for v in row]
+            if acts and index < len(panel["row_keys"]):
+                cells.append(_panel_form(key, panel["row_keys"][index], panel["action"], viewer))
+            rows.append("<tr>" + _cells(cells) + "</tr>")
         note = f'<p class="note">{escape(panel["note"])}</p>' if panel["note"] else ""
         parts.append(
             f'<section id="panel-{escape(key)}"><h2>{escape(panel["title"])}</h2>'
-            + table(panel["columns"], rows, "none")
+            + table(columns, rows, panel.get("empty", "none"))
             + note
             + "</section>"
         )
@@ -352,7 +370,7 @@ def overview_page(
         + traffic_section(traffic)
         + destinations_section(data["destinations"], viewer, now)
         + storage_section(data["storage"])
-        + panels_section(data["panels"])
+        + panels_section(data["panels"], viewer)
         + associations_section(data["associations"])
         + '<section id="dead-letters"><h2>Dead letters</h2>'
         + dead_letters_table(dead_letters, f"newest {shown} of {dead_letters['total']}")

@@ -48,6 +48,10 @@ class Panel:
     rows: Sequence[Sequence[str]] = ()
     empty: str = "none"
     note: str = ""
+    # An action on one row (e.g. "Release" for a waiting group), for token holders: its
+    # button label, and what identifies each row to NodeView.panel_action (same order).
+    action: str = ""
+    row_keys: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,6 @@ class NodeView(Protocol):
     def delivery_delays(self) -> DeliveryDelays: ...
     def panels(self) -> Sequence[Panel]: ...
     def retry_dead_letters(self, destination: str) -> int: ...
+    # A panel's action on one of its rows; returns what was done, raises KeyError if the
+    # panel or the row is not known.
+    def panel_action(self, panel: str, row: str) -> str: ...

@@ -4,22 +4,26 @@ status JSON of a stopped node, and the Grafana dashboard's metric names."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
+from wsgiref.util import setup_testing_defaults
 
 from prometheus_client.metrics import MetricWrapperBase
 from pydicom.uid import generate_uid
 
+from node.config.model import Config, load_config
 from node.daemon import metrics
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec, TargetSummary
 from node.jobs.reports import SqliteQueueOperations
-from node.web.activity import DeliveryDelays
+from node.web.activity import DeliveryDelays, RecentAssociations
+from node.web.app import WebApp
 from node.web.charts import bar_chart
 from node.web.overview import destination_state
 from node.web.traffic import Flow, TrafficRing
-from node.web.view import Hold
+from node.web.view import Hold, Live, Panel
 from tests.daemon.test_daemon_status import queued_instance
 from tests.support import REPO, base_config, dicom_node, free_port, write_config
 
@@ -196,3 +200,109 @@ def test_the_grafana_dashboard_queries_only_metrics_the_node_has() -> None:
     # Every counter the node has is on the dashboard somewhere.
     counters = {n for n in exposed if n.endswith("_total")}
     assert counters - queried == set()
+
+
+class PanelView:
+    """A NodeView with one feature panel (as waiting study groups would add), over a real
+    queue database and config: the seam node.daemon.webview implements for the node."""
+
+    def __init__(self, folder: Path) -> None:
+        sections = base_config(folder, free_port())
+        self._config = load_config(write_config(folder / "config.toml", sections))
+        SqliteJobQueue.open(self._config.queue_path).close()
+        self._queue = SqliteQueueOperations.open(self._config.queue_path)
+        self.released: list[str] = []
+
+    def config(self) -> Config:
+        return self._config
+
+    def queue(self) -> SqliteQueueOperations:
+        return self._queue
+
+    def live(self) -> Live:
+        return Live("ready", T0, "test", 0)
+
+    def traffic(self) -> TrafficRing:
+        return TrafficRing()
+
+    def recent_associations(self) -> RecentAssociations:
+        return RecentAssociations()
+
+    def delivery_delays(self) -> DeliveryDelays:
+        return DeliveryDelays()
+
+    def panels(self) -> list[Panel]:
+        return [
+            Panel(
+                "groups",
+                "Waiting groups",
+                ["study", "instances"],
+                rows=[["1.2.3", "12"], ["1.2.4", "3"]],
+                action="Release",
+                row_keys=["g1", "g2"],
+            )
+        ]
+
+    def retry_dead_letters(self, destination: str) -> int:
+        return 0
+
+    def panel_action(self, panel: str, row: str) -> str:
+        if panel != "groups" or row not in ("g1", "g2"):
+            raise KeyError(row)
+        self.released.append(row)
+        return f"released {row}"
+
+
+def wsgi(
+    app: WebApp, method: str, path: str, headers: dict[str, str], body: bytes = b""
+) -> tuple[str, dict[str, str], str]:
+    environ: dict[str, object] = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+    }
+    if body:
+        environ["CONTENT_TYPE"] = "application/x-www-form-urlencoded"
+    environ.update({"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()})
+    setup_testing_defaults(environ)
+    answer: dict[str, object] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+        answer["status"], answer["headers"] = status, dict(headers)
+
+    text = b"".join(app(environ, start_response)).decode()
+    return str(answer["status"]), answer["headers"], text  # type: ignore[return-value]
+
+
+def test_a_feature_panel_is_shown_and_its_row_action_needs_token_and_csrf(tmp_path: Path) -> None:
+    view = PanelView(tmp_path)
+    token_file = tmp_path / "token"
+    token_file.write_text("panel-token")
+    app = WebApp(view, token_file)
+    auth = {"Authorization": "Bearer panel-token"}
+    status, _, page = wsgi(app, "GET", "/", auth)
+    assert status.startswith("200")
+    assert 'id="panel-groups"' in page and "Waiting groups" in page and "1.2.4" in page
+    assert page.count(">Release</button>") == 2
+    overview = json.loads(wsgi(app, "GET", "/api/overview", auth)[2])
+    assert overview["panels"]["groups"]["row_keys"] == ["g1", "g2"]
+
+    status, _, body = wsgi(app, "POST", "/api/panels/groups/g2", auth)
+    assert status.startswith("200") and json.loads(body)["result"] == "released g2"
+    assert wsgi(app, "POST", "/api/panels/groups/nope", auth)[0].startswith("404")
+    assert wsgi(app, "POST", "/api/panels/groups/g1", {})[0].startswith("401")
+
+    status, headers, _ = wsgi(app, "POST", "/login", {}, b"token=panel-token")
+    cookie = headers["Set-Cookie"].split(";")[0]
+    page = wsgi(app, "GET", "/", {"Cookie": cookie})[2]
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)  # type: ignore[union-attr]
+    form = f"panel=groups&row=g1&csrf={csrf}".encode()
+    assert wsgi(app, "POST", "/actions/panel", {"Cookie": cookie}, b"panel=groups&row=g1")[
+        0
+    ].startswith("403")
+    assert view.released == ["g2"]
+    assert wsgi(app, "POST", "/actions/panel", {"Cookie": cookie}, form)[0].startswith("303")
+    assert view.released == ["g2", "g1"]
+    # Without a token file the panel is shown, read-only.
+    assert ">Release</button>" not in wsgi(WebApp(view, None), "GET", "/", {})[2]
