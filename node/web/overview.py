@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from node.jobs.model import JobKind, JobState, TargetReport, TargetSummary, summarise_targets
@@ -19,6 +22,20 @@ from node.web.view import Hold, Live, NodeView
 
 DEAD_LETTERS_PER_PAGE = 25
 MAX_PER_PAGE = 200
+
+
+def redact_paths(text: str | None, roots: Sequence[Path]) -> str | None:
+    """An error text without the part of a stored file's path below its storage root: the
+    layout puts patient attributes there ({PatientID}/...), and the page shows none."""
+    if not text:
+        return text
+    for root in roots:
+        text = re.sub(re.escape(str(root)) + r"/[^'\"\s:]*", f"{root}/…", text)
+    return text
+
+
+def _storage_roots(view: NodeView) -> list[Path]:
+    return [storage.path for storage in view.config().storage]
 
 
 def overview(view: NodeView, now: float | None = None) -> dict[str, Any]:
@@ -32,7 +49,7 @@ def overview(view: NodeView, now: float | None = None) -> dict[str, Any]:
         "generated_at": now,
         "now": now_section(view, live, now),
         "destinations": destination_rows(view, live, rows, summaries, now),
-        "storage": storage_rows(summaries, now),
+        "storage": storage_rows(summaries, now, _storage_roots(view)),
         "associations": [dataclasses.asdict(r) for r in view.recent_associations().newest_first()],
         "panels": {
             panel.key: {
@@ -108,6 +125,7 @@ def destination_rows(
     by_name = {s.target: s for s in summaries if s.kind == JobKind.FORWARD}
     due = _next_due(rows)
     delays = view.delivery_delays()
+    roots = _storage_roots(view)
     result = []
     for destination in config.destinations:
         summary = by_name.get(destination.name) or TargetSummary("forward", destination.name)
@@ -128,7 +146,7 @@ def destination_rows(
                 "dead_letters": summary.failed,
                 "oldest_pending": summary.oldest_pending,
                 "oldest_pending_age": _age(summary.oldest_pending, now),
-                "last_error": summary.last_error,
+                "last_error": redact_paths(summary.last_error, roots),
                 "last_error_at": summary.last_error_at,
                 "delivery_delay": dataclasses.asdict(delays.summary(destination.name, now)),
             }
@@ -136,7 +154,9 @@ def destination_rows(
     return result
 
 
-def storage_rows(summaries: list[TargetSummary], now: float) -> list[dict[str, Any]]:
+def storage_rows(
+    summaries: list[TargetSummary], now: float, roots: Sequence[Path] = ()
+) -> list[dict[str, Any]]:
     return [
         {
             "name": s.target,
@@ -144,7 +164,7 @@ def storage_rows(summaries: list[TargetSummary], now: float) -> list[dict[str, A
             "running": s.running,
             "dead_letters": s.failed,
             "oldest_pending_age": _age(s.oldest_pending, now),
-            "last_error": s.last_error,
+            "last_error": redact_paths(s.last_error, roots),
             "last_error_at": s.last_error_at,
         }
         for s in summaries
@@ -178,5 +198,8 @@ def dead_letter_page(
         "page": page,
         "pages": pages,
         "per_page": per_page,
-        "items": [dataclasses.asdict(item) for item in items],
+        "items": [
+            {**dataclasses.asdict(item), "error": redact_paths(item.error, _storage_roots(view))}
+            for item in items
+        ],
     }

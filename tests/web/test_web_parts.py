@@ -21,7 +21,7 @@ from node.jobs.reports import SqliteQueueOperations
 from node.web.activity import DeliveryDelays, RecentAssociations
 from node.web.app import WebApp
 from node.web.charts import bar_chart
-from node.web.overview import destination_state
+from node.web.overview import destination_state, redact_paths
 from node.web.traffic import Flow, TrafficRing
 from node.web.view import Hold, Live, Panel
 from tests.daemon.test_daemon_status import queued_instance
@@ -306,3 +306,16 @@ def test_a_feature_panel_is_shown_and_its_row_action_needs_token_and_csrf(tmp_pa
     assert view.released == ["g2", "g1"]
     # Without a token file the panel is shown, read-only.
     assert ">Release</button>" not in wsgi(WebApp(view, None), "GET", "/", {})[2]
+
+
+def test_stored_paths_in_errors_lose_what_the_layout_put_below_the_root() -> None:
+    roots = [Path("/srv/archive"), Path("/srv/second")]
+    error = (
+        "[Errno 13] Permission denied: '/srv/archive/PAT123/1.2.3/1.2.3.4.dcm'; also"
+        " /srv/second/DOE^JOHN/x.dcm: read-only; /srv/archived/other stays"
+    )
+    assert redact_paths(error, roots) == (
+        "[Errno 13] Permission denied: '/srv/archive/…'; also /srv/second/…: read-only;"
+        " /srv/archived/other stays"
+    )
+    assert redact_paths(None, roots) is None
