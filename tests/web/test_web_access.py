@@ -73,6 +73,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProc
             )
         ]
         config["web"] = {"address": f"127.0.0.1:{web_port}", "token_file": str(token_file)}
+        config["security"] = {"allowed_calling_aets": ["STORESCU"]}
 
     node = configured_node(folder, edit).start()
     files = copies_with_new_uids(find("CT_small.dcm"), folder / "in", 3)
@@ -273,3 +274,20 @@ def test_a_token_file_readable_by_everyone_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "web.token_file" in result.stdout + result.stderr
     assert "readable by every user" in result.stdout + result.stderr
+
+
+def test_recent_associations_show_refusals_with_their_reason(
+    guarded: tuple[NodeProcess, int, Path],
+) -> None:
+    node, port, _ = guarded
+    files = copies_with_new_uids(find("CT_small.dcm"), node.config_path.parent / "intruder", 1)
+    assert storescu(node.port, files, aet="INTRUDER").returncode != 0
+    associations = call(port, "/api/overview", headers=bearer()).json()["associations"]  # type: ignore[index]
+    newest = associations[0]
+    assert newest["outcome"] == "rejected" and newest["calling_ae_title"] == "INTRUDER"
+    assert "allowed_calling_aets" in newest["reason"] and newest["instances"] == 0
+    sent = [a for a in associations if a["calling_ae_title"] == "STORESCU"]
+    assert sent and sent[-1]["outcome"] == "released" and sent[-1]["instances"] == 3
+    assert "contexts accepted" in sent[-1]["contexts"]
+    page = call(port, "/", headers=bearer()).body
+    assert "INTRUDER" in page and "rejected: calling AE" in page
