@@ -5,8 +5,6 @@ that is stopped halfway and started again."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -112,21 +110,7 @@ def test_status_page_follows_an_outage_of_a_destination(tmp_path: Path) -> None:
 
             # storescp stops halfway: the next 100 are received, the destination is held.
             storescp.stop()
-            sender = subprocess.Popen(
-                [
-                    shutil.which("storescu", path="/usr/bin") or "storescu",
-                    "-aec",
-                    "DICOMNODE",
-                    "-aet",
-                    "STORESCU",
-                    "127.0.0.1",
-                    str(node.port),
-                    *map(str, second),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            assert sender.wait(120) == 0
+            assert storescu(node.port, second).returncode == 0
             assert wait_until(lambda: read_page(driver, page_row)[0] == "held", 30)
             assert wait_until(lambda: int(read_page(driver, page_row)[2]) >= 2, 30)
             held_state, depth, dead = read_page(driver, page_row)
