@@ -37,7 +37,7 @@ from node.forward.derived import DerivedFiles, Untranscodable
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
-from node.jobs.model import Job, JobKind
+from node.jobs.model import GroupClaim, Job, JobKind
 from node.jobs.retry import RetrySchedule
 from node.net.pdu import MAX_PRESENTATION_CONTEXTS
 from node.net.storelink import (
@@ -244,6 +244,16 @@ class DestinationLink:
         log.debug("association to %s established", self.peer)
         return association
 
+    def open_for(self, wanted: Sequence[tuple[str, Sequence[UID]]]) -> None:
+        """A new association of its own, proposing every (SOP class, syntaxes) given: one
+        series or study group goes over it (past 128 contexts, ensure() opens more)."""
+        self.release()
+        proposal = Proposal()
+        for sop_class, syntaxes in wanted:
+            proposal = proposal.with_class(sop_class, syntaxes)
+        self.proposal = proposal
+        self.association = self._associate(proposal)
+
     def accepted(self, sop_class: str) -> set[UID]:
         assert self.association is not None
         return {UID(syntax) for syntax in self.association.accepted(sop_class)}
@@ -362,6 +372,10 @@ class DestinationWorker:
             self.link.release()
             self.stopping.wait(POLL_INTERVAL)
             return
+        group = self.queue.claim_group(JobKind.FORWARD, self.destination.name)
+        if group is not None:
+            self._send_group(group)
+            return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
         # holds through its fsync; one wait per batch instead of one per instance.
         jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=CLAIM_BATCH)
@@ -474,6 +488,66 @@ class DestinationWorker:
         log.warning(
             "destination %r unreachable or out of resources: holding its jobs for %.1f s",
             self.destination.name,
+            delay,
+        )
+
+    def _send_group(self, claim: GroupClaim) -> None:
+        """A dispatched series or study group over one association of its own, in the order
+        claimed (Series Number, Instance Number). A member refused or to be retried follows
+        the usual rules on its own and holds the group's delivered state; a broken
+        association gives the rest back to the group, sent as one after the hold."""
+        jobs, group = claim.jobs, claim.group
+        wanted = [
+            (
+                job.instance.sop_class_uid,
+                proposed_syntaxes(self.destination, job.instance.transfer_syntax),
+            )
+            for job in jobs
+        ]
+        try:
+            self.link.open_for(wanted)
+        except TransportError as exc:
+            self._group_unreachable(jobs, str(exc))
+            return
+        log.info(
+            "sending %s %s (version %d, %d instances) of Study Instance UID %s to %r"
+            " over one association",
+            group.level,
+            group.series_instance_uid or "(whole study)",
+            group.version,
+            len(jobs),
+            group.study_instance_uid,
+            self.destination.name,
+        )
+        for index, job in enumerate(jobs):
+            if self.stopping.is_set():
+                self.queue.return_to_group(jobs[index:])
+                return
+            try:
+                outcome = self._deliver(job)
+            except TransportError as exc:
+                self._group_unreachable(jobs[index:], str(exc))
+                return
+            except Exception as exc:  # a bug or an I/O error: keep the job, try again later
+                log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
+                outcome = DeliveryOutcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+            if outcome.peer_busy:
+                self._group_unreachable(jobs[index:], outcome.detail)
+                return
+            self.hold.end()
+            self._record(job, outcome)
+        self.link.release()
+
+    def _group_unreachable(self, jobs: Sequence[Job], error: str) -> None:
+        self.link.abort()
+        self.queue.return_to_group(jobs, error)
+        delay = self.hold.begin()
+        log.warning(
+            "destination %r unreachable or out of resources during a group (%s): %d of its"
+            " instances wait for the group to be sent again in %.1f s",
+            self.destination.name,
+            error,
+            len(jobs),
             delay,
         )
 
