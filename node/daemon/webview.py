@@ -82,7 +82,26 @@ class NodeWebView:
         return [panel for source in self.panel_sources for panel in source()]
 
     def panel_action(self, panel: str, row: str) -> str:
+        if panel == "groups":
+            return self._release_group(row)
         return self.panel_actions[panel](row)
+
+    def _release_group(self, row: str) -> str:
+        """Release one series or study group (the key node.web.overview.release_key made)."""
+        level, _, rest = row.partition(":")
+        uid, _, target = rest.partition(":")
+        if level not in ("series", "study") or not uid or not target:
+            raise KeyError(row)
+        count = self.node.reports.release_groups(
+            study=uid if level == "study" else None,
+            series=uid if level == "series" else None,
+            target=target,
+        )
+        if not count:
+            raise KeyError(row)  # dispatched meanwhile, or never there
+        self.node.forwarder.wake()
+        self.node.store_workers.wake.set()
+        return f"{count} {level} groups of {uid} for {target!r} released"
 
     def retry_dead_letters(self, destination: str) -> int:
         count = self.node.reports.retry(JobKind.FORWARD, destination, failed=True)

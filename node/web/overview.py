@@ -15,10 +15,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from node.jobs.model import JobKind, JobState, TargetReport, TargetSummary, summarise_targets
+from node.jobs.model import (
+    GroupReport,
+    GroupState,
+    JobKind,
+    JobState,
+    TargetReport,
+    TargetSummary,
+    group_due,
+    group_waits_for,
+    summarise_targets,
+)
+from node.web.pages import duration
 from node.web.status import configured_targets
 from node.web.traffic import WINDOW
-from node.web.view import Hold, Live, NodeView
+from node.web.view import Hold, Live, NodeView, Panel
 
 DEAD_LETTERS_PER_PAGE = 25
 MAX_PER_PAGE = 200
@@ -61,7 +72,7 @@ def overview(view: NodeView, now: float | None = None) -> dict[str, Any]:
                 "action": panel.action,
                 "row_keys": list(panel.row_keys),
             }
-            for panel in view.panels()
+            for panel in [*builtin_panels(view, now), *view.panels()]
         },
     }
 
@@ -91,23 +102,34 @@ def now_section(view: NodeView, live: Live, now: float) -> dict[str, Any]:
 
 
 def destination_state(
-    hold: Hold | None, summary: TargetSummary, next_due: float | None, now: float
+    hold: Hold | None,
+    summary: TargetSummary,
+    next_due: float | None,
+    now: float,
+    in_groups: int = 0,
 ) -> tuple[str, float | None]:
     """idle, sending, held (the destination backs off an unreachable peer) or waiting (its
-    jobs are scheduled for a retry later), with the time of the next try."""
+    jobs are scheduled for a retry later, or wait in a series or study group), with the
+    time of the next try."""
     if hold is not None and hold.until > now:
         return "held", hold.until
     if summary.running:
         return "sending", None
-    if summary.pending:
+    if summary.pending > in_groups:
         if next_due is not None and next_due > now:
             return "waiting", next_due
         return "sending", None
+    if summary.pending:
+        return "waiting", None  # every pending job waits for its group's trigger
     return "idle", None
 
 
 def _next_due(rows: list[TargetReport]) -> dict[tuple[str, str], float | None]:
     return {(r.kind, r.target): r.next_attempt_at for r in rows if r.state == JobState.PENDING}
+
+
+def _in_groups(rows: list[TargetReport]) -> dict[tuple[str, str], int]:
+    return {(r.kind, r.target): r.count for r in rows if r.state == JobState.WAITING}
 
 
 def _age(then: float | None, now: float) -> float | None:
@@ -124,15 +146,15 @@ def destination_rows(
     config = view.config()
     by_name = {s.target: s for s in summaries if s.kind == JobKind.FORWARD}
     due = _next_due(rows)
+    grouped = _in_groups(rows)
     delays = view.delivery_delays()
     roots = _storage_roots(view)
     result = []
     for destination in config.destinations:
         summary = by_name.get(destination.name) or TargetSummary("forward", destination.name)
         hold = live.holds.get(destination.name)
-        state, next_try = destination_state(
-            hold, summary, due.get(("forward", destination.name)), now
-        )
+        key = ("forward", destination.name)
+        state, next_try = destination_state(hold, summary, due.get(key), now, grouped.get(key, 0))
         result.append(
             {
                 "name": destination.name,
@@ -143,6 +165,7 @@ def destination_rows(
                 "pending": summary.pending,
                 "running": summary.running,
                 "depth": summary.pending + summary.running,
+                "in_groups": grouped.get(key, 0),
                 "dead_letters": summary.failed,
                 "oldest_pending": summary.oldest_pending,
                 "oldest_pending_age": _age(summary.oldest_pending, now),
@@ -203,3 +226,74 @@ def dead_letter_page(
             for item in items
         ],
     }
+
+
+GROUP_COLUMNS = (
+    "route",
+    "target",
+    "level",
+    "Study Instance UID",
+    "Series Instance UID",
+    "version",
+    "state",
+    "instances",
+    "first arrival",
+    "due",
+    "note",
+)
+
+
+def builtin_panels(view: NodeView, now: float) -> list[Panel]:
+    """The node's own extra tables: series and study groups, when a route has a trigger or
+    a group is still open."""
+    queue = view.queue()
+    groups = [*queue.waiting_groups(), *queue.dispatched_groups()]
+    triggered = any(route.trigger != "instance" for route in view.config().routes)
+    if not groups and not triggered:
+        return []
+    return [
+        Panel(
+            "groups",
+            "Waiting groups",
+            GROUP_COLUMNS,
+            rows=[_group_row(group, now) for group in groups],
+            empty="no series or study group is waiting",
+            note="A group is sent when it is stable (see the route's trigger);"
+            " Release sends it now, as `dicom-node queue release` does.",
+            action="Release",
+            row_keys=[release_key(group) for group in groups],
+        )
+    ]
+
+
+def release_key(group: GroupReport) -> str:
+    """What identifies a waiting or held group to release it; "" once it is dispatched."""
+    if group.state not in (GroupState.WAITING, GroupState.HELD):
+        return ""
+    uid = group.study_instance_uid if group.level == "study" else group.series_instance_uid
+    return f"{group.level}:{uid}:{group.target}"
+
+
+def _group_row(group: GroupReport, now: float) -> list[str]:
+    at, reason = group_due(group)
+    waits_for = group_waits_for(group)
+    if group.state == GroupState.DISPATCHED:
+        due, note = "sending", group.reason
+    elif at is None:
+        due, note = "-", waits_for or "waits for force_after"
+    else:
+        due = "now" if at <= now else f"in {duration(at - now)}"
+        note = f"{reason}; {waits_for}" if waits_for else reason
+    return [
+        group.route,
+        f"{group.kind} {group.target}",
+        group.level,
+        group.study_instance_uid,
+        group.series_instance_uid or "-",
+        str(group.version),
+        group.state,
+        str(group.members),
+        f"{duration(now - group.first_arrival_at)} ago",
+        due,
+        note,
+    ]

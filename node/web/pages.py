@@ -268,8 +268,9 @@ def panels_section(panels: Mapping[str, Mapping[str, Any]], viewer: Viewer) -> s
         rows = []
         for index, row in enumerate(panel["rows"]):
             cells = [escape(str(v)) for v in row]
-            if acts and index < len(panel["row_keys"]):
-                cells.append(_panel_form(key, panel["row_keys"][index], panel["action"], viewer))
+            if acts:
+                row_key = panel["row_keys"][index] if index < len(panel["row_keys"]) else ""
+                cells.append(_panel_form(key, row_key, panel["action"], viewer) if row_key else "")
             rows.append("<tr>" + _cells(cells) + "</tr>")
         note = f'<p class="note">{escape(panel["note"])}</p>' if panel["note"] else ""
         parts.append(

@@ -15,7 +15,7 @@ import pytest
 from node.config.model import parse_config
 from node.config.schema import ConfigError
 from tests.corpus import copies_with_new_uids, find
-from tests.forward_support import destination
+from tests.forward_support import StoreSCP, destination
 from tests.support import NodeProcess, configured_node, dicom_node, free_port, storescu, wait_until
 
 TOKEN = "first-token-0123456789"
@@ -312,3 +312,48 @@ def test_which_addresses_need_a_token_file(address: str, refused: bool) -> None:
             parse_config(data, Path("/etc/dicom-node/config.toml"))
     else:
         assert parse_config(data, Path("/etc/dicom-node/config.toml")).web.address == address
+
+
+def test_waiting_groups_are_shown_and_released_from_the_page(tmp_path: Path) -> None:
+    storescp = StoreSCP(tmp_path / "pacs").start()
+    token_file = tmp_path / "web.token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    web_port = free_port()
+
+    def edit(config: dict[str, object]) -> None:
+        config["destination"] = [destination("pacs", "STORESCP", storescp.port)]
+        config["route"] = [
+            {"name": "ct", "destinations": ["pacs"], "trigger": "series", "stable_after": 600}
+        ]
+        config["web"] = {"address": f"127.0.0.1:{web_port}", "token_file": str(token_file)}
+
+    node = configured_node(tmp_path / "node", edit).start()
+    try:
+        files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "in", 3)  # one series
+        assert storescu(node.port, files).returncode == 0
+        overview = call(web_port, "/api/overview", headers=bearer()).json()
+        panel = overview["panels"]["groups"]  # type: ignore[index]
+        assert len(panel["rows"]) == 1
+        row, key = panel["rows"][0], panel["row_keys"][0]
+        assert row[:3] == ["ct", "forward pacs", "series"] and row[6:8] == ["waiting", "3"]
+        pacs = overview["destinations"][0]  # type: ignore[index]
+        assert (pacs["state"], pacs["depth"], pacs["in_groups"]) == ("waiting", 3, 3)
+        page = call(web_port, "/", headers=bearer()).body
+        assert 'id="panel-groups"' in page and page.count(">Release</button>") == 1
+
+        answer = call(web_port, f"/api/panels/groups/{key}", "POST", headers=bearer())
+        assert answer.status == 200, answer.body
+        assert "1 series groups" in answer.json()["result"]  # type: ignore[index]
+
+        def delivered() -> bool:
+            rows = call(web_port, "/api/overview", headers=bearer()).json()["destinations"]  # type: ignore[index]
+            return rows[0]["state"] == "idle" and rows[0]["depth"] == 0
+
+        assert wait_until(delivered, 60)
+        assert storescp.count() == 3
+        again = call(web_port, f"/api/panels/groups/{key}", "POST", headers=bearer())
+        assert again.status == 404, "a dispatched group cannot be released twice"
+    finally:
+        node.stop()
+        storescp.kill()
