@@ -7,6 +7,7 @@ The pages render the dicts of node.web.overview, the same the JSON API serves.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -248,6 +249,16 @@ def storage_section(rows: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+_UID = re.compile(r"[0-9]+(\.[0-9]+){3,}")
+
+
+def _panel_cell(value: str) -> str:
+    """A UID may break anywhere (they are long); other text wraps at spaces."""
+    if _UID.fullmatch(value):
+        return f'<code class="uid">{escape(value)}</code>'
+    return escape(value)
+
+
 def _panel_form(panel: str, row: str, label: str, viewer: Viewer) -> str:
     return (
         '<form class="inline" method="post" action="/actions/panel">'
@@ -267,7 +278,7 @@ def panels_section(panels: Mapping[str, Mapping[str, Any]], viewer: Viewer) -> s
         columns = [*panel["columns"], ""] if acts else panel["columns"]
         rows = []
         for index, row in enumerate(panel["rows"]):
-            cells = [escape(str(v)) for v in row]
+            cells = [_panel_cell(str(v)) for v in row]
             if acts:
                 row_key = panel["row_keys"][index] if index < len(panel["row_keys"]) else ""
                 cells.append(_panel_form(key, row_key, panel["action"], viewer) if row_key else "")
@@ -329,7 +340,7 @@ def dead_letters_table(page: Mapping[str, Any], caption: str = "") -> str:
             [
                 escape(clock(item["at"])),
                 escape(f"{item['kind']} {item['target']}"),
-                f"<code>{escape(item['sop_instance_uid'])}</code>",
+                f'<code class="uid">{escape(item["sop_instance_uid"])}</code>',
                 str(item["attempts"]),
                 f'<span class="error">{escape(item["error"])}</span>',
             ]
