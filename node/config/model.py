@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydicom.uid import UID
 
+from node.config.addresses import is_loopback, parse_web_address
 from node.config.schema import (
     Between,
     Check,
@@ -77,6 +78,17 @@ def _check_metrics_address(table: Table, key: str, address: str) -> None:
     port = address.rpartition(":")[2]
     if address and not (port.isdigit() and 0 < int(port) < 65536):
         raise table.error(key, f'must be host:port such as "127.0.0.1:9110", got {address!r}')
+
+
+def _check_web_address(table: Table, key: str, address: str) -> None:
+    port = address.rpartition(":")[2]
+    if address and not (port.isdigit() and 0 < int(port) < 65536):
+        raise table.error(key, f'must be host:port such as "127.0.0.1:8080", got {address!r}')
+
+
+def _read_optional_path(table: Table, key: str, default: Path | None) -> Path | None:
+    """A file path, or "" (the default) for none; relative to the config file's folder."""
+    return None if table.raw(key, "") == "" else table.path(key)
 
 
 def _check_syntax_names(table: Table, key: str, names: tuple[str, ...]) -> None:
@@ -264,6 +276,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The status page and its JSON API (node.web)."""
+
+    # "" = off; "127.0.0.1:8080"; a bare ":8080" or "8080" serves on loopback only.
+    address: Annotated[str, Check(_check_web_address)] = ""
+    # A file holding the bearer token every request must carry; required off loopback.
+    token_file: Annotated[Path | None, Reader(_read_optional_path)] = None
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """The [routing] table; Config keeps its one key as Config.unrouted_storage."""
 
@@ -383,6 +405,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     unrouted_storage: str | None = None
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -403,6 +426,7 @@ SECTIONS = (
     Section("security", SecurityConfig, "security"),
     Section("limits", LimitsConfig, "limits"),
     Section("metrics", MetricsConfig, "metrics"),
+    Section("web", WebConfig, "web"),
     Section("routing", RoutingConfig, "routing"),
     Section("storage", StorageConfig, "storage", many=True),
     Section("destination", DestinationConfig, "destinations", many=True),
@@ -519,6 +543,27 @@ def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
         raise table.error(
             "uid_secret_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
         )
+def _check_web(table: Table, web: WebConfig) -> None:
+    if web.address and not web.token_file and not is_loopback(parse_web_address(web.address)[0]):
+        raise table.error(
+            "token_file",
+            f"is required when address ({web.address!r}) is not on loopback: anyone on the"
+            " network could read the page (or use 127.0.0.1)",
+        )
+    if web.token_file is not None:
+        _check_secret_file(table, "token_file", web.token_file)
+
+
+def _check_secret_file(table: Table, key: str, path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise table.error(key, f"cannot be read: {exc.strerror} ({path})") from None
+    if not text:
+        raise table.error(key, f"{path} is empty")
+    if mode & 0o004:
+        raise table.error(key, f"{path} is readable by every user: chmod o-r it (e.g. 0600)")
 
 
 def _check_route(table: Table, route: RouteConfig) -> None:
@@ -583,6 +628,7 @@ CHECKS: Mapping[type, TableCheck] = {
     DestinationConfig: _check_destination,
     RouteConfig: _check_route,
     DeidentifyConfig: _check_deidentify,
+    WebConfig: _check_web,
 }
 
 
