@@ -34,6 +34,7 @@ from node.daemon import metrics
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.forward.completions import Completions, Delivery
 from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.dicomweb import BatchResult, JobOutcome, StowSender
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
@@ -338,6 +339,11 @@ class DestinationWorker:
         self.wake = wake
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
+        # protocol = "dicomweb": whole batches by STOW-RS (node.forward.dicomweb), not self.link.
+        self.web = (
+            StowSender(destination, shared.derived) if destination.protocol == "dicomweb" else None
+        )
+        self.claims = destination.batch_size if self.web is not None else CLAIM_BATCH
         self.hold = hold
         self.thread = threading.Thread(
             target=self._loop, name=f"forward-{destination.name}-{index}", daemon=True
@@ -356,6 +362,8 @@ class DestinationWorker:
                     self.stopping.wait(ERROR_PAUSE)
         finally:
             self.link.release()
+            if self.web is not None:
+                self.web.release()
 
     def _step(self) -> None:
         if self.hold.active():
@@ -364,13 +372,16 @@ class DestinationWorker:
             return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
         # holds through its fsync; one wait per batch instead of one per instance.
-        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=CLAIM_BATCH)
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=self.claims)
         if jobs:
             self._run_batch(jobs)
         else:
             self._wait_for_work()
 
     def _run_batch(self, jobs: Sequence[Job]) -> None:
+        if self.web is not None:
+            self._run_web_batch(jobs)
+            return
         for index, job in enumerate(jobs):
             if self.stopping.is_set() or self.hold.active():
                 # Not tried: they go back with their attempt count as it was.
@@ -512,6 +523,26 @@ class DestinationWorker:
             delay,
         )
 
+    def _run_web_batch(self, jobs: Sequence[Job]) -> None:
+        """A batch by STOW-RS: the same records, retries and hold as C-STORE, per job."""
+        assert self.web is not None
+        try:
+            result = self.web.deliver(jobs, self.stopping)
+        except Exception as exc:  # a bug or an I/O error: keep the jobs, try again later
+            log.exception("STOW-RS of %d jobs to %r failed", len(jobs), self.destination.name)
+            error = f"{type(exc).__name__}: {exc}"
+            result = BatchResult([JobOutcome(job, Verdict.RETRY, error) for job in jobs])
+        for done in result.outcomes:
+            outcome = DeliveryOutcome(Verdict(done.verdict), done.detail, done.warning, done.size)
+            self._record(done.job, outcome)
+        if result.untried:
+            self.queue.release(result.untried)
+        if result.hold is None:
+            self.hold.end()
+            return
+        delay = self.hold.begin()
+        log.warning("destination %r held for %.1f s: %s", self.destination.name, delay, result.hold)
+
 
 def _printable(text: str, limit: int = 64) -> str:
     """A peer's Error Comment (LO, 64 characters) as one harmless line of log and status."""
@@ -591,6 +622,8 @@ class Forwarder:
             if worker.thread.is_alive():
                 log.warning("aborting the association of %s to stop", worker.thread.name)
                 worker.link.interrupt()
+                if worker.web is not None:
+                    worker.web.interrupt()
         self._join(timeout / 2)
         # Deliveries the peers confirmed are committed before the queue closes.
         self.completions.stop()
