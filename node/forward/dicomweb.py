@@ -50,6 +50,8 @@ from node.jobs.model import Job
 from node.net.tls import client_context
 
 log = logging.getLogger("node.forward")
+# httpx logs every request at INFO; the node logs each instance's outcome instead.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 MAX_RESPONSE = 16 << 20  # bytes of a response body read, at most: a Store response is small
 # Errors after which a request on a kept-alive connection is sent once more at once: the
@@ -250,7 +252,16 @@ class StowSender:
             **self._authorization(),
         }
         uids = [f.job.instance.sop_instance_uid for f in files]
+        started = time.monotonic()
         status, content_type, content = self._exchange(body, headers)
+        log.debug(
+            "STOW-RS of %d instances (%d bytes) to %s: HTTP %d in %.3f s",
+            len(files),
+            len(body),
+            self.url,
+            status,
+            time.monotonic() - started,
+        )
         answer = read_answer(status, content_type, content, uids, self.url)
         if answer.hold is not None:
             raise Held(answer.hold + self._hint(status))
