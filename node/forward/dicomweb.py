@@ -150,10 +150,7 @@ class StowSender:
             if stopping.is_set():
                 result.untried = [job for rest in groups[index:] for job in rest]
                 break
-            try:
-                outcomes, busy = self._send_study(group)
-            except Held as held:
-                outcomes, busy = [JobOutcome(job, "retry", str(held)) for job in group], str(held)
+            outcomes, busy = self._send_study(group)
             result.outcomes += outcomes
             if busy is not None:
                 result.untried = [job for rest in groups[index + 1 :] for job in rest]
@@ -176,9 +173,18 @@ class StowSender:
     # One study.
 
     def _send_study(self, jobs: Sequence[Job]) -> tuple[list[JobOutcome], str | None]:
-        """Each job's outcome, and why the destination is out of resources if it said so;
-        raises Held when no answer came (nothing is known of any instance)."""
+        """Each job's outcome, and why the destination must wait, if it must: no answer
+        came, or it is out of resources. Jobs without an answer are retried."""
         done: dict[int, JobOutcome] = {}
+        try:
+            busy = self._send_each(jobs, done)
+        except Held as held:
+            busy = str(held)
+        retry = [JobOutcome(job, "retry", busy or "") for job in jobs if job.id not in done]
+        return [done[job.id] for job in jobs if job.id in done] + retry, busy
+
+    def _send_each(self, jobs: Sequence[Job], done: dict[int, JobOutcome]) -> str | None:
+        """Fill `done` per job; resend in the next syntax, or alone, as the answers say."""
         busy: str | None = None
         choices = {
             job.id: _Choices(syntax_order(self.destination, job.instance.transfer_syntax))
@@ -212,10 +218,8 @@ class StowSender:
                     done[sent.job.id] = _job_outcome(sent, outcome, choices[sent.job.id])
                     busy = outcome.detail if outcome.busy else busy
         for job in alone:  # on its own a request never answers ALONE
-            outcomes, busy_alone = self._send_study([job])
-            done.update((o.job.id, o) for o in outcomes)
-            busy = busy or busy_alone
-        return [done[job.id] for job in jobs], busy
+            busy = self._send_each([job], done) or busy
+        return busy
 
     def _file_for(self, job: Job, choices: _Choices) -> _File | JobOutcome:
         """The instance as a file in the first syntax left that can be made; else refused."""
@@ -223,9 +227,16 @@ class StowSender:
         if not instance.spool_path.exists():
             detail = f"spool file {instance.spool_path} is missing (removed by hand?)"
             return JobOutcome(job, "refused", detail)
+        skipped: list[UID] = []
         while choices.syntaxes:
             syntax = choices.syntaxes.pop(0)
             if (instance.sop_class_uid, str(syntax)) in self._refused:
+                skipped.append(syntax)
+                if not choices.syntaxes and not choices.notes:
+                    # Every syntax was refused for earlier instances, none for this one: the
+                    # server may have changed (or an operator retried): ask it again.
+                    self._refused -= {(instance.sop_class_uid, str(s)) for s in skipped}
+                    choices.syntaxes = skipped
                 continue
             try:
                 path = self.derived.get(
@@ -238,7 +249,12 @@ class StowSender:
                 choices.notes.append(str(exc))
                 continue
             return _File(job, path, syntax)
-        reasons = "; ".join(choices.notes) or "every syntax was refused before"
+        refused = [
+            syntax_name(s) for s in skipped if (instance.sop_class_uid, str(s)) in self._refused
+        ]
+        if refused:
+            choices.notes.append(f"refused for earlier instances: {', '.join(refused)}")
+        reasons = "; ".join(choices.notes)
         return JobOutcome(job, "refused", f"no transfer syntax left for {self.url}: {reasons}")
 
     # HTTP.

@@ -225,7 +225,7 @@ def test_a_rotated_bearer_token_is_read_at_the_next_attempt(
         return bool(rows) and all(expected in str(r["last_error"]) for r in rows)
 
     assert wait_until(held, timeout=20), forward_rows(node.config_path)
-    assert [r["state"] for r in forward_rows(node.config_path)] == ["pending"]  # not dead
+    assert "failed" not in {r["state"] for r in forward_rows(node.config_path)}  # held, not dead
     assert stow.authorizations[0] == "Bearer expired-token"
 
     token.write_text("fresh-token\n")  # rotated in place: no reload
