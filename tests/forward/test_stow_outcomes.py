@@ -9,6 +9,7 @@ import email.parser
 import email.policy
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +39,8 @@ class StowServer:
         self.unsupported_media: set[str] = set()  # a part in one of these: 415
         self.refused_syntaxes: set[str] = set()  # per instance: Failure Reason 0xC122
         self.token: str | None = None  # bearer token required, if set
+        self.script: list[int] = []  # statuses to answer first, one per request, body-less
+        self.delay = 0.0  # seconds to wait before answering
         self.authorizations: list[str] = []
         self.lock = threading.Lock()
         self.port = free_port()
@@ -71,12 +74,15 @@ class StowServer:
 
     def answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
         assert path == "/dicom-web/studies", path
+        time.sleep(self.delay)
         with self.lock:
             self.authorizations.append(headers.get("Authorization", ""))
             if self.token is not None and headers.get("Authorization") != f"Bearer {self.token}":
                 return 401, {}
             parts = [_instance(part) for part in _parts(headers["Content-Type"], body)]
             self.received += parts
+            if self.script:
+                return self.script.pop(0), {}
             if any(syntax in self.unsupported_media for _, syntax in parts):
                 return 415, {}
             stored, failed = [], []
