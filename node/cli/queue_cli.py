@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from node.cli import groups_cli
 from node.config.model import Config, load_config
 from node.ingest.spool import Spool
 from node.jobs.interface import QueueOperations
@@ -54,6 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="which jobs: failed (default), pending, or all (never running ones)",
     )
     purge.add_argument("--yes", action="store_true", help="really delete (else: dry run)")
+    groups_cli.add_actions(actions, _add_config_option)
 
 
 def _add_config_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             return show_status(queue, config, as_json=args.json)
         if args.queue_action == "retry":
             return retry(queue, args)
+        if args.queue_action in groups_cli.ACTIONS:
+            return groups_cli.run(queue, args)
         return purge(queue, config, args)
     finally:
         queue.close()
@@ -190,6 +194,10 @@ def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         print("  ".join([*cells, line[-1]]).rstrip())
+    groups = groups_cli.group_lines(queue, now, _age)
+    if groups:
+        print("\nseries and study groups not yet delivered:")
+        print("\n".join(groups))
     failed = sum(row.count for row in rows if row.state == JobState.FAILED)
     if failed:
         print(

@@ -38,6 +38,8 @@ DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
 DestinationProtocol = Literal["dimse", "dicomweb"]
+# "instance": each instance is sent on its own as it arrives; "series"/"study": per group.
+Trigger = Literal["instance", "series", "study"]
 
 DEFAULT_LAYOUT = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
@@ -134,6 +136,19 @@ def _write_match(match: tuple[tuple[str, str], ...]) -> str:
     return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in match) + " }"
 
 
+def _check_count_keyword(table: Table, key: str, keyword: str) -> None:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword) if keyword else None
+    if keyword and (tag is None or dictionary_VR(tag) not in COUNT_VRS):
+        raise table.error(
+            key,
+            f"must be the keyword of a DICOM attribute holding a number of instances"
+            f" (VR IS, US or UL), such as NumberOfSeriesRelatedInstances; got {keyword!r}",
+        )
+
+
+COUNT_VRS = frozenset({"IS", "US", "UL", "SL", "SS"})
 AETitle = Annotated[str, Check(_check_ae_title)]
 Port = Annotated[int, Between(1, 65535)]
 # Keys a destination's (client side) TLS does not take: they configure the listener.
@@ -279,6 +294,15 @@ class RouteConfig:
     match: Annotated[tuple[tuple[str, str], ...], Reader(_read_match, _write_match)] = ()
     storage: tuple[str, ...] = ()
     destinations: tuple[str, ...] = ()
+    # Series and study triggers (_check_route_trigger; docs/routing-and-forwarding.md).
+    name: str = ""  # shown by `queue status`; "" = route[N]
+    trigger: Trigger = "instance"
+    stable_after: float = 0.0  # seconds without a new instance of the group; required
+    force_after: float = 0.0  # seconds after the first instance; 0 = never
+    expected_instances: int = 0  # a completeness condition: this many instances
+    # ... or the number in this attribute of the header (e.g. NumberOfSeriesRelatedInstances)
+    expected_instances_from: Annotated[str, Check(_check_count_keyword)] = ""
+    required_series: tuple[str, ...] = ()  # study: SeriesDescription globs that must arrive
 
 
 @dataclass(frozen=True)
@@ -452,6 +476,54 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
 def _check_route(table: Table, route: RouteConfig) -> None:
     if not route.storage and not route.destinations:
         raise table.error("storage", "a route must name at least one storage or destination")
+    _check_route_trigger(table, route)
+
+
+# The keys that only mean something with trigger = "series" or "study".
+GROUP_KEYS = (
+    "stable_after",
+    "force_after",
+    "expected_instances",
+    "expected_instances_from",
+    "required_series",
+)
+
+
+def _check_route_trigger(table: Table, route: RouteConfig) -> None:
+    if route.trigger == "instance":
+        for key in GROUP_KEYS:
+            if getattr(route, key):  # set (check-config prints the defaults: those are fine)
+                raise table.error(key, 'applies only with trigger = "series" or "study"')
+        return
+    if route.stable_after <= 0:
+        raise table.error(
+            "stable_after",
+            f'trigger = "{route.trigger}" needs stable_after: the seconds without a new'
+            f" instance of the {route.trigger} after which it is sent (e.g. 30)",
+        )
+    if route.force_after and route.force_after < route.stable_after:
+        raise table.error(
+            "force_after",
+            f"must be >= stable_after ({route.stable_after:g}), or 0 for never;"
+            f" got {route.force_after:g}",
+        )
+    if route.expected_instances and route.expected_instances_from:
+        raise table.error(
+            "expected_instances_from", "set expected_instances or expected_instances_from, not both"
+        )
+    if route.required_series and route.trigger != "study":
+        raise table.error("required_series", 'applies only with trigger = "study"')
+    conditions = [
+        key
+        for key in ("expected_instances", "expected_instances_from", "required_series")
+        if getattr(route, key)
+    ]
+    if conditions and not route.force_after:
+        raise table.error(
+            "force_after",
+            f"{conditions[0]} needs force_after: a group whose condition never holds would"
+            " otherwise wait for ever",
+        )
 
 
 CHECKS: Mapping[type, TableCheck] = {

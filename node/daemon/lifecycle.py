@@ -120,7 +120,7 @@ def status_text(node: Node) -> str:
     refused = metrics.total(metrics.INSTANCES_RECEIVED) - received
     queued = failed = 0
     for row in node.reports.report():
-        if row.state in (JobState.PENDING, JobState.RUNNING):
+        if row.state in (JobState.PENDING, JobState.RUNNING, JobState.WAITING):
             queued += row.count
         elif row.state == JobState.FAILED:
             failed += row.count

@@ -24,7 +24,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node.jobs.interface import QueueReports
@@ -85,6 +85,21 @@ VERIFICATION_MISMATCHES = Counter(
     ["target"],
 )
 
+GROUP_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0)
+GROUP_DISPATCH_SECONDS = Histogram(
+    "dicom_node_group_dispatch_delay_seconds",
+    "Series and study groups: seconds from the first arrival to the dispatch, observed at"
+    " delivery, by kind and target",
+    ["kind", "target"],
+    buckets=GROUP_BUCKETS,
+)
+GROUP_DELIVERY_SECONDS = Histogram(
+    "dicom_node_group_delivery_seconds",
+    "Series and study groups: seconds from the first arrival until every member was delivered",
+    ["kind", "target"],
+    buckets=GROUP_BUCKETS,
+)
+
 # The transcode ladder explains each failed rung; this phrase marks a pixel mismatch.
 MISMATCH_MARK = "verification mismatch"
 
@@ -140,6 +155,36 @@ def record_transcode(target: str, seconds: float, fallback: bool, reasons: Seque
         VERIFICATION_MISMATCHES.labels(target).inc(mismatches)
 
 
+def record_group_delivered(kind: str, target: str, waited: float, took: float) -> None:
+    """A series or study group delivered: first arrival to dispatch, and to delivery."""
+    GROUP_DISPATCH_SECONDS.labels(kind, target).observe(max(0.0, waited))
+    GROUP_DELIVERY_SECONDS.labels(kind, target).observe(max(0.0, took))
+
+
+def group_families(reports: QueueReports) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Groups waiting (or held), and late arrivals, read from the queue at scrape."""
+    waiting = GaugeMetricFamily(
+        "dicom_node_groups_waiting",
+        "Series and study groups not yet dispatched, by kind, target and state (waiting, held)",
+        labels=["kind", "target", "state"],
+    )
+    counts: dict[tuple[str, str, str], int] = {}
+    for group in reports.waiting_groups():
+        key = (group.kind, group.target, group.state)
+        counts[key] = counts.get(key, 0) + 1
+    for key, count in sorted(counts.items()):
+        waiting.add_metric(list(key), count)
+    totals = reports.group_totals()
+    late = CounterMetricFamily(
+        "dicom_node_group_late_arrivals",
+        "Instances that arrived for a group already dispatched (each starts or joins a new"
+        " version of it); kept in the queue database, so it survives restarts",
+    )
+    late.add_metric([], totals.late_arrivals)
+    yield waiting
+    yield late
+
+
 def total(metric: Counter | Gauge, **labels: str) -> float:
     """Sum of a metric's current values over the label values given (all when none)."""
     value = 0.0
@@ -158,7 +203,7 @@ class QueueCollector(Collector):
     def __init__(self, reports: QueueReports) -> None:
         self.reports = reports
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "dicom_node_queue_jobs",
             "Jobs in the queue, by kind (store, forward), target and state",
@@ -176,6 +221,7 @@ class QueueCollector(Collector):
                 oldest.add_metric([row.kind, row.target], max(0.0, now - row.oldest_created_at))
         yield depth
         yield oldest
+        yield from group_families(self.reports)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from node.config.model import Config
+from node.daemon.group_timer import GroupTimer
 from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
 from node.daemon.logs import set_level
 from node.daemon.metrics import MetricsEndpoint, start_metrics
@@ -72,6 +73,8 @@ class Node:
         self.receivers = (
             ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None
         )
+        # Series and study groups: dispatched when stable, from the times the queue recorded.
+        self.group_timer = GroupTimer(self.queue, self._wake_workers)
         self._stopped = threading.Event()
         self.metrics: MetricsEndpoint | None = None
 
@@ -91,6 +94,7 @@ class Node:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
         self.forwarder.start()
+        self.group_timer.start()
         self.metrics = start_metrics(self.config.metrics.address, self.reports)
         if self.receivers is not None:
             # Before our own listener: once the port opens, every receiver shares the load.
@@ -142,6 +146,7 @@ class Node:
         self.scp.stop(ASSOCIATION_DRAIN_TIMEOUT)
         if self.receivers is not None:
             self.receivers.join(ASSOCIATION_DRAIN_TIMEOUT)
+        self.group_timer.stop()
         self.store_workers.stop()
         self.forwarder.stop()
         self.transcode_pool.close()

@@ -38,7 +38,7 @@ from node.forward.dicomweb import BatchResult, JobOutcome, StowSender
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
-from node.jobs.model import Job, JobKind
+from node.jobs.model import GroupClaim, Job, JobKind
 from node.jobs.retry import RetrySchedule
 from node.net.pdu import MAX_PRESENTATION_CONTEXTS
 from node.net.storelink import (
@@ -245,6 +245,16 @@ class DestinationLink:
         log.debug("association to %s established", self.peer)
         return association
 
+    def open_for(self, wanted: Sequence[tuple[str, Sequence[UID]]]) -> None:
+        """A new association of its own, proposing every (SOP class, syntaxes) given: one
+        series or study group goes over it (past 128 contexts, ensure() opens more)."""
+        self.release()
+        proposal = Proposal()
+        for sop_class, syntaxes in wanted:
+            proposal = proposal.with_class(sop_class, syntaxes)
+        self.proposal = proposal
+        self.association = self._associate(proposal)
+
     def accepted(self, sop_class: str) -> set[UID]:
         assert self.association is not None
         return {UID(syntax) for syntax in self.association.accepted(sop_class)}
@@ -370,6 +380,10 @@ class DestinationWorker:
             self.link.release()
             self.stopping.wait(POLL_INTERVAL)
             return
+        group = self.queue.claim_group(JobKind.FORWARD, self.destination.name)
+        if group is not None:
+            self._send_group(group)
+            return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
         # holds through its fsync; one wait per batch instead of one per instance.
         jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=self.claims)
@@ -488,6 +502,69 @@ class DestinationWorker:
             delay,
         )
 
+    def _send_group(self, claim: GroupClaim) -> None:
+        """A dispatched series or study group over one association of its own, in the order
+        claimed (Series Number, Instance Number). A member refused or to be retried follows
+        the usual rules on its own and holds the group's delivered state; a broken
+        association gives the rest back to the group, sent as one after the hold."""
+        if self.web is not None:
+            self._send_web_group(claim)
+            return
+        jobs, group = claim.jobs, claim.group
+        wanted = [
+            (
+                job.instance.sop_class_uid,
+                proposed_syntaxes(self.destination, job.instance.transfer_syntax),
+            )
+            for job in jobs
+        ]
+        try:
+            self.link.open_for(wanted)
+        except TransportError as exc:
+            self._group_unreachable(jobs, str(exc))
+            return
+        log.info(
+            "sending %s %s (version %d, %d instances) of Study Instance UID %s to %r"
+            " over one association",
+            group.level,
+            group.series_instance_uid or "(whole study)",
+            group.version,
+            len(jobs),
+            group.study_instance_uid,
+            self.destination.name,
+        )
+        for index, job in enumerate(jobs):
+            if self.stopping.is_set():
+                self.queue.return_to_group(jobs[index:])
+                return
+            try:
+                outcome = self._deliver(job)
+            except TransportError as exc:
+                self._group_unreachable(jobs[index:], str(exc))
+                return
+            except Exception as exc:  # a bug or an I/O error: keep the job, try again later
+                log.exception("forwarding job %d to %r failed", job.id, self.destination.name)
+                outcome = DeliveryOutcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}")
+            if outcome.peer_busy:
+                self._group_unreachable(jobs[index:], outcome.detail)
+                return
+            self.hold.end()
+            self._record(job, outcome)
+        self.link.release()
+
+    def _group_unreachable(self, jobs: Sequence[Job], error: str) -> None:
+        self.link.abort()
+        self.queue.return_to_group(jobs, error)
+        delay = self.hold.begin()
+        log.warning(
+            "destination %r unreachable or out of resources during a group (%s): %d of its"
+            " instances wait for the group to be sent again in %.1f s",
+            self.destination.name,
+            error,
+            len(jobs),
+            delay,
+        )
+
     def _record(self, job: Job, outcome: DeliveryOutcome) -> None:
         uid = job.instance.sop_instance_uid
         name = self.destination.name
@@ -525,23 +602,46 @@ class DestinationWorker:
 
     def _run_web_batch(self, jobs: Sequence[Job]) -> None:
         """A batch by STOW-RS: the same records, retries and hold as C-STORE, per job."""
+        result = self._web_deliver(jobs)
+        for done in result.outcomes:
+            self._record_web(done)
+        if result.untried:
+            self.queue.release(result.untried)
+        self._web_hold(result.hold)
+
+    def _send_web_group(self, claim: GroupClaim) -> None:
+        """A dispatched series or study group by STOW-RS, in the order claimed; when the
+        destination must wait, what was not delivered goes back to the group, sent again
+        as one after the hold (as for DIMSE)."""
+        result = self._web_deliver(claim.jobs)
+        waiting = result.hold is not None
+        back = [d.job for d in result.outcomes if waiting and d.verdict == Verdict.RETRY]
+        for done in result.outcomes:
+            if done.job not in back:
+                self._record_web(done)
+        self.queue.return_to_group([*back, *result.untried], result.hold)
+        self._web_hold(result.hold)
+
+    def _web_deliver(self, jobs: Sequence[Job]) -> BatchResult:
         assert self.web is not None
         try:
-            result = self.web.deliver(jobs, self.stopping)
+            return self.web.deliver(jobs, self.stopping)
         except Exception as exc:  # a bug or an I/O error: keep the jobs, try again later
             log.exception("STOW-RS of %d jobs to %r failed", len(jobs), self.destination.name)
             error = f"{type(exc).__name__}: {exc}"
-            result = BatchResult([JobOutcome(job, Verdict.RETRY, error) for job in jobs])
-        for done in result.outcomes:
-            outcome = DeliveryOutcome(Verdict(done.verdict), done.detail, done.warning, done.size)
-            self._record(done.job, outcome)
-        if result.untried:
-            self.queue.release(result.untried)
-        if result.hold is None:
+            return BatchResult([JobOutcome(job, Verdict.RETRY, error) for job in jobs])
+
+    def _record_web(self, done: JobOutcome) -> None:
+        self._record(
+            done.job, DeliveryOutcome(Verdict(done.verdict), done.detail, done.warning, done.size)
+        )
+
+    def _web_hold(self, reason: str | None) -> None:
+        if reason is None:
             self.hold.end()
             return
         delay = self.hold.begin()
-        log.warning("destination %r held for %.1f s: %s", self.destination.name, delay, result.hold)
+        log.warning("destination %r held for %.1f s: %s", self.destination.name, delay, reason)
 
 
 def _printable(text: str, limit: int = 64) -> str:

@@ -9,6 +9,9 @@
 - reports: operations and the one job report behind `queue status`, `status`
   and the metrics;
 - retry: the one retry schedule of store and forward jobs.
+- groups: series and study groups (membership recorded with the instance,
+  dispatch, group claims, late arrivals as new versions);
+- rows: the job row as the SELECTs read it.
 
 May import: nothing else of the node's.
 """

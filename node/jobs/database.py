@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.jobs import groups
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY,
@@ -76,7 +78,7 @@ CREATE TABLE IF NOT EXISTS stored (
 # no migration step. Features that need tables of their own keep their CREATE TABLE IF NOT
 # EXISTS text in their own module and list it in EXTRA_SCHEMAS.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = ()
-EXTRA_SCHEMAS: tuple[str, ...] = ()
+EXTRA_SCHEMAS: tuple[str, ...] = (groups.SCHEMA,)
 
 
 def add_missing_columns(

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from node.jobs.database import Database
+from node.jobs.groups import SqliteGroups
 from node.jobs.model import Failure, JobKind, JobState, SpoolSummary, TargetReport
 
 # Newest error per (kind, target, state): SQLite takes the bare last_error from the row
@@ -45,8 +46,8 @@ def _target_filter(kind: JobKind | None, target: str | None) -> tuple[str, list[
     return (" AND ".join(clauses) or "1"), params
 
 
-class SqliteQueueOperations:
-    """node.jobs.interface.QueueOperations on SQLite."""
+class SqliteQueueOperations(SqliteGroups):
+    """node.jobs.interface.QueueOperations on SQLite (the group operations: SqliteGroups)."""
 
     def __init__(self, database: Database) -> None:
         self.database = database

@@ -238,3 +238,31 @@ def test_a_rotated_bearer_token_is_read_at_the_next_attempt(
     assert wait_until(lambda: len(stow.stored) == 3, timeout=20), node.log_tail(20)
     assert wait_until(lambda: not forward_rows(node.config_path), timeout=10)
     assert node.stop() == 0
+
+
+def test_a_series_trigger_sends_the_stable_series_by_stow_rs_and_again_after_a_hold(
+    start_node: StartNode, stow: StowServer, tmp_path: Path
+) -> None:
+    files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 6)  # one series
+    uids = {sop_instance_uid(p) for p in files}
+    stow.script = [503]  # the first request of the group: the server is down
+
+    def edit(config: dict[str, object]) -> None:
+        config["destination"] = [
+            {
+                "name": "web",
+                "protocol": "dicomweb",
+                "url": stow.url,
+                "retry": {"initial_delay": 1, "max_delay": 2},
+            }
+        ]
+        config["route"] = [{"destinations": ["web"], "trigger": "series", "stable_after": 1}]
+
+    node = start_node(edit)
+    assert storescu(node.port, files).returncode == 0
+    assert wait_until(lambda: set(stow.stored) == uids, timeout=30), node.log_tail(20)
+    assert wait_until(lambda: not forward_rows(node.config_path), timeout=10)
+    assert "held for" in node.log() and "503 Service Unavailable from" in node.log()
+    # The group went whole both times: one request of 6, refused, then one of 6, stored.
+    assert len(stow.received) == 12 and set(stow.times_received().values()) == {2}
+    assert node.stop() == 0
