@@ -1,7 +1,9 @@
 """The running node: builds the stages from the config and runs them (server),
 signals, reload and shutdown (lifecycle), extra receiver processes
 (receivers), systemd notification (notify), journald logging (logs), the
-Prometheus endpoint (metrics) and the queue settings a config asks for (queues).
+Prometheus endpoint and the counters the status page keeps (metrics), the
+status page's view of the running node (webview) and the queue settings a config
+asks for (queues).
 
-May import: every stage package and node.config.
+May import: every stage package, node.config and node.web.
 """

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 
 from node.jobs.model import (
+    DeadLetter,
     Failure,
     GroupReport,
     GroupTotals,
@@ -128,6 +129,28 @@ class PostgresQueueOperations:
             "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM instances"
         )
         return SpoolSummary(int(count), int(size), _float(oldest))
+
+    def dead_letters(
+        self, kind: JobKind | None, target: str | None, offset: int, limit: int
+    ) -> list[DeadLetter]:
+        where, params = _target_filter(kind, target)
+        where = where.replace("kind =", "jobs.kind =").replace("target =", "jobs.target =")
+        rows = self.database.execute(
+            "SELECT jobs.id, jobs.updated_at, jobs.kind, jobs.target,"
+            " instances.sop_instance_uid, COALESCE(jobs.last_error, ''), jobs.attempts"
+            " FROM jobs JOIN instances ON instances.id = jobs.instance_id"
+            f" WHERE jobs.state = 'failed' AND {where}"
+            " ORDER BY jobs.updated_at DESC, jobs.id DESC LIMIT %s OFFSET %s",
+            [*params, limit, offset],
+        )
+        return [DeadLetter(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], int(r[6])) for r in rows]
+
+    def count_dead_letters(self, kind: JobKind | None, target: str | None) -> int:
+        where, params = _target_filter(kind, target)
+        ((count,),) = self.database.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE state = 'failed' AND {where}", params
+        )
+        return int(count)
 
     def nodes(self) -> list[NodeReport]:
         """Every node that ever joined: heartbeat, instances in its spool, jobs it runs."""

@@ -109,6 +109,13 @@ def test_dead_letters_are_reported_retried_and_purged(
         ("1.2.1", "refused 1.2.1"),
         ("1.2.2", "refused 1.2.2"),
     ]
+    assert reports.count_dead_letters(JobKind.FORWARD, "pacs") == 2
+    assert reports.count_dead_letters(JobKind.STORE, None) == 0
+    newest, *_ = reports.dead_letters(None, None, 0, 1)
+    (older,) = reports.dead_letters(JobKind.FORWARD, "pacs", 1, 5)
+    assert {newest.sop_instance_uid, older.sop_instance_uid} == {"1.2.1", "1.2.2"}
+    assert (newest.kind, newest.target, newest.attempts) == ("forward", "pacs", 1)
+    assert newest.error == f"refused {newest.sop_instance_uid}"
     assert reports.retry(failed=True) == 2
     (job, other) = queue.claim(JobKind.FORWARD)
     assert job.attempts == 1, "a re-queued dead letter kept its attempts"
