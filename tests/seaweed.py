@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ServerProcess, free_port
+from tests.processes import NotReady, ServerProcess, free_port
 from tests.tools import missing_tool
 
 ACCESS_KEY = "dicomnodetest"
@@ -133,11 +133,24 @@ class SeaweedS3(ServerProcess):
                 time.sleep(0.2)
 
 
+def start_on_free_ports(folder: Path, attempts: int = 3) -> SeaweedS3:
+    """Start SeaweedFS; on a shared machine another program may take one of its eight
+    ports between our check and its bind, so a failed start is tried on fresh ports."""
+    for attempt in range(attempts):
+        server = SeaweedS3(folder / f"try-{attempt}")
+        try:
+            return server.start()
+        except NotReady:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def seaweed() -> Iterator[SeaweedS3]:
     """One SeaweedFS S3 gateway for the session; tests make buckets of their own."""
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-s3-"))
-    server = SeaweedS3(folder).start()
+    server = start_on_free_ports(folder)
     try:
         yield server
     finally:
