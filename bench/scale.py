@@ -26,6 +26,7 @@ import argparse
 import os
 import resource
 import shutil
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -81,10 +82,13 @@ def pg_counters(dsn: str) -> Counters:
     return Counters(int(statements), int(commits), int(syncs))
 
 
-def open_jobs(dsn: str) -> int:
+def open_jobs(dsn: str) -> dict[str, int]:
+    """Jobs not yet deleted, per kind (an instance's rows go with its last job)."""
     with psycopg.connect(dsn, autocommit=True) as connection:
-        row = connection.execute("SELECT COUNT(*) FROM jobs").fetchone()
-    return int(row[0]) if row else 0
+        rows = connection.execute(
+            "SELECT kind, COUNT(*) FROM jobs WHERE state <> 'done' GROUP BY kind"
+        ).fetchall()
+    return {str(kind): int(count) for kind, count in rows}
 
 
 @dataclass
@@ -96,6 +100,35 @@ class Cluster:
     s3: SeaweedS3
     bucket: str
     pacs: ForkingStoreSCP
+
+    def single_node(self) -> tuple[NodeProcess, Path]:
+        """The default node for reference: SQLite queue, local disk, the same destination."""
+        port = free_port()
+        root = self.folder / f"run-{time.monotonic_ns()}-sqlite"
+        sections: dict[str, object] = {
+            "node": {
+                "ae_title": "DICOMNODE",
+                "host": "127.0.0.1",
+                "port": port,
+                "data_dir": str(root / "data"),
+                "max_pdu": 0,
+                "log_level": "WARNING",
+            },
+            "limits": {"min_free_space": 0},
+            "storage": [{"name": "archive", "path": str(root / "archive")}],
+            "destination": [
+                {
+                    "name": "pacs",
+                    "ae_title": "STORESCP",
+                    "host": "127.0.0.1",
+                    "port": self.pacs.port,
+                    "max_associations": 2,
+                }
+            ],
+        }
+        root.mkdir(parents=True)
+        node = NodeProcess(write_config(root / "node.toml", sections), port)
+        return node, root / "data" / "queue.sqlite3"
 
     def nodes(self, count: int, dsn: str) -> list[NodeProcess]:
         dsn_file = self.folder / f"pg-{time.monotonic_ns()}.dsn"
@@ -155,6 +188,7 @@ class Run:
     pacs_cpu: float  # storescp, the destination
     sender_cpu: float  # storescu, the modality
     counters: Counters
+    drained: dict[str, float] | None = None  # seconds until each kind's jobs were all done
 
     @property
     def rate(self) -> float:
@@ -190,11 +224,18 @@ def run_cluster(cluster: Cluster, node_count: int, files: list[Path], associatio
             _, err = sender.communicate(timeout=DRAIN_TIMEOUT)
             if sender.returncode != 0:
                 raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+        acked = time.monotonic() - started
         deadline = time.monotonic() + DRAIN_TIMEOUT
-        while open_jobs(dsn) and time.monotonic() < deadline:
+        drained: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            waiting = open_jobs(dsn)
+            for kind in ("store", "forward"):
+                if kind not in waiting and kind not in drained:
+                    drained[kind] = time.monotonic() - started
+            if not waiting:
+                break
             time.sleep(0.05)
         seconds = time.monotonic() - started
-        acked = time.monotonic() - started
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # the storescu processes
         sender_cpu = (reaped.ru_utime + reaped.ru_stime) - (children.ru_utime + children.ru_stime)
         after = pg_counters(dsn)
@@ -213,10 +254,46 @@ def run_cluster(cluster: Cluster, node_count: int, files: list[Path], associatio
                 after.commits - before.commits,
                 after.wal_syncs - before.wal_syncs,
             ),
+            drained=drained,
         )
     finally:
         for node in nodes:
             node.stop()
+
+
+def run_sqlite(cluster: Cluster, files: list[Path], associations: int) -> tuple[Run, float]:
+    """The single node's default setup on the same files: (run, seconds until acknowledged)."""
+    node, queue_file = cluster.single_node()
+    node.start()
+    try:
+        node_cpu = cpu_seconds(node.pid)
+        started = time.monotonic()
+        senders = send(node.port, "DICOMNODE", files, associations)
+        for sender in senders:
+            sender.communicate(timeout=DRAIN_TIMEOUT)
+        acked = time.monotonic() - started
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while time.monotonic() < deadline:
+            with sqlite3.connect(f"file:{queue_file}?mode=ro", uri=True) as db:
+                if db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0:
+                    break
+            time.sleep(0.05)
+        seconds = time.monotonic() - started
+        run = Run(
+            1,
+            len(files),
+            seconds,
+            acked,
+            cpu_seconds(node.pid) - node_cpu,
+            0,
+            0,
+            0,
+            0,
+            Counters(0, 0, 0),
+        )
+        return run, acked
+    finally:
+        node.stop()
 
 
 def commit_ceiling(postgres: StatsPostgres, seconds: float = 4.0, threads: int = 16) -> float:
@@ -309,7 +386,9 @@ def main() -> int:
         s3_rate = CORES / per(one.s3_cpu)
         print(
             f"  one node here: {one.rate:.0f} inst/s end to end ({one.seconds:.1f} s;"
-            f" all acknowledged after {one.ack_seconds:.1f} s)"
+            f" all acknowledged after {one.ack_seconds:.1f} s, stored in S3 after"
+            f" {(one.drained or {}).get('store', 0):.1f} s, forwarded after"
+            f" {(one.drained or {}).get('forward', 0):.1f} s)"
         )
         print(
             f"\ncapacities (each on a {CORES}-core machine of its own: cores / CPU per instance):"
@@ -343,6 +422,12 @@ def main() -> int:
         )
         print(f"  first bottleneck: {first}" + (f" (from {knee} nodes)" if knee else ""))
 
+        sqlite_run, _ = run_sqlite(cluster, files, args.associations)
+        print(
+            f"\nthe default single node (SQLite, local disk) on the same files: {sqlite_run.rate:.0f}"
+            f" inst/s end to end, acknowledged after {sqlite_run.ack_seconds:.1f} s,"
+            f" node CPU {1000 * sqlite_run.per_instance(sqlite_run.node_cpu):.2f} ms per instance"
+        )
         everything = per(
             one.node_cpu + one.postgres_cpu + one.s3_cpu + one.pacs_cpu + one.sender_cpu
         )

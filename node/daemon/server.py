@@ -23,7 +23,7 @@ from node.ingest.route import Router
 from node.ingest.scp import StorageSCP
 from node.ingest.spool import Spool
 from node.jobs.backends import open_queue
-from node.store.kinds import storage_targets
+from node.store.kinds import storage_targets, store_threads
 from node.store.targets import duplicate_checker
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
@@ -51,7 +51,11 @@ class Node:
         # Codec worker processes start on first use: a node that never transcodes has none.
         self.transcode_pool = TranscodePool(config.node.workers or None)
         self.store_workers = StoreWorkers(
-            self.queue, self.spool, self.targets, transcoding_stager(self.transcode_pool.transcode)
+            self.queue,
+            self.spool,
+            self.targets,
+            transcoding_stager(self.transcode_pool.transcode),
+            threads=store_threads(config.storage),
         )
         self.forwarder = Forwarder(
             config.destinations,

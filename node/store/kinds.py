@@ -13,6 +13,11 @@ from node.config.model import StorageConfig
 from node.store.targets import StorageTarget
 
 S3_STAGING_DIR = "s3-staging"
+# Store worker threads: 4 keep a local disk busy; an object store is a network round trip
+# per PUT that a thread only waits for (bench/scale.py: 4 threads stored about half as
+# fast as the node received), so with one there are more.
+STORE_THREADS = 4
+STORE_THREADS_WITH_S3 = 16
 
 
 def local_root(config: StorageConfig, data_dir: Path) -> Path:
@@ -33,3 +38,10 @@ def storage_target(config: StorageConfig, data_dir: Path) -> StorageTarget:
 
 def storage_targets(configs: Iterable[StorageConfig], data_dir: Path) -> dict[str, StorageTarget]:
     return {config.name: storage_target(config, data_dir) for config in configs}
+
+
+def store_threads(configs: Iterable[StorageConfig]) -> int:
+    """How many store worker threads the configured targets want."""
+    if any(config.kind == "s3" for config in configs):
+        return STORE_THREADS_WITH_S3
+    return STORE_THREADS
