@@ -296,7 +296,7 @@ def run_sqlite(cluster: Cluster, files: list[Path], associations: int) -> tuple[
         node.stop()
 
 
-def commit_ceiling(postgres: StatsPostgres, seconds: float = 4.0, threads: int = 16) -> float:
+def commit_ceiling(postgres: PostgresServer, seconds: float = 4.0, threads: int = 16) -> float:
     """Durable commits/s: `threads` connections each committing one-row inserts."""
     dsn = postgres.new_schema()
     with psycopg.connect(dsn, autocommit=True) as connection:
@@ -336,11 +336,14 @@ def main() -> int:
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="dicom-node-scale-"))
-    postgres = StatsPostgres().start()
+    postgres = StatsPostgres()
+    postgres.start()
     with psycopg.connect(postgres.dsn(), autocommit=True) as connection:
         connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public")
-    s3 = SeaweedS3(folder / "s3").start()
-    pacs = ForkingStoreSCP(folder / "pacs", "STORESCP", "--fork", "--ignore").start()
+    s3 = SeaweedS3(folder / "s3")
+    s3.start()
+    pacs = ForkingStoreSCP(folder / "pacs", "STORESCP", "--fork", "--ignore")
+    pacs.start()
     try:
         bucket = "scale"
         s3.make_bucket(bucket)
