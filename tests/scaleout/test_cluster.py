@@ -13,6 +13,7 @@ import io
 import os
 import subprocess
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,9 +151,12 @@ def test_three_nodes_behind_haproxy_lose_nothing_when_one_is_killed(
     tmp_path: Path,
     cluster_dsn: tuple[str, Path],
     seaweed: SeaweedS3,
-    bucket: str,
 ) -> None:
     dsn, dsn_file = cluster_dsn
+    # A bucket of its own: "exactly once" counts every object, and the session's bucket
+    # holds other tests' objects of the same study.
+    bucket = f"cluster-{uuid.uuid4().hex[:12]}"
+    seaweed.make_bucket(bucket)
     files = copies_with_new_uids(
         Path(get_testdata_file("CT_small.dcm")), tmp_path / "in", INSTANCES
     )
@@ -211,8 +215,9 @@ def test_three_nodes_behind_haproxy_lose_nothing_when_one_is_killed(
         client = seaweed.client()
         study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         keys = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=study):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             keys += [item["Key"] for item in page.get("Contents", [])]
+        assert all(key.startswith(f"{study}/") for key in keys), keys[:3]
         stored = [key.rsplit("/", 1)[1].removesuffix(".dcm") for key in keys]
         assert sorted(stored) == sorted(uids), "S3 does not hold each instance exactly once"
         assert count(dsn, "SELECT COUNT(*) FROM stored") == INSTANCES
