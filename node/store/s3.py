@@ -137,10 +137,11 @@ class S3StorageTarget(StorageTarget):
     def commit(self, staged: Path, header: Dataset, previous: Path | None = None) -> PlacedInstance:
         """Upload a staged file to its key under the duplicates policy, then drop the file."""
         try:
+            size = staged.stat().st_size
             key = self.key_for(header)
             elsewhere = self._stored_elsewhere_key(previous, key)
             if elsewhere is not None and self.duplicates != "overwrite":
-                return PlacedInstance(locator(self.bucket, elsewhere), Placement.KEPT_EXISTING)
+                return PlacedInstance(locator(self.bucket, elsewhere), Placement.KEPT_EXISTING, 0)
             placement = self._upload(staged, key)
             if placement is Placement.STORED and previous == locator(self.bucket, key):
                 placement = Placement.OVERWRITTEN
@@ -148,7 +149,8 @@ class S3StorageTarget(StorageTarget):
                 # Only once the new object exists: a crash in between leaves two, never none.
                 self.client.delete_object(Bucket=self.bucket, Key=elsewhere)
                 placement = Placement.OVERWRITTEN
-            return PlacedInstance(locator(self.bucket, key), placement)
+            written = size if placement is not Placement.KEPT_EXISTING else 0
+            return PlacedInstance(locator(self.bucket, key), placement, written)
         finally:
             staged.unlink(missing_ok=True)
 

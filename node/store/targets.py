@@ -40,6 +40,7 @@ class Placement(StrEnum):
 class PlacedInstance:
     path: Path
     placement: Placement
+    size: int | None = None  # bytes stored, when `path` is not a local file (an S3 object)
 
 
 class StorageTarget:

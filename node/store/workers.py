@@ -230,7 +230,7 @@ class StoreWorkers:
     ) -> None:
         instance = job.instance
         spool_file = self.queue.complete_stored(job, placed.path, staged.transfer_syntax)
-        stored_size = _file_size(placed.path)
+        stored_size = placed.size if placed.size is not None else _file_size(placed.path)
         metrics.record_stored(target.name, "stored", stored_size)
         if spool_file is not None:
             self.spool.remove(spool_file)

@@ -118,6 +118,7 @@ def test_large_instances_go_up_in_parts_and_appear_whole(
     path, ds = instance_file(tmp_path, extra_bytes=12 * 1024 * 1024)
     placed = target.commit(staged_copy(path, target), read_file_header(path))
     assert placed.placement is Placement.STORED
+    assert placed.size == path.stat().st_size  # what the stored-bytes metric counts
     head = seaweed.client().head_object(Bucket=bucket, Key=key_of(ds))
     assert head["ETag"].strip('"').endswith("-3"), head["ETag"]
     body = seaweed.client().get_object(Bucket=bucket, Key=key_of(ds))["Body"].read()
