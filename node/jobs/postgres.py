@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -46,6 +46,7 @@ from node.jobs.model import (
 )
 from node.jobs.postgres_groups import PostgresGroups, join_groups, requeue_group_members
 from node.jobs.postgres_schema import MIGRATIONS_TABLE, all_migrations
+from node.jobs.rows import JOB_COLUMNS, job_from_row
 
 log = logging.getLogger("node.jobs.postgres")
 
@@ -231,33 +232,6 @@ def apply_migrations(connection: psycopg.Connection[Any]) -> list[str]:
     return applied
 
 
-_JOB_COLUMNS = """
-    claimed.id, claimed.kind, claimed.target, claimed.attempts, claimed.instance_id,
-    instances.sop_instance_uid, instances.sop_class_uid, instances.transfer_syntax,
-    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size
-"""
-
-
-def _job_from_row(row: Sequence[Any]) -> Job:
-    instance = ReceivedInstance(
-        sop_instance_uid=row[5],
-        sop_class_uid=row[6],
-        transfer_syntax=row[7],
-        calling_ae_title=row[8],
-        called_ae_title=row[9],
-        spool_path=Path(row[10]),
-        size=int(row[11]),
-    )
-    return Job(
-        id=int(row[0]),
-        kind=JobKind(row[1]),
-        target=row[2],
-        attempts=int(row[3]),
-        instance_id=int(row[4]),
-        instance=instance,
-    )
-
-
 RECORD_SQL = """
 WITH instance AS (
     INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae_title,
@@ -289,8 +263,8 @@ WITH picked AS (
     FROM picked WHERE jobs.id = picked.id
     RETURNING jobs.*
 )
-SELECT {_JOB_COLUMNS} FROM claimed JOIN instances ON instances.id = claimed.instance_id
-ORDER BY claimed.next_attempt_at, claimed.id
+SELECT {JOB_COLUMNS} FROM claimed AS jobs JOIN instances ON instances.id = jobs.instance_id
+ORDER BY jobs.next_attempt_at, jobs.id
 """
 
 
@@ -397,7 +371,8 @@ class PostgresJobQueue:
                 "lease_until": now + self.database.settings.lease,
             },
         )
-        return [_job_from_row(row) for row in rows]
+        # rows.job_from_row is typed for sqlite3.Row; a psycopg tuple indexes the same.
+        return [job_from_row(row) for row in cast("list[Any]", rows)]
 
     def release(self, jobs: Sequence[Job]) -> None:
         """Give back claimed jobs that were not tried: pending, attempt count as before."""

@@ -42,6 +42,7 @@ def test_an_instance_is_finished_when_its_last_job_is_done(
         "1.2.1",
         spooled,
     )
+    assert store.instance.received_at is not None  # the forward delivery delay metric's start
     assert queue.claim(JobKind.STORE) == [], "a running job was claimed twice"
     stored_at = tmp_path / "archive" / "1.2.1.dcm"
     assert queue.complete_stored(store, stored_at, ExplicitVRLittleEndian) is None
