@@ -34,6 +34,7 @@ class StowServer:
 
     def __init__(self) -> None:
         self.received: list[tuple[str, str]] = []  # (SOP Instance UID, transfer syntax)
+        self.studies: list[list[str]] = []  # per request, the Study Instance UID of each part
         self.stored: dict[str, str] = {}
         self.fail_once: dict[str, int] = {}  # SOP Instance UID -> Failure Reason, once
         self.fail_always: dict[str, int] = {}
@@ -81,7 +82,11 @@ class StowServer:
             self.authorizations.append(headers.get("Authorization", ""))
             if self.token is not None and headers.get("Authorization") != f"Bearer {self.token}":
                 return 401, {}
-            parts = [_instance(part) for part in _parts(headers["Content-Type"], body)]
+            datasets = [_dataset(part) for part in _parts(headers["Content-Type"], body)]
+            self.studies.append([str(ds.StudyInstanceUID) for ds in datasets])
+            parts = [
+                (str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets
+            ]
             self.received += parts
             if self.script:
                 return self.script.pop(0), {}
@@ -129,10 +134,10 @@ def _parts(content_type: str, body: bytes) -> list[bytes]:
     return [part.get_payload(decode=True) for part in parsed.iter_parts()]
 
 
-def _instance(part: bytes) -> tuple[str, str]:
+def _dataset(part: bytes) -> pydicom.Dataset:
     ds = pydicom.dcmread(BytesIO(part))  # a whole Part 10 file, pixels and all
     ds.PixelData  # noqa: B018  (read to the end: a truncated part fails here)
-    return str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)
+    return ds
 
 
 @pytest.fixture
