@@ -38,8 +38,8 @@ from node.transcode.targets import Target, parse_target
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
-DestinationProtocol = Literal["dimse", "dicomweb"]
 CommitWhen = Literal["received", "stored", "delivered"]
+DestinationProtocol = Literal["dimse", "dicomweb"]
 # "instance": each instance is sent on its own as it arrives; "series"/"study": per group.
 Trigger = Literal["instance", "series", "study"]
 
@@ -556,12 +556,11 @@ def _check_http_auth(table: Table, auth: HTTPAuthConfig) -> None:
         ("password_file", auth.password_file),
     ):
         if path is not None:
-            _check_passcode_file(table, f"auth.{key}", path)
+            _check_secret_file(table, f"auth.{key}", path)
 
 
-def _check_passcode_file(table: Table, key: str, path: Path) -> None:
-    """A secret whose first line is used (a passcode, a password, a bearer token): checked
-    once at load, read again (never kept) for each use."""
+def _check_secret_file(table: Table, key: str, path: Path) -> None:
+    """Checked once at load; read again (never kept) for each use."""
     from node.ingest.identity import read_passcode_file
 
     try:
@@ -583,7 +582,7 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
         return
     if not destination.username:
         raise table.error("passcode_file", "needs a username to go with it")
-    _check_passcode_file(table, "passcode_file", path)
+    _check_secret_file(table, "passcode_file", path)
 
 
 def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
@@ -620,10 +619,10 @@ def _check_web(table: Table, web: WebConfig) -> None:
             " network could read the page (or use 127.0.0.1)",
         )
     if web.token_file is not None:
-        _check_secret_file(table, "token_file", web.token_file)
+        _check_token_file(table, "token_file", web.token_file)
 
 
-def _check_secret_file(table: Table, key: str, path: Path) -> None:
+def _check_token_file(table: Table, key: str, path: Path) -> None:
     try:
         mode = path.stat().st_mode
         text = path.read_text().strip()
