@@ -24,6 +24,7 @@ What a cluster changes, and why:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -235,9 +236,9 @@ def apply_migrations(connection: psycopg.Connection[Any]) -> list[str]:
 RECORD_SQL = """
 WITH instance AS (
     INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax, calling_ae_title,
-        called_ae_title, spool_path, size, received_at, node)
+        called_ae_title, spool_path, size, received_at, node, header_values)
     VALUES (%(uid)s, %(class)s, %(syntax)s, %(calling)s, %(called)s, %(spool)s, %(size)s,
-        %(now)s, %(node)s)
+        %(now)s, %(node)s, %(header_values)s)
     RETURNING id
 ), new_jobs AS (
     INSERT INTO jobs (instance_id, kind, target, state, next_attempt_at, created_at, updated_at,
@@ -266,6 +267,15 @@ WITH picked AS (
 SELECT {JOB_COLUMNS} FROM claimed AS jobs JOIN instances ON instances.id = jobs.instance_id
 ORDER BY jobs.next_attempt_at, jobs.id
 """
+
+
+def _header_values_json(instance: ReceivedInstance) -> str:
+    """The header values intake read, as the JSON object SQLite stores too ('' for none).
+
+    Read with getattr: ReceivedInstance gains header_values with the store's header cache;
+    before that there are none."""
+    values = getattr(instance, "header_values", ())
+    return json.dumps(dict(values)) if values else ""
 
 
 class PostgresJobQueue:
@@ -328,6 +338,7 @@ class PostgresJobQueue:
             "node": self.node,
             "kinds": [str(job.kind) for job in jobs],
             "targets": [job.target for job in jobs],
+            "header_values": _header_values_json(instance),
         }
 
     def spool_paths(self) -> set[Path]:
@@ -434,6 +445,29 @@ class PostgresJobQueue:
             ),
         )
         return None if open_jobs else job.instance.spool_path
+
+    def complete_stored_many(self, done: Sequence[tuple[Job, Path, str]]) -> list[Path]:
+        """complete_stored() for several store jobs in one durable transaction, in instance
+        order. Returns the spool paths of finished instances."""
+        ordered = sorted(done, key=lambda item: (item[0].instance_id, item[0].id))
+        if not ordered:
+            return []
+
+        def work(connection: psycopg.Connection[Any]) -> list[Path]:
+            now = time.time()
+            finished = []
+            with connection.cursor() as cursor:
+                for job, path, syntax in ordered:
+                    cursor.execute(
+                        "SELECT dn_complete_stored(%s, %s, %s, %s, %s, %s)",
+                        (job.id, job.target, job.instance.sop_instance_uid, str(path), syntax, now),
+                    )
+                    row = cursor.fetchone()
+                    if row is not None and not row[0]:
+                        finished.append(job.instance.spool_path)
+            return finished
+
+        return self.database.in_transaction(work, statements=len(ordered))
 
     def retry_later(self, job: Job, error: str, delay: float) -> None:
         now = time.time()

@@ -281,11 +281,17 @@ BEGIN
 END $$;
 """
 
+# The header values intake reads for the storage layouts (ReceivedInstance.header_values).
+HEADER_VALUES = """
+ALTER TABLE instances ADD COLUMN IF NOT EXISTS header_values TEXT NOT NULL DEFAULT '';
+"""
+
 # (id, what it does, SQL). Append only; never edit a released one.
 MIGRATIONS: list[tuple[str, str, str]] = [
     ("0001-core", "instances, jobs, the stored index, nodes, completion functions", CORE),
     ("0002-groups", "series and study groups; completion and heartbeat know them", GROUPS),
     ("0003-commitment", "Storage Commitment records and finished instances", COMMITMENT),
+    ("0004-header-values", "instances.header_values", HEADER_VALUES),
 ]
 
 # Features that need tables of their own append (id, description, SQL) here, as they add

@@ -174,3 +174,24 @@ def test_an_instance_and_its_jobs_are_one_commit(
         raise AssertionError("a job with no target was recorded")
     assert queue_backend.rows("SELECT COUNT(*) FROM instances") == [(0,)]
     assert queue_backend.rows("SELECT COUNT(*) FROM jobs") == [(0,)]
+
+
+def test_complete_stored_many_records_each_and_finishes_instances(
+    queue_backend: QueueBackend, tmp_path: Path
+) -> None:
+    queue = queue_backend.queue
+    if not hasattr(queue, "complete_stored_many"):
+        return  # the SQLite backend gains it with the store's batched commits
+    first = record(queue, tmp_path, "1.2.1", [ARCHIVE])
+    record(queue, tmp_path, "1.2.2", [ARCHIVE, PACS])
+    jobs = queue.claim(JobKind.STORE)
+    done = [
+        (job, tmp_path / f"{job.instance.sop_instance_uid}.stored", "1.2.840.10008.1.2.1")
+        for job in jobs
+    ]
+    assert queue.complete_stored_many(done) == [first]  # type: ignore[attr-defined]
+    assert queue.stored_path("archive", "1.2.2") == tmp_path / "1.2.2.stored"
+    assert states(queue_backend) == {
+        ("forward", "pacs", "pending"): 1,
+        ("store", "archive", "done"): 1,
+    }
