@@ -232,7 +232,9 @@ CREATE TABLE commitments (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at DOUBLE PRECISION NOT NULL,
     last_error TEXT,
-    updated_at DOUBLE PRECISION NOT NULL
+    updated_at DOUBLE PRECISION NOT NULL,
+    -- The node that recorded it (node.jobs.commitments' INSERT leaves it to the default).
+    node TEXT NOT NULL DEFAULT current_setting('dicom_node.node')
 );
 CREATE INDEX commitments_by_transaction ON commitments (direction, transaction_uid);
 CREATE TABLE commitment_items (

@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from node.jobs.backends import QueueSettings, open_queue
+from node.jobs.commitments import CommitmentItem, Direction, NewCommitment
 from node.jobs.interface import JobQueue
 from node.jobs.model import GroupMembership, JobKind, JobSpec, ReceivedInstance
 from node.jobs.postgres import PostgresDatabase, PostgresSettings, UnsafeServer
@@ -284,3 +285,25 @@ def test_a_dead_nodes_group_members_wait_for_their_group_again(
     assert taken is not None, "the dead node's group members never came back"
     assert [job.id for job in taken.jobs] == [job.id for job in claim.jobs]
     assert survivor.queue.claim(JobKind.FORWARD) == [], "a group member went out on its own"
+
+
+@ON_POSTGRES
+def test_a_request_is_reported_by_the_node_that_received_it(
+    queue_backend: QueueBackend, tmp_path: Path
+) -> None:
+    """Every node's reporter reads the open requests: each must see only its own, or a peer
+    would get the same N-EVENT-REPORT from two nodes."""
+    other = queue_backend.another_node("node-b")
+    item = CommitmentItem("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")
+    asked = NewCommitment(Direction.REQUESTED, "2.25.77", "CT01", "NODE", 9e9, (item,))
+    mine = queue_backend.opened.commitments.record_commitment(asked)
+    assert [
+        c.id for c in queue_backend.opened.commitments.open_commitments(Direction.REQUESTED)
+    ] == [mine]
+    assert other.commitments.open_commitments(Direction.REQUESTED) == []
+    sent = NewCommitment(Direction.SENT, "2.25.78", "pacs", "NODE", 9e9, (item,))
+    theirs = other.commitments.record_commitment(sent)
+    # A destination's report may reach any node: the commitments we sent are everyone's.
+    assert [c.id for c in queue_backend.opened.commitments.open_commitments(Direction.SENT)] == [
+        theirs
+    ]
