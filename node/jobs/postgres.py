@@ -306,6 +306,28 @@ class PostgresJobQueue:
 
         One statement; with jobs of a series or study group, one transaction that also
         records their membership."""
+        try:
+            return self._record(instance, jobs)
+        except psycopg.OperationalError:
+            # The connection broke: the commit may have happened with its answer lost. The
+            # caller deletes the spool file on an error, so say so only if nothing is there.
+            found = self._recorded_id(instance)
+            if found is None:
+                raise
+            log.warning(
+                "SOP Instance UID %s: the queue's answer was lost but its commit is there",
+                instance.sop_instance_uid,
+            )
+            return found
+
+    def _recorded_id(self, instance: ReceivedInstance) -> int | None:
+        rows = self.database.execute(
+            "SELECT id FROM instances WHERE node = %s AND spool_path = %s",
+            (self.node, str(instance.spool_path)),
+        )
+        return int(rows[0][0]) if rows else None
+
+    def _record(self, instance: ReceivedInstance, jobs: Sequence[JobSpec]) -> int:
         now = time.time()
         plain = [job for job in jobs if job.group is None]
         grouped = [job for job in jobs if job.group is not None]

@@ -307,3 +307,33 @@ def test_a_request_is_reported_by_the_node_that_received_it(
     assert [c.id for c in queue_backend.opened.commitments.open_commitments(Direction.SENT)] == [
         theirs
     ]
+
+
+@ON_POSTGRES
+def test_a_commit_whose_answer_was_lost_is_found_not_reported_as_failed(
+    queue_backend: QueueBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intake deletes the spool file when recording fails: a commit that happened must not be
+    reported as a failure, or its jobs would run without their file."""
+    database = queue_backend.queue.database  # type: ignore[attr-defined]
+    real = database.execute
+
+    def commit_then_lose_the_answer(query: str, params: object = ()) -> object:
+        rows = real(query, params)
+        if query.lstrip().startswith("WITH instance AS"):
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return rows
+
+    monkeypatch.setattr(database, "execute", commit_then_lose_the_answer)
+    record(queue_backend.queue, tmp_path, "1.2.1", [ARCHIVE])  # no exception: it is there
+    monkeypatch.undo()
+    assert queue_backend.rows("SELECT COUNT(*) FROM instances") == [(1,)]
+
+    def lose_it_before_the_commit(query: str, params: object = ()) -> object:
+        if query.lstrip().startswith("WITH instance AS"):
+            raise psycopg.OperationalError("could not connect to server")
+        return real(query, params)
+
+    monkeypatch.setattr(database, "execute", lose_it_before_the_commit)
+    with pytest.raises(psycopg.OperationalError):
+        record(queue_backend.queue, tmp_path, "1.2.2", [ARCHIVE])
