@@ -135,24 +135,46 @@ class S3StorageTarget(StorageTarget):
         return locator(self.bucket, self.key_for(header))
 
     def commit(self, staged: Path, header: Dataset, previous: Path | None = None) -> PlacedInstance:
-        """Upload a staged file to its key under the duplicates policy, then drop the file."""
+        """Upload a staged file to its layout key under the duplicates policy, then drop it."""
+        return self.place(staged, self.destination_for(header), previous)
+
+    def place(
+        self,
+        staged: Path,
+        final: Path,
+        previous: Path | None = None,
+        *,
+        keep_source: bool = False,
+        sync: bool = True,
+    ) -> PlacedInstance:
+        """Upload `staged` to the object `final` names (a locator from destination_for).
+
+        keep_source: `staged` is the spool file itself, left in place. There is no folder
+        to fsync (sync is for folders): the object is durable once the PUT succeeded."""
         try:
             size = staged.stat().st_size
-            key = self.key_for(header)
+            key = self._key_of(final)
             elsewhere = self._stored_elsewhere_key(previous, key)
             if elsewhere is not None and self.duplicates != "overwrite":
                 return PlacedInstance(locator(self.bucket, elsewhere), Placement.KEPT_EXISTING, 0)
             placement = self._upload(staged, key)
-            if placement is Placement.STORED and previous == locator(self.bucket, key):
+            if placement is Placement.STORED and previous == final:
                 placement = Placement.OVERWRITTEN
             if elsewhere is not None:
                 # Only once the new object exists: a crash in between leaves two, never none.
                 self.client.delete_object(Bucket=self.bucket, Key=elsewhere)
                 placement = Placement.OVERWRITTEN
             written = size if placement is not Placement.KEPT_EXISTING else 0
-            return PlacedInstance(locator(self.bucket, key), placement, written)
+            return PlacedInstance(final, placement, written)
         finally:
-            staged.unlink(missing_ok=True)
+            if not keep_source:
+                staged.unlink(missing_ok=True)
+
+    def _key_of(self, final: Path) -> str:
+        prefix = f"s3:/{self.bucket}/"
+        if not str(final).startswith(prefix):
+            raise ValueError(f"{final} is not an object of bucket {self.bucket!r}")
+        return str(final)[len(prefix) :]
 
     def _stored_elsewhere_key(self, previous: Path | None, key: str) -> str | None:
         """The key of this instance's earlier object, if it is another key in our bucket."""

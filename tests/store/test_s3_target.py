@@ -207,3 +207,17 @@ def test_the_credentials_file_is_what_signs(
     with pytest.raises(botocore.exceptions.ClientError) as refused:
         target.commit(staged_copy(path, target), read_file_header(path))
     assert refused.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "AccessDenied")
+
+
+def test_the_spool_file_itself_is_uploaded_and_kept(
+    seaweed: SeaweedS3, bucket: str, tmp_path: Path
+) -> None:
+    """Stored as received, the file handed over is the spool file: it must stay (its other
+    jobs, and the spool's own cleanup, need it)."""
+    target = S3StorageTarget(s3_config(seaweed, bucket), tmp_path / "staging")
+    path, ds = instance_file(tmp_path / "spool")
+    header = read_file_header(path)
+    placed = target.place(path, target.destination_for(header), keep_source=True)
+    assert placed.placement is Placement.STORED and path.exists()
+    body = seaweed.client().get_object(Bucket=bucket, Key=key_of(ds))["Body"].read()
+    assert body == path.read_bytes()
