@@ -156,7 +156,9 @@ class S3StorageTarget(StorageTarget):
             key = self._key_of(final)
             elsewhere = self._stored_elsewhere_key(previous, key)
             if elsewhere is not None and self.duplicates != "overwrite":
-                return PlacedInstance(locator(self.bucket, elsewhere), Placement.KEPT_EXISTING, 0)
+                return PlacedInstance(
+                    locator(self.bucket, elsewhere), Placement.KEPT_EXISTING, size=0
+                )
             placement = self._upload(staged, key)
             if placement is Placement.STORED and previous == final:
                 placement = Placement.OVERWRITTEN
@@ -165,7 +167,7 @@ class S3StorageTarget(StorageTarget):
                 self.client.delete_object(Bucket=self.bucket, Key=elsewhere)
                 placement = Placement.OVERWRITTEN
             written = size if placement is not Placement.KEPT_EXISTING else 0
-            return PlacedInstance(final, placement, written)
+            return PlacedInstance(final, placement, size=written)
         finally:
             if not keep_source:
                 staged.unlink(missing_ok=True)
