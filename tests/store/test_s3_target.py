@@ -24,6 +24,7 @@ from node.store.s3 import ObjectMismatch, S3StorageTarget
 from node.store.targets import Placement
 from node.store.workers import StoreWorkers, read_file_header
 from tests.seaweed import SeaweedS3
+from tests.support import wait_until
 
 LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 
@@ -94,8 +95,11 @@ def test_store_workers_put_each_instance_at_its_key_byte_for_byte(
             [JobSpec(JobKind.STORE, "objects")],
         )
     workers = StoreWorkers(queue, spool, {"objects": target})
-    for job in queue.claim(JobKind.STORE):
-        workers.run(job)
+    workers.start()
+    try:
+        assert wait_until(lambda: queue.spool_paths() == set(), timeout=60)
+    finally:
+        workers.stop()
     client = seaweed.client()
     for path, ds in files:
         body = client.get_object(Bucket=bucket, Key=key_of(ds))["Body"].read()
