@@ -46,7 +46,7 @@ from node.ingest.route import Router
 from node.ingest.scp import RECEIVING_DIR, StorageSCP
 from node.ingest.spool import Spool
 from node.jobs.jobqueue import SqliteJobQueue
-from node.store.targets import StorageTarget, duplicate_checker
+from node.store.targets import StorageTarget, duplicate_checker, header_recorder
 
 log = logging.getLogger("node.receivers")
 
@@ -248,6 +248,7 @@ class Receiver:
             queue=self.queue,
             plan_jobs=router.plan,
             find_duplicate=duplicate_checker(self.queue, self.targets),
+            header_values=header_recorder(self.targets),
             has_headroom=free_space_probe(_watched_folders(config), config.limits.min_free_space),
             max_instance_size=config.limits.max_instance_size,
             on_recorded=on_recorded,

@@ -21,7 +21,7 @@ from node.ingest.spool import Spool
 from node.jobs.database import Database
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.reports import SqliteQueueOperations
-from node.store.targets import StorageTarget, duplicate_checker
+from node.store.targets import StorageTarget, duplicate_checker, header_recorder
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
 
@@ -59,6 +59,7 @@ class Node:
             queue=self.queue,
             plan_jobs=self.router.plan,
             find_duplicate=duplicate_checker(self.queue, self.targets),
+            header_values=header_recorder(self.targets),
             has_headroom=free_space_probe(self._watched_folders(), config.limits.min_free_space),
             max_instance_size=config.limits.max_instance_size,
             on_recorded=self._wake_workers,

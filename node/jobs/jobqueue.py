@@ -12,6 +12,7 @@ its reader connection so that they never wait behind a commit.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -24,7 +25,8 @@ from node.jobs.model import Job, JobKind, JobSpec, JobState, ReceivedInstance
 _JOB_COLUMNS = """
     jobs.id, jobs.kind, jobs.target, jobs.attempts, jobs.instance_id,
     instances.sop_instance_uid, instances.sop_class_uid, instances.transfer_syntax,
-    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size
+    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size,
+    instances.header_values
 """
 
 
@@ -37,6 +39,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         called_ae_title=row[9],
         spool_path=Path(row[10]),
         size=row[11],
+        header_values=_header_values(row[12]),
     )
     return Job(
         id=row[0],
@@ -48,14 +51,18 @@ def _job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
+def _header_values(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple(json.loads(text).items()) if text else ()
+
+
 def _insert_instance(
     db: sqlite3.Connection, instance: ReceivedInstance, jobs: Sequence[JobSpec]
 ) -> int:
     now = time.time()
     cursor = db.execute(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax,"
-        " calling_ae_title, called_ae_title, spool_path, size, received_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " calling_ae_title, called_ae_title, spool_path, size, received_at, header_values)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             instance.sop_instance_uid,
             instance.sop_class_uid,
@@ -65,6 +72,7 @@ def _insert_instance(
             str(instance.spool_path),
             instance.size,
             now,
+            json.dumps(dict(instance.header_values)) if instance.header_values else "",
         ),
     )
     instance_id = int(cursor.lastrowid or 0)

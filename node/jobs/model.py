@@ -37,6 +37,9 @@ class ReceivedInstance:
     called_ae_title: str
     spool_path: Path
     size: int
+    # Header values the storage layouts need, as (keyword, text) pairs read at intake, so a
+    # store worker renders the path without parsing the file again; () when not recorded.
+    header_values: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 A job is claimed from the queue, its file is staged next to its final path
 (transcoded in a worker process if the target asks for another syntax), then
-renamed into place. Only then is the job marked done; the spool file goes when
-every job of its instance is done. A crash anywhere leaves the job pending.
+renamed into place. Stored as received, the fsynced spool file itself is
+hard-linked into place (copied only onto another filesystem), and the path comes
+from the header values intake recorded: no bytes copied, no second parse. Only
+then is the job marked done; the spool file goes when every job of its instance
+is done. A crash anywhere leaves the job pending.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
 from node.jobs.model import Job, JobKind
 from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
-from node.store.durable import link_or_copy
 from node.store.targets import PlacedInstance, StorageTarget
 from node.transcode import Outcome
 
@@ -34,11 +36,16 @@ log = logging.getLogger("node.workers")
 
 @dataclass(frozen=True)
 class StagedFile:
-    """A file written and fsynced in a target's staging folder, ready to rename."""
+    """A file written and fsynced in a target's staging folder, ready to rename.
+
+    as_received: `path` is the spool file itself, unchanged: it is linked into place,
+    never moved, and its header is the one intake read.
+    """
 
     path: Path
     transfer_syntax: str
     note: str = ""
+    as_received: bool = False
 
 
 # Writes the instance of a job into the staging path, in the target's syntax.
@@ -46,8 +53,8 @@ Stager = Callable[[Job, StorageTarget, Path], StagedFile]
 
 
 def stage_as_received(job: Job, target: StorageTarget, staged: Path) -> StagedFile:
-    link_or_copy(job.instance.spool_path, staged)
-    return StagedFile(staged, job.instance.transfer_syntax)
+    """Nothing to write: the spool file is already complete and fsynced."""
+    return StagedFile(job.instance.spool_path, job.instance.transfer_syntax, as_received=True)
 
 
 # (source, destination, ladder, allow_lossy=) -> Outcome; TranscodePool.transcode fits.
@@ -186,7 +193,8 @@ class StoreWorkers:
         try:
             staged = self.stage(job, target, staging_path)
             previous = self.queue.stored_path(target.name, job.instance.sop_instance_uid)
-            placed = target.commit(staged.path, read_file_header(staged.path), previous)
+            final = _destination(job, target, staged)
+            placed = target.place(staged.path, final, previous, keep_source=staged.as_received)
         finally:
             staging_path.unlink(missing_ok=True)
         return placed, staged
@@ -212,6 +220,16 @@ class StoreWorkers:
             target.name,
             staged.note or "no fallback",
         )
+
+
+def _destination(job: Job, target: StorageTarget, staged: StagedFile) -> Path:
+    """The layout path: from what intake recorded when the file is the one it read, else
+    from the staged file's own header (a transcode may give it a new SOP Instance UID)."""
+    if staged.as_received:
+        final = target.destination_from(dict(job.instance.header_values))
+        if final is not None:
+            return final
+    return target.destination_for(read_file_header(staged.path))
 
 
 def _file_size(path: Path) -> int:
