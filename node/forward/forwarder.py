@@ -34,6 +34,7 @@ from node.daemon import metrics
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.forward.completions import Completions, Delivery
 from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.pacing import Associating
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
@@ -195,9 +196,12 @@ class DestinationLink:
         d = self.destination
         return f"{d.ae_title}@{d.host}:{d.port}"
 
+    def ready_for(self, sop_class: str, wanted: Sequence[UID]) -> bool:
+        return self._usable() and self.proposal.covers(sop_class, wanted)
+
     def ensure(self, sop_class: str, wanted: Sequence[UID]) -> None:
         """Have an association whose proposal covers this SOP class and these syntaxes."""
-        if self._usable() and self.proposal.covers(sop_class, wanted):
+        if self.ready_for(sop_class, wanted):
             return
         self.release()
         self.proposal = self.proposal.with_class(sop_class, wanted)
@@ -316,6 +320,8 @@ class Shared:
     derived: DerivedFiles
     completions: Completions
     stopping: threading.Event
+    # Per destination name: its workers waiting for an association (node.forward.pacing).
+    associating: Mapping[str, Associating] = field(default_factory=dict)
 
 
 class DestinationWorker:
@@ -339,6 +345,7 @@ class DestinationWorker:
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
         self.hold = hold
+        self.associating = shared.associating.get(destination.name) or Associating(wake)
         self.thread = threading.Thread(
             target=self._loop, name=f"forward-{destination.name}-{index}", daemon=True
         )
@@ -363,8 +370,11 @@ class DestinationWorker:
             self.stopping.wait(POLL_INTERVAL)
             return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
-        # holds through its fsync; one wait per batch instead of one per instance.
-        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=CLAIM_BATCH)
+        # holds through its fsync; one wait per batch instead of one per instance. Without
+        # an association, one job: the peer may keep us waiting for one (node.forward.pacing)
+        # while siblings could send the rest.
+        limit = CLAIM_BATCH if self.link.association is not None else 1
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=limit)
         if jobs:
             self._run_batch(jobs)
         else:
@@ -380,9 +390,9 @@ class DestinationWorker:
                 return  # the destination is held; run() gave the untried jobs back
 
     def _wait_for_work(self) -> None:
-        if (
-            self.link.association is not None
-            and self.link.idle_for() >= self.destination.idle_timeout
+        if self.link.association is not None and (
+            self.link.idle_for() >= self.destination.idle_timeout
+            or self.associating.sibling_waiting()  # the peer may serve one association only
         ):
             self.link.release()
         due = self.queue.next_due_in(JobKind.FORWARD, self.destination.name)
@@ -412,7 +422,9 @@ class DestinationWorker:
     def _deliver(self, job: Job) -> DeliveryOutcome:
         instance = job.instance
         wanted = proposed_syntaxes(self.destination, instance.transfer_syntax)
-        self.link.ensure(instance.sop_class_uid, wanted)
+        if not self.link.ready_for(instance.sop_class_uid, wanted):
+            with self.associating.waiting():
+                self.link.ensure(instance.sop_class_uid, wanted)
         accepted = self.link.accepted(instance.sop_class_uid)
         choices = sending_order(wanted, accepted, UID(instance.transfer_syntax))
         if not choices:
@@ -538,10 +550,11 @@ class Forwarder:
         self.derived = derived
         self._stopping = threading.Event()
         self.completions = Completions(queue, spool)
-        shared = Shared(queue, derived, self.completions, self._stopping)
         self._wakes: Mapping[str, threading.Event] = {
             d.name: threading.Event() for d in destinations
         }
+        associating = {name: Associating(wake) for name, wake in self._wakes.items()}
+        shared = Shared(queue, derived, self.completions, self._stopping, associating)
         self.workers = [
             DestinationWorker(d, node, shared, self._wakes[d.name], hold, index)
             for d, hold in self._holds(queue, destinations)
