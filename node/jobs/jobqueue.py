@@ -223,6 +223,20 @@ class SqliteJobQueue:
         open_jobs = self.database.write_durably(work)
         return None if open_jobs else job.instance.spool_path
 
+    def complete_stored_many(self, done: Sequence[tuple[Job, Path, str]]) -> list[Path]:
+        """complete_stored() for several store jobs (job, stored path, stored transfer syntax)
+        in one durable commit. Returns the spool paths of finished instances."""
+
+        def work(db: sqlite3.Connection) -> list[Path]:
+            finished = []
+            for job, path, transfer_syntax in done:
+                _record_stored(db, job, path, transfer_syntax)
+                if not _complete_job(db, job, str(path)):
+                    finished.append(job.instance.spool_path)
+            return finished
+
+        return list(self.database.write_durably(work))
+
     def retry_later(self, job: Job, error: str, delay: float) -> None:
         # Not fsynced: if lost, the job is simply retried sooner.
         with self.database.transaction(durable=False) as db:

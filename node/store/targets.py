@@ -47,6 +47,8 @@ class Placement(StrEnum):
 class PlacedInstance:
     path: Path
     placement: Placement
+    # The folder whose fsync is still owed before this counts as stored (place(sync=False)).
+    unsynced_folder: Path | None = None
 
 
 class StorageTarget:
@@ -102,13 +104,21 @@ class StorageTarget:
         return self.place(staged, self.destination_for(header), previous)
 
     def place(
-        self, staged: Path, final: Path, previous: Path | None = None, *, keep_source: bool = False
+        self,
+        staged: Path,
+        final: Path,
+        previous: Path | None = None,
+        *,
+        keep_source: bool = False,
+        sync: bool = True,
     ) -> PlacedInstance:
         """Put a fully written, fsynced file at `final` under the duplicates policy.
 
         keep_source: `staged` is the spool file itself (stored as received): it is hard-linked
         into place, or copied where the storage root is on another filesystem, never moved.
         Otherwise `staged` is a file of ours in the staging folder, gone afterwards.
+        sync=False leaves the folder's fsync to the caller (unsynced_folder), which batches
+        it; replacing an instance stored at another path always syncs here, first.
 
         `previous` is where this SOP Instance UID was stored before. The policy is
         about the instance, not the path: when a corrected Patient ID moves it to
@@ -123,6 +133,8 @@ class StorageTarget:
         finally:
             if not keep_source:
                 staged.unlink(missing_ok=True)
+        if elsewhere is None and not sync:
+            return PlacedInstance(path=final, placement=placement, unsynced_folder=final.parent)
         # Nothing counts as stored before its directory entry is on disk. Workers placing
         # into the same folder at the same time share one fsync.
         self._folders.sync(final.parent)

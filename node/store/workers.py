@@ -6,7 +6,9 @@ renamed into place. Stored as received, the fsynced spool file itself is
 hard-linked into place (copied only onto another filesystem), and the path comes
 from the header values intake recorded: no bytes copied, no second parse. Only
 then is the job marked done; the spool file goes when every job of its instance
-is done. A crash anywhere leaves the job pending.
+is done. The folder fsync and the queue commit that make a placed file count as
+stored are batched by one thread (node.store.commits). A crash anywhere leaves the
+job pending.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.daemon import metrics
-from node.dicom.syntaxes import syntax_name
 from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
 from node.jobs.model import Job, JobKind
 from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
+from node.store.commits import Placed, StoredCommits
 from node.store.targets import PlacedInstance, StorageTarget
 from node.transcode import Outcome
 
@@ -108,8 +110,10 @@ class StoreWorkers:
         self._slots = threading.Semaphore(threads)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store")
         self._loop_thread = threading.Thread(target=self._loop, name="store-dispatch", daemon=True)
+        self.commits = StoredCommits(queue, spool, self._retry_or_give_up)
 
     def start(self) -> None:
+        self.commits.start()
         self._loop_thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -118,6 +122,7 @@ class StoreWorkers:
         self.wake.set()
         self._loop_thread.join(timeout)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.commits.stop(timeout)  # files already in place are committed before the queue closes
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -162,31 +167,31 @@ class StoreWorkers:
             return
         try:
             placed, staged = self._store(job, target)
-            # Bookkeeping too: if the queue cannot record it (e.g. a full disk), the job
-            # must be retried, not left 'running' until the next restart.
-            self._finish(job, target, placed, staged)
         except Exception as exc:
-            self._retry_or_give_up(job, target, str(exc))
+            self._retry_or_give_up(job, str(exc))
+            return
+        # Its folder fsync and the commit follow in a batch; a failure there retries it too.
+        self.commits.add(Placed(job, placed, staged.transfer_syntax, staged.note))
 
-    def _retry_or_give_up(self, job: Job, target: StorageTarget, error: str) -> None:
-        uid = job.instance.sop_instance_uid
+    def _retry_or_give_up(self, job: Job, error: str) -> None:
+        uid, name = job.instance.sop_instance_uid, job.target
         if self.schedule.gives_up(job.attempts):
             reason = f"gave up after {job.attempts} attempts: {error}"
             self.queue.dead_letter(job, reason)
-            metrics.record_stored(target.name, "failed")
-            log.error("dead letter: SOP Instance UID %s for %r: %s", uid, target.name, reason)
+            metrics.record_stored(name, "failed")
+            log.error("dead letter: SOP Instance UID %s for %r: %s", uid, name, reason)
             return
         delay = self.schedule.delay(job.attempts)
         log.error(
             "storing SOP Instance UID %s in %r failed (attempt %d), retrying in %.0f s: %s",
             uid,
-            target.name,
+            name,
             job.attempts,
             delay,
             error,
         )
         self.queue.retry_later(job, error, delay)
-        metrics.record_stored(target.name, "retry")
+        metrics.record_stored(name, "retry")
 
     def _store(self, job: Job, target: StorageTarget) -> tuple[PlacedInstance, StagedFile]:
         staging_path = target.staging_path()
@@ -194,32 +199,12 @@ class StoreWorkers:
             staged = self.stage(job, target, staging_path)
             previous = self.queue.stored_path(target.name, job.instance.sop_instance_uid)
             final = _destination(job, target, staged)
-            placed = target.place(staged.path, final, previous, keep_source=staged.as_received)
+            placed = target.place(
+                staged.path, final, previous, keep_source=staged.as_received, sync=False
+            )
         finally:
             staging_path.unlink(missing_ok=True)
         return placed, staged
-
-    def _finish(
-        self, job: Job, target: StorageTarget, placed: PlacedInstance, staged: StagedFile
-    ) -> None:
-        instance = job.instance
-        spool_file = self.queue.complete_stored(job, placed.path, staged.transfer_syntax)
-        stored_size = _file_size(placed.path)
-        metrics.record_stored(target.name, "stored", stored_size)
-        if spool_file is not None:
-            self.spool.remove(spool_file)
-        log.info(
-            "stored SOP Instance UID %s from %r: %s -> %s, %d -> %d bytes, %s in %r, %s",
-            instance.sop_instance_uid,
-            instance.calling_ae_title,
-            syntax_name(instance.transfer_syntax),
-            syntax_name(staged.transfer_syntax),
-            instance.size,
-            stored_size,
-            placed.placement,
-            target.name,
-            staged.note or "no fallback",
-        )
 
 
 def _destination(job: Job, target: StorageTarget, staged: StagedFile) -> Path:
@@ -230,10 +215,3 @@ def _destination(job: Job, target: StorageTarget, staged: StagedFile) -> Path:
         if final is not None:
             return final
     return target.destination_for(read_file_header(staged.path))
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # moved away already (e.g. by an archiver): the metric is not worth failing for
-        return 0
