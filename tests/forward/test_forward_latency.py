@@ -41,7 +41,7 @@ def test_two_workers_against_a_one_association_peer_deliver_without_waiting_for_
             assert sent.returncode == 0, sent.stderr
             acknowledged = time.monotonic()
             expected = 40 * (burst + 1)
-            assert wait_until(lambda: pacs.count() >= expected, timeout=60), node.log()
+            assert wait_until(lambda n=expected: pacs.count() >= n, timeout=60), node.log()
             delays.append(time.monotonic() - acknowledged)
         # Before the fix a second worker claimed a batch, then waited for its association
         # until the first worker had been idle for idle_timeout: 10-12 s on every burst.
