@@ -23,7 +23,7 @@ from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import Job, JobKind, JobSpec, ReceivedInstance
 from node.store import commits, workers
 from node.store.commits import Placed, StoredCommits
-from node.store.targets import Placement, PlacedInstance, StorageTarget
+from node.store.targets import PlacedInstance, Placement, StorageTarget
 from node.store.workers import StoreWorkers
 from tests.conftest import StartNode
 from tests.corpus import CT_SMALL, copies_with_new_uids, dataset_bytes
@@ -192,8 +192,10 @@ def test_kill_9_with_hard_linked_storage_loses_nothing(
     archive, spool = tmp_path / "archive", tmp_path / "data" / "spool"
     transcript = (tmp_path / "storescu.txt").open("w+")
     sender = subprocess.Popen(
-        [require_tool("storescu"), "-d", "-nh", "-aec", "DICOMNODE", "127.0.0.1"]
-        + [str(node.port), *map(str, copies.values())],
+        [
+            *(require_tool("storescu"), "-d", "-nh", "-aec", "DICOMNODE", "127.0.0.1"),
+            *(str(node.port), *map(str, copies.values())),
+        ],
         stdout=transcript,
         stderr=subprocess.STDOUT,
         env={**os.environ, "TCP_NODELAY": "1"},
