@@ -134,7 +134,16 @@ class StoreWorkers:
                 self._wait_for_work()
                 continue
             for job in jobs:
-                self._executor.submit(self._run_and_release, job)
+                if self._is_as_received(job):
+                    # A link and a few stat()s: done here, not worth a thread hand-over.
+                    self._run_and_release(job)
+                else:
+                    self._executor.submit(self._run_and_release, job)
+
+    def _is_as_received(self, job: Job) -> bool:
+        """Its target stores as received (no transfer_syntax ladder)."""
+        plain = [name for name, target in self.targets.items() if not target.config.transfer_syntax]
+        return bool(plain) and job.target in plain
 
     def _take_free_slots(self) -> int:
         """Wait for one free thread, then take every other free one: one claim fills them
