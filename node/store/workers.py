@@ -127,18 +127,21 @@ class StoreWorkers:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             free = self._take_free_slots()
+            # Cleared before the claim: an instance recorded from now on wakes the wait below,
+            # and one recorded before is in this claim. A short claim means nothing else is
+            # due, so the loop waits instead of claiming (a write transaction) for nothing.
+            self.wake.clear()
             jobs = [] if self._stopping.is_set() else self.queue.claim(JobKind.STORE, limit=free)
             for _ in range(free - len(jobs)):
                 self._slots.release()
-            if not jobs:
-                self._wait_for_work()
-                continue
             for job in jobs:
                 if self._is_as_received(job):
                     # A link and a few stat()s: done here, not worth a thread hand-over.
                     self._run_and_release(job)
                 else:
                     self._executor.submit(self._run_and_release, job)
+            if len(jobs) < free:
+                self._wait_for_work()
 
     def _is_as_received(self, job: Job) -> bool:
         """Its target stores as received (no transfer_syntax ladder)."""
@@ -155,9 +158,10 @@ class StoreWorkers:
         return free
 
     def _wait_for_work(self) -> None:
+        if self.wake.is_set() or self._stopping.is_set():
+            return  # recorded since the claim: no need to ask when the next job is due
         due = self.queue.next_due_in(JobKind.STORE)
         self.wake.wait(timeout=1.0 if due is None else min(1.0, max(due, 0.01)))
-        self.wake.clear()
 
     def _run_and_release(self, job: Job) -> None:
         try:
