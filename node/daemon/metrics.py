@@ -24,11 +24,13 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node.jobs.interface import QueueReports
 from node.jobs.model import JobState
+from node.web.activity import AssociationRecord, DeliveryDelays, RecentAssociations
+from node.web.traffic import Flow, TrafficRing
 
 log = logging.getLogger("node.metrics")
 
@@ -85,6 +87,34 @@ VERIFICATION_MISMATCHES = Counter(
     ["target"],
 )
 
+GROUP_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0)
+GROUP_DISPATCH_SECONDS = Histogram(
+    "dicom_node_group_dispatch_delay_seconds",
+    "Series and study groups: seconds from the first arrival to the dispatch, observed at"
+    " delivery, by kind and target",
+    ["kind", "target"],
+    buckets=GROUP_BUCKETS,
+)
+GROUP_DELIVERY_SECONDS = Histogram(
+    "dicom_node_group_delivery_seconds",
+    "Series and study groups: seconds from the first arrival until every member was delivered",
+    ["kind", "target"],
+    buckets=GROUP_BUCKETS,
+)
+
+DELIVERY_DELAY = Histogram(
+    "dicom_node_forward_delivery_delay_seconds",
+    "Time from the C-STORE success to the sender to delivery at a destination",
+    ["destination"],
+    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0),
+)
+
+# The status page's memory (node.web): per-minute traffic over the last hour, the newest
+# associations and delivery delays. Fed by the record_* functions below, with the counters.
+TRAFFIC = TrafficRing()
+RECENT_ASSOCIATIONS = RecentAssociations()
+DELIVERY_DELAYS = DeliveryDelays()
+
 # The transcode ladder explains each failed rung; this phrase marks a pixel mismatch.
 MISMATCH_MARK = "verification mismatch"
 
@@ -109,6 +139,7 @@ def record_received(status: str, size: int) -> None:
     INSTANCES_RECEIVED.labels(status).inc()
     if status == "success":
         RECEIVED_BYTES.inc(size)
+    TRAFFIC.add(Flow.RECEIVED if status == "success" else Flow.REFUSED, size)
 
 
 def record_stored(storage: str, status: str, size: int = 0) -> None:
@@ -116,6 +147,8 @@ def record_stored(storage: str, status: str, size: int = 0) -> None:
     INSTANCES_STORED.labels(storage, status).inc()
     if size:
         STORED_BYTES.labels(storage).inc(size)
+    if status == "stored":
+        TRAFFIC.add(Flow.STORED, size)
 
 
 def record_forwarded(destination: str, status: str, size: int = 0) -> None:
@@ -123,6 +156,22 @@ def record_forwarded(destination: str, status: str, size: int = 0) -> None:
     INSTANCES_FORWARDED.labels(destination, status).inc()
     if size:
         SENT_BYTES.labels(destination).inc(size)
+    if status in ("success", "warning"):
+        TRAFFIC.add(Flow.FORWARDED, size)
+
+
+def record_delivery_delay(destination: str, received_at: float | None) -> None:
+    """One delivered instance, acknowledged to its sender at `received_at` (epoch seconds)."""
+    if received_at is None:
+        return
+    seconds = max(0.0, time.time() - received_at)
+    DELIVERY_DELAY.labels(destination).observe(seconds)
+    DELIVERY_DELAYS.add(destination, seconds)
+
+
+def record_association_ended(record: AssociationRecord) -> None:
+    """An association from a peer ended or was refused: kept for the status page."""
+    RECENT_ASSOCIATIONS.add(record)
 
 
 def record_unrouted(storage: str) -> None:
@@ -138,6 +187,36 @@ def record_transcode(target: str, seconds: float, fallback: bool, reasons: Seque
     mismatches = sum(MISMATCH_MARK in reason for reason in reasons)
     if mismatches:
         VERIFICATION_MISMATCHES.labels(target).inc(mismatches)
+
+
+def record_group_delivered(kind: str, target: str, waited: float, took: float) -> None:
+    """A series or study group delivered: first arrival to dispatch, and to delivery."""
+    GROUP_DISPATCH_SECONDS.labels(kind, target).observe(max(0.0, waited))
+    GROUP_DELIVERY_SECONDS.labels(kind, target).observe(max(0.0, took))
+
+
+def group_families(reports: QueueReports) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Groups waiting (or held), and late arrivals, read from the queue at scrape."""
+    waiting = GaugeMetricFamily(
+        "dicom_node_groups_waiting",
+        "Series and study groups not yet dispatched, by kind, target and state (waiting, held)",
+        labels=["kind", "target", "state"],
+    )
+    counts: dict[tuple[str, str, str], int] = {}
+    for group in reports.waiting_groups():
+        key = (group.kind, group.target, group.state)
+        counts[key] = counts.get(key, 0) + 1
+    for key, count in sorted(counts.items()):
+        waiting.add_metric(list(key), count)
+    totals = reports.group_totals()
+    late = CounterMetricFamily(
+        "dicom_node_group_late_arrivals",
+        "Instances that arrived for a group already dispatched (each starts or joins a new"
+        " version of it); kept in the queue database, so it survives restarts",
+    )
+    late.add_metric([], totals.late_arrivals)
+    yield waiting
+    yield late
 
 
 def total(metric: Counter | Gauge, **labels: str) -> float:
@@ -158,7 +237,7 @@ class QueueCollector(Collector):
     def __init__(self, reports: QueueReports) -> None:
         self.reports = reports
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "dicom_node_queue_jobs",
             "Jobs in the queue, by kind (store, forward), target and state",
@@ -176,6 +255,7 @@ class QueueCollector(Collector):
                 oldest.add_metric([row.kind, row.target], max(0.0, now - row.oldest_created_at))
         yield depth
         yield oldest
+        yield from group_families(self.reports)
 
 
 @dataclass

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.jobs import commitment_schema, groups
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY,
@@ -79,7 +81,7 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # ReceivedInstance.header_values as a JSON object (node.store reads it instead of the file).
     ("instances", "header_values", "TEXT NOT NULL DEFAULT ''"),
 )
-EXTRA_SCHEMAS: tuple[str, ...] = ()
+EXTRA_SCHEMAS: tuple[str, ...] = (groups.SCHEMA, commitment_schema.SCHEMA)
 
 
 def add_missing_columns(

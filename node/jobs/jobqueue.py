@@ -19,40 +19,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from node.jobs import groups
 from node.jobs.database import Database
 from node.jobs.model import Job, JobKind, JobSpec, JobState, ReceivedInstance
-
-_JOB_COLUMNS = """
-    jobs.id, jobs.kind, jobs.target, jobs.attempts, jobs.instance_id,
-    instances.sop_instance_uid, instances.sop_class_uid, instances.transfer_syntax,
-    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size,
-    instances.header_values
-"""
-
-
-def _job_from_row(row: sqlite3.Row) -> Job:
-    instance = ReceivedInstance(
-        sop_instance_uid=row[5],
-        sop_class_uid=row[6],
-        transfer_syntax=row[7],
-        calling_ae_title=row[8],
-        called_ae_title=row[9],
-        spool_path=Path(row[10]),
-        size=row[11],
-        header_values=_header_values(row[12]),
-    )
-    return Job(
-        id=row[0],
-        kind=JobKind(row[1]),
-        target=row[2],
-        attempts=row[3],
-        instance_id=row[4],
-        instance=instance,
-    )
-
-
-def _header_values(text: str) -> tuple[tuple[str, str], ...]:
-    return tuple(json.loads(text).items()) if text else ()
+from node.jobs.rows import JOB_COLUMNS as _JOB_COLUMNS
+from node.jobs.rows import job_from_row as _job_from_row
 
 
 def _insert_instance(
@@ -79,18 +50,30 @@ def _insert_instance(
     db.executemany(
         "INSERT INTO jobs (instance_id, kind, target, state, next_attempt_at,"
         " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(instance_id, job.kind, job.target, JobState.PENDING, now, now, now) for job in jobs],
+        [
+            (instance_id, job.kind, job.target, JobState.PENDING, now, now, now)
+            for job in jobs
+            if job.group is None
+        ],
     )
+    for job in jobs:
+        if job.group is not None:  # a member of a series or study group: waits for it
+            groups.join_group(db, instance_id, job, instance.sop_instance_uid, now)
     return instance_id
 
 
-def _complete_job(db: sqlite3.Connection, job: Job, result: str) -> int:
-    """Mark a job done; delete its instance's rows when none is left open. Returns the open count."""
+def _complete_job(
+    db: sqlite3.Connection, job: Job, result: str, keep_finished: bool = False
+) -> int:
+    """Mark a job done; delete its instance's rows when none is left open. Returns the open count.
+
+    keep_finished: remember the finished SOP Instance UID (storage commitment asks later)."""
     now = time.time()
     db.execute(
         "UPDATE jobs SET state = ?, result = ?, last_error = NULL, updated_at = ? WHERE id = ?",
         (JobState.DONE, result, now, job.id),
     )
+    groups.mark_member_done(db, job.id, now)
     (open_jobs,) = db.execute(
         "SELECT COUNT(*) FROM jobs WHERE instance_id = ? AND state != ?",
         (job.instance_id, JobState.DONE),
@@ -98,7 +81,20 @@ def _complete_job(db: sqlite3.Connection, job: Job, result: str) -> int:
     if not open_jobs:
         db.execute("DELETE FROM jobs WHERE instance_id = ?", (job.instance_id,))
         db.execute("DELETE FROM instances WHERE id = ?", (job.instance_id,))
+        if keep_finished:
+            _record_finished(db, job.instance)
     return int(open_jobs)
+
+
+def _record_finished(db: sqlite3.Connection, instance: ReceivedInstance) -> None:
+    """Into node.jobs.commitment_schema's finished_instances, in the deleting transaction."""
+    uid = instance.sop_instance_uid
+    db.execute("DELETE FROM finished_instances WHERE sop_instance_uid = ?", (uid,))
+    db.execute(
+        "INSERT INTO finished_instances (sop_instance_uid, sop_class_uid, finished_at)"
+        " VALUES (?, ?, ?)",
+        (uid, instance.sop_class_uid, time.time()),
+    )
 
 
 def _record_stored(db: sqlite3.Connection, job: Job, path: Path, transfer_syntax: str) -> None:
@@ -109,12 +105,14 @@ def _record_stored(db: sqlite3.Connection, job: Job, path: Path, transfer_syntax
     )
 
 
-class SqliteJobQueue:
+class SqliteJobQueue(groups.SqliteGroups):
     """node.jobs.interface.JobQueue on SQLite. Safe to share between threads."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, keep_finished: bool = False) -> None:
+        """keep_finished: remember finished instances ([commitment] enabled needs it)."""
         self.database = database
         self.path = database.path
+        self.keep_finished = keep_finished
 
     @classmethod
     def open(cls, path: Path) -> SqliteJobQueue:
@@ -145,6 +143,7 @@ class SqliteJobQueue:
     def requeue_running(self) -> int:
         """After a crash or restart, jobs that were in flight are simply pending again."""
         with self.database.transaction() as db:
+            groups.requeue_group_members(db, time.time())  # sent as a group again
             cursor = db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ? WHERE state = ?",
                 (JobState.PENDING, time.time(), JobState.RUNNING),
@@ -196,7 +195,8 @@ class SqliteJobQueue:
     def complete(self, job: Job, result: str) -> Path | None:
         """Mark a job done. Returns the spool path once every job of its instance is done."""
         # Durable: the caller deletes the spool file when this says the instance is finished.
-        open_jobs = self.database.write_durably(lambda db: _complete_job(db, job, result))
+        keep = self.keep_finished
+        open_jobs = self.database.write_durably(lambda db: _complete_job(db, job, result, keep))
         return None if open_jobs else job.instance.spool_path
 
     def complete_many(self, done: Sequence[tuple[Job, str]]) -> list[Path]:
@@ -207,7 +207,7 @@ class SqliteJobQueue:
             return [
                 job.instance.spool_path
                 for job, result in done
-                if not _complete_job(db, job, result)
+                if not _complete_job(db, job, result, self.keep_finished)
             ]
 
         return list(self.database.write_durably(work))
@@ -218,7 +218,7 @@ class SqliteJobQueue:
 
         def work(db: sqlite3.Connection) -> int:
             _record_stored(db, job, path, transfer_syntax)
-            return _complete_job(db, job, str(path))
+            return _complete_job(db, job, str(path), self.keep_finished)
 
         open_jobs = self.database.write_durably(work)
         return None if open_jobs else job.instance.spool_path
@@ -231,7 +231,7 @@ class SqliteJobQueue:
             finished = []
             for job, path, transfer_syntax in done:
                 _record_stored(db, job, path, transfer_syntax)
-                if not _complete_job(db, job, str(path)):
+                if not _complete_job(db, job, str(path), self.keep_finished):
                     finished.append(job.instance.spool_path)
             return finished
 
@@ -256,20 +256,20 @@ class SqliteJobQueue:
     # Targets: the ones gone from the config, and holds on unreachable destinations.
 
     def open_targets(self, kind: JobKind) -> list[str]:
-        """Targets of this kind that have pending or running jobs."""
+        """Targets of this kind that have pending, running or waiting (grouped) jobs."""
         with self.database.read() as db:
             rows = db.execute(
-                "SELECT DISTINCT target FROM jobs WHERE kind = ? AND state IN (?, ?)",
-                (kind, JobState.PENDING, JobState.RUNNING),
+                "SELECT DISTINCT target FROM jobs WHERE kind = ? AND state IN (?, ?, ?)",
+                (kind, JobState.PENDING, JobState.RUNNING, JobState.WAITING),
             ).fetchall()
         return [row[0] for row in rows]
 
     def dead_letter_target(self, kind: JobKind, target: str, error: str) -> int:
-        """Dead-letter every pending or running job of a target (one no longer configured)."""
+        """Dead-letter every open job of a target (one no longer configured)."""
         with self.database.transaction() as db:
             return db.execute(
                 "UPDATE jobs SET state = ?, last_error = ?, updated_at = ?"
-                " WHERE kind = ? AND target = ? AND state IN (?, ?)",
+                " WHERE kind = ? AND target = ? AND state IN (?, ?, ?)",
                 (
                     JobState.FAILED,
                     error,
@@ -278,6 +278,7 @@ class SqliteJobQueue:
                     target,
                     JobState.PENDING,
                     JobState.RUNNING,
+                    JobState.WAITING,
                 ),
             ).rowcount
 
@@ -324,7 +325,7 @@ class SqliteJobQueue:
             row = db.execute(
                 "SELECT 1 FROM stored WHERE storage = ? AND sop_instance_uid = ?"
                 " UNION ALL SELECT 1 FROM jobs JOIN instances ON instances.id = jobs.instance_id"
-                " WHERE jobs.kind = ? AND jobs.target = ? AND jobs.state IN (?, ?)"
+                " WHERE jobs.kind = ? AND jobs.target = ? AND jobs.state IN (?, ?, ?)"
                 " AND instances.sop_instance_uid = ? LIMIT 1",
                 (
                     storage,
@@ -333,6 +334,7 @@ class SqliteJobQueue:
                     storage,
                     JobState.PENDING,
                     JobState.RUNNING,
+                    JobState.WAITING,
                     sop_instance_uid,
                 ),
             ).fetchone()
