@@ -13,7 +13,9 @@
   received and sent, and the history of finished instances;
 - groups: series and study groups (membership recorded with the instance,
   dispatch, group claims, late arrivals as new versions);
-- rows: the job row as the SELECTs read it.
+- rows: the job row as the SELECTs read it;
+- batches: one thread that handles what has piled up as one batch (the
+  durable commits of forward deliveries and placed store jobs).
 
 May import: nothing else of the node's.
 """

@@ -14,8 +14,6 @@ and find their files already in place.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 from node.daemon import metrics
 from node.dicom.syntaxes import syntax_name
 from node.ingest.spool import Spool
+from node.jobs.batches import BatchThread
 from node.jobs.interface import JobQueue
 from node.jobs.model import Job
 from node.store.durable import fsync_directory
@@ -55,43 +54,20 @@ class StoredCommits:
         self.jobs = jobs
         self.spool = spool
         self.retry = retry
-        self._inbox: queue.Queue[Placed | Callable[[], None]] = queue.Queue(CAPACITY)
-        self._thread = threading.Thread(target=self._loop, name="store-commits", daemon=True)
+        self._batches = BatchThread("store-commits", self._commit, CAPACITY, BATCH)
 
     def start(self) -> None:
-        self._thread.start()
+        self._batches.start()
 
     def add(self, placed: Placed) -> None:
-        self._inbox.put(placed)
+        self._batches.add(placed)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything added so far is committed (or rescheduled); False on timeout."""
-        done = threading.Event()
-        self._inbox.put(done.set)
-        return done.wait(timeout)
+        return self._batches.flush(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._thread.is_alive():
-            self.flush(timeout)
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            items = [self._inbox.get()]
-            while len(items) < BATCH:
-                try:
-                    items.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            placed = [item for item in items if isinstance(item, Placed)]
-            if placed:
-                self._commit(placed)
-            for item in items:
-                if item is _STOP:
-                    return
-                if not isinstance(item, Placed):
-                    item()  # a flush marker: everything before it is committed
+        self._batches.stop(timeout)
 
     def _commit(self, batch: list[Placed]) -> None:
         durable = self._sync_folders(batch)
@@ -150,10 +126,3 @@ def _file_size(p: Placed) -> int:
         return p.placed.path.stat().st_size
     except OSError:  # moved away already (e.g. by an archiver): the metric is not worth failing for
         return 0
-
-
-def _stop() -> None:
-    """The marker that ends the committing thread."""
-
-
-_STOP: Callable[[], None] = _stop
