@@ -36,7 +36,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 import node
 from node.config.model import DestinationConfig
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
-from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.derived import DerivedFiles, Unshapable, Untranscodable
 from node.forward.stow import (
     ACCEPT,
     Answer,
@@ -47,7 +47,10 @@ from node.forward.stow import (
 )
 from node.ingest.identity import read_passcode_file
 from node.jobs.model import Job
+from node.net.storelink import read_part10_meta
 from node.net.tls import client_context
+from node.shape import ShapeContext
+from node.shape.build import build_shaping
 
 log = logging.getLogger("node.forward")
 # httpx logs every request at INFO; the node logs each instance's outcome instead.
@@ -94,6 +97,9 @@ class _File:
     job: Job
     path: Path
     syntax: UID
+    # The SOP Instance UID in the file sent, which the response names: the received one,
+    # or the remapped one of a de-identified view.
+    sop_instance_uid: str
 
 
 def study_of(path: Path) -> str:
@@ -133,6 +139,8 @@ class StowSender:
     def __init__(self, destination: DestinationConfig, derived: DerivedFiles) -> None:
         self.destination = destination
         self.derived = derived
+        # [destination.coerce] / [destination.deidentify]: this destination's own view.
+        self.shaping = build_shaping(destination.coerce, destination.deidentify)
         self.url = destination.url.rstrip("/") + "/studies"
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
@@ -205,7 +213,7 @@ class StowSender:
             answer = self._post(files)
             pending = []
             for sent in files:
-                outcome = answer.outcomes[sent.job.instance.sop_instance_uid]
+                outcome = answer.outcomes[sent.sop_instance_uid]
                 if outcome.verdict is Verdict.NEXT_SYNTAX:
                     self._refused.add((sent.job.instance.sop_class_uid, str(sent.syntax)))
                     choices[sent.job.id].notes.append(
@@ -244,11 +252,15 @@ class StowSender:
                     instance.transfer_syntax,
                     syntax,
                     allow_lossy=self.destination.allow_lossy,
+                    shaping=self.shaping,
+                    context=ShapeContext(instance.calling_ae_title, instance.called_ae_title),
                 )
+            except Unshapable as exc:
+                return JobOutcome(job, "refused", str(exc))  # the same in every syntax
             except Untranscodable as exc:
                 choices.notes.append(str(exc))
                 continue
-            return _File(job, path, syntax)
+            return _File(job, path, syntax, self._sop_instance_uid(job, path))
         refused = [
             syntax_name(s) for s in skipped if (instance.sop_class_uid, str(s)) in self._refused
         ]
@@ -256,6 +268,12 @@ class StowSender:
             choices.notes.append(f"refused for earlier instances: {', '.join(refused)}")
         reasons = "; ".join(choices.notes)
         return JobOutcome(job, "refused", f"no transfer syntax left for {self.url}: {reasons}")
+
+    def _sop_instance_uid(self, job: Job, path: Path) -> str:
+        if self.shaping is None:
+            return job.instance.sop_instance_uid
+        with path.open("rb") as stream:
+            return read_part10_meta(stream).sop_instance_uid
 
     # HTTP.
 
@@ -267,7 +285,7 @@ class StowSender:
             "Accept": ACCEPT,
             **self._authorization(),
         }
-        uids = [f.job.instance.sop_instance_uid for f in files]
+        uids = [f.sop_instance_uid for f in files]
         started = time.monotonic()
         status, content_type, content = self._exchange(body, headers)
         log.debug(
