@@ -47,7 +47,6 @@ from node.forward.stow import (
 )
 from node.ingest.identity import read_passcode_file
 from node.jobs.model import Job
-from node.net.storelink import read_part10_meta
 from node.net.tls import client_context
 from node.shape import ShapeContext
 from node.shape.build import build_shaping
@@ -97,18 +96,20 @@ class _File:
     job: Job
     path: Path
     syntax: UID
-    # The SOP Instance UID in the file sent, which the response names: the received one,
-    # or the remapped one of a de-identified view.
-    sop_instance_uid: str
+    uid: str  # the SOP Instance UID in the file: a de-identified view has a new one
 
 
 def study_of(path: Path) -> str:
     """The Study Instance UID in a spooled file's header ("" if it cannot be read)."""
+    return _header_uid(path, "StudyInstanceUID")
+
+
+def _header_uid(path: Path, keyword: str) -> str:
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[keyword])
     except (OSError, InvalidDicomError, ValueError):
         return ""
-    return str(header.get("StudyInstanceUID", ""))
+    return str(header.get(keyword, ""))
 
 
 def by_study(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
@@ -139,7 +140,7 @@ class StowSender:
     def __init__(self, destination: DestinationConfig, derived: DerivedFiles) -> None:
         self.destination = destination
         self.derived = derived
-        # [destination.coerce] / [destination.deidentify]: this destination's own view.
+        # [destination.coerce] / [destination.deidentify]: what this destination is sent.
         self.shaping = build_shaping(destination.coerce, destination.deidentify)
         self.url = destination.url.rstrip("/") + "/studies"
         self._client: httpx.Client | None = None
@@ -213,7 +214,7 @@ class StowSender:
             answer = self._post(files)
             pending = []
             for sent in files:
-                outcome = answer.outcomes[sent.sop_instance_uid]
+                outcome = answer.outcomes[sent.uid]
                 if outcome.verdict is Verdict.NEXT_SYNTAX:
                     self._refused.add((sent.job.instance.sop_class_uid, str(sent.syntax)))
                     choices[sent.job.id].notes.append(
@@ -260,7 +261,10 @@ class StowSender:
             except Untranscodable as exc:
                 choices.notes.append(str(exc))
                 continue
-            return _File(job, path, syntax, self._sop_instance_uid(job, path))
+            uid = instance.sop_instance_uid
+            if self.shaping is not None:
+                uid = _header_uid(path, "SOPInstanceUID") or uid
+            return _File(job, path, syntax, uid)
         refused = [
             syntax_name(s) for s in skipped if (instance.sop_class_uid, str(s)) in self._refused
         ]
@@ -268,12 +272,6 @@ class StowSender:
             choices.notes.append(f"refused for earlier instances: {', '.join(refused)}")
         reasons = "; ".join(choices.notes)
         return JobOutcome(job, "refused", f"no transfer syntax left for {self.url}: {reasons}")
-
-    def _sop_instance_uid(self, job: Job, path: Path) -> str:
-        if self.shaping is None:
-            return job.instance.sop_instance_uid
-        with path.open("rb") as stream:
-            return read_part10_meta(stream).sop_instance_uid
 
     # HTTP.
 
@@ -285,7 +283,7 @@ class StowSender:
             "Accept": ACCEPT,
             **self._authorization(),
         }
-        uids = [f.sop_instance_uid for f in files]
+        uids = [f.uid for f in files]
         started = time.monotonic()
         status, content_type, content = self._exchange(body, headers)
         log.debug(
