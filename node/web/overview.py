@@ -158,7 +158,8 @@ def destination_rows(
         result.append(
             {
                 "name": destination.name,
-                "peer": f"{destination.ae_title}@{destination.host}:{destination.port}",
+                "peer": destination.url  # a DICOMweb destination's service root
+                or f"{destination.ae_title}@{destination.host}:{destination.port}",
                 "state": state,
                 "next_try": next_try,
                 "failed_attempts_in_a_row": hold.streak if hold and state == "held" else 0,
