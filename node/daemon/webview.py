@@ -52,13 +52,16 @@ class NodeWebView:
     def live(self) -> Live:
         config = self.node.config
         folders = [Folder("spool", config.spool_dir, _free_space(config.spool_dir))]
+        # Copies first: a reload swaps the targets and the forwarder from the main thread.
+        targets = dict(self.node.targets)
+        workers = list(self.node.forwarder.workers)
         folders += [
             Folder(f"storage {name}", target.root, _free_space(target.root))
-            for name, target in self.node.targets.items()
+            for name, target in targets.items()
         ]
         holds = {
             worker.destination.name: Hold(worker.hold.until, worker.hold.streak)
-            for worker in self.node.forwarder.workers
+            for worker in workers
         }
         return Live(
             phase=self.node.phase,
