@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,6 +248,13 @@ def test_without_a_token_file_the_page_is_read_only_on_loopback(tmp_path: Path) 
         assert answer.status == 403 and "token_file" in answer.body
         cli = dicom_node("status", "--json", "-c", str(node.config_path))
         assert call(web_port, "/api/status").json() == json.loads(cli.stdout)
+        # A reload keeps the page where it is; a new address waits for a restart.
+        text = node.config_path.read_text()
+        node.config_path.write_text(text.replace(f":{web_port}", f":{free_port()}"))
+        node.signal(signal.SIGHUP)
+        assert node.logged("web.address changed; it takes effect at the next restart")
+        assert node.logged("reloaded")
+        assert call(web_port, "/api/overview").json()["now"]["phase"] == "ready"  # type: ignore[index]
     finally:
         node.stop()
 
