@@ -11,9 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from node.cli import groups_cli
+from node.cli.commitment_status import print_commitments
 from node.config.model import Config, load_config
 from node.ingest.spool import Spool
-from node.jobs.interface import QueueOperations
+from node.jobs.commitments import SqliteCommitments
+from node.jobs.interface import CommitmentRecords, QueueOperations
 from node.jobs.model import JobKind, JobState, TargetReport, open_jobs
 from node.jobs.reports import SqliteQueueOperations
 from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     queue = SqliteQueueOperations.open(config.queue_path)
     try:
         if args.queue_action == "status":
-            return show_status(queue, config, as_json=args.json)
+            commitments = SqliteCommitments(queue.database)
+            return show_status(queue, config, as_json=args.json, commitments=commitments)
         if args.queue_action == "retry":
             return retry(queue, args)
         if args.queue_action in groups_cli.ACTIONS:
@@ -151,7 +154,13 @@ def gives_up(config: Config) -> dict[tuple[str, str], str]:
     return {key: schedule.describe_limit() for key, schedule in limits.items()}
 
 
-def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False) -> int:
+def show_status(
+    queue: QueueOperations,
+    config: Config,
+    *,
+    as_json: bool = False,
+    commitments: CommitmentRecords | None = None,
+) -> int:
     rows = open_jobs(queue.report())
     if as_json:
         print(json.dumps([asdict(row) for row in rows], indent=2))
@@ -194,6 +203,8 @@ def show_status(queue: QueueOperations, config: Config, *, as_json: bool = False
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         print("  ".join([*cells, line[-1]]).rstrip())
+    if commitments is not None:
+        print_commitments(commitments)
     groups = groups_cli.group_lines(queue, now, _age)
     if groups:
         print("\nseries and study groups not yet delivered:")

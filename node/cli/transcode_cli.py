@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,10 @@ from pathlib import Path
 from pydicom import dcmread
 from tqdm import tqdm
 
+from node.config.model import CHECKS, CoerceConfig, DeidentifyConfig
+from node.config.schema import ConfigError, Table, read_table
+from node.shape import Shaping, ShapingFailed
+from node.shape.build import build_shaping
 from node.transcode import Outcome, Target, TranscodePool, parse_target
 
 
@@ -33,14 +38,35 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="IN", help="files or folders")
     parser.add_argument(
         "--to",
-        required=True,
         metavar="SYNTAX[,FALLBACK...]",
-        help="transfer syntaxes to try in order (pydicom keywords or UIDs)",
+        help="transfer syntaxes to try in order (pydicom keywords or UIDs); without it,"
+        " --coerce and --deidentify keep each file's syntax and its Pixel Data bytes",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR")
     parser.add_argument("--workers", type=int, default=None, help="codec worker processes")
     parser.add_argument(
         "--allow-lossy", action="store_true", help="permit lossy syntaxes in the ladder"
+    )
+    parser.add_argument(
+        "--coerce",
+        type=Path,
+        metavar="FILE",
+        help="a TOML file with `set` and `delete`, as in [destination.coerce]",
+    )
+    parser.add_argument(
+        "--deidentify",
+        action="store_true",
+        help="apply the PS3.15 Annex E Basic Profile, as [destination.deidentify] does",
+    )
+    parser.add_argument(
+        "--uid-secret-file", type=Path, metavar="FILE", help="the key UIDs are remapped under"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an Annex E option, e.g. retain-longitudinal-dates (repeatable)",
     )
 
 
@@ -49,6 +75,7 @@ class Summary:
     converted: int = 0
     fell_back: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # the shaping refused (not written)
     source_bytes: int = 0
     written_bytes: int = 0
 
@@ -66,6 +93,9 @@ class Summary:
         lines += [f"  {count:6d}  {reason}" for reason, count in self.fell_back.most_common()]
         lines.append(f"failed (unreadable): {len(self.failed)}")
         lines += [f"  {line}" for line in self.failed]
+        if self.refused:
+            lines.append(f"refused (not written): {len(self.refused)}")
+            lines += [f"  {line}" for line in self.refused]
         ratio = self.source_bytes / self.written_bytes if self.written_bytes else 0.0
         lines.append(f"total compression ratio: {ratio:.2f}")
         return lines
@@ -78,17 +108,45 @@ def _reason_group(reasons: tuple[str, ...]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        ladder = parse_ladder(args.to)
-    except ValueError as error:
+        ladder = parse_ladder(args.to or "")
+        shaping = read_shaping(args)
+    except (ValueError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not ladder and shaping is None:
+        print("error: give --to, --coerce or --deidentify", file=sys.stderr)
         return 2
     if any(target.lossy for target in ladder) and not args.allow_lossy:
         print("error: the ladder has a lossy syntax; add --allow-lossy", file=sys.stderr)
         return 2
+    if shaping is not None:
+        print(f"applying: {shaping.describe()}", file=sys.stderr)
     jobs = list(find_jobs(args.inputs, args.output))
-    summary = transcode_all(jobs, ladder, args.workers, args.allow_lossy)
+    summary = transcode_all(jobs, ladder, args.workers, args.allow_lossy, shaping)
     print("\n".join(summary.lines()))
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.refused else 0
+
+
+def read_shaping(args: argparse.Namespace) -> Shaping | None:
+    """The same tables and checks as a target's [coerce] and [deidentify] in the config."""
+    coerce = CoerceConfig()
+    if args.coerce is not None:
+        file = args.coerce.resolve()
+        try:
+            data = tomllib.loads(file.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(file, "", str(error)) from None
+        coerce = read_table(Table(file, "", data), CoerceConfig, CHECKS)
+    deidentify = DeidentifyConfig()
+    if args.deidentify:
+        where = Path("--deidentify")
+        given: dict[str, object] = {"profile": "basic", "options": list(args.option)}
+        if args.uid_secret_file is not None:
+            given["uid_secret_file"] = str(args.uid_secret_file.resolve())
+        deidentify = read_table(Table(where, "", given), DeidentifyConfig, CHECKS)
+    elif args.option or args.uid_secret_file:
+        raise ValueError("--option and --uid-secret-file go with --deidentify")
+    return build_shaping(coerce, deidentify)
 
 
 def parse_ladder(text: str) -> list[Target]:
@@ -106,20 +164,31 @@ def find_jobs(inputs: Sequence[Path], outdir: Path) -> Iterator[tuple[Path, Path
 
 
 def transcode_all(
-    jobs: list[tuple[Path, Path]], ladder: list[Target], workers: int | None, allow_lossy: bool
+    jobs: list[tuple[Path, Path]],
+    ladder: list[Target],
+    workers: int | None,
+    allow_lossy: bool,
+    shaping: Shaping | None = None,
 ) -> Summary:
     summary = Summary()
     with TranscodePool(workers) as pool, ThreadPoolExecutor(pool.size) as threads:
 
-        def one(job: tuple[Path, Path]) -> tuple[Path, Outcome | None]:
+        def one(job: tuple[Path, Path]) -> tuple[Path, Outcome | str | None]:
             src, dst = job
             if not _looks_like_dicom(src):
                 return src, None
-            return src, pool.transcode(src, dst, ladder, allow_lossy=allow_lossy)
+            try:
+                return src, pool.transcode(
+                    src, dst, ladder, allow_lossy=allow_lossy, shaping=shaping
+                )
+            except ShapingFailed as refusal:
+                return src, str(refusal)  # nothing written: never the file as it was
 
         results = threads.map(one, jobs)
         for src, outcome in tqdm(results, total=len(jobs), unit="file", file=sys.stderr):
-            if outcome is None or not outcome.transfer_syntax:
+            if isinstance(outcome, str):
+                summary.refused.append(f"{src}: {outcome}")
+            elif outcome is None or not outcome.transfer_syntax:
                 summary.failed.append(str(src))
             else:
                 summary.add(outcome)

@@ -9,5 +9,5 @@ to check (path templates, passcode hashes, transfer syntax targets) are checked
 here with that stage's parser, so a bad config stops the node at start.
 
 May import: node.dicom, node.transcode.targets, node.store.layout,
-node.ingest.identity.
+node.ingest.identity, node.shape (coercion templates, attribute names, Annex E options).
 """

@@ -38,6 +38,8 @@ from node.transcode.targets import Target, parse_target
 DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
+CommitWhen = Literal["received", "stored", "delivered"]
+DestinationProtocol = Literal["dimse", "dicomweb"]
 # "instance": each instance is sent on its own as it arrives; "series"/"study": per group.
 Trigger = Literal["instance", "series", "study"]
 
@@ -145,6 +147,42 @@ def _write_match(match: tuple[tuple[str, str], ...]) -> str:
     if not match:
         return "{}"
     return "{ " + ", ".join(f"{key} = {json.dumps(value)}" for key, value in match) + " }"
+
+
+def _read_coerce_set(
+    table: Table, key: str, default: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """A table of DICOM keyword = value template, each checked as coercion will use it."""
+    from node.shape.coerce import CoercionError, parse_assignment
+
+    assignments = table.table(key)
+    for name, value in assignments.data.items():
+        if not isinstance(value, str):
+            raise assignments.error(name, f"must be a template string, got {value!r}")
+        try:
+            parse_assignment(name, value)
+        except CoercionError as exc:
+            raise assignments.error(name, str(exc)) from None
+    return tuple(assignments.data.items())
+
+
+def _check_selectors(table: Table, key: str, names: tuple[str, ...]) -> None:
+    from node.shape.selectors import SelectorError, parse_selector
+
+    for name in names:
+        try:
+            parse_selector(name)
+        except SelectorError as exc:
+            raise table.error(key, str(exc)) from None
+
+
+def _check_deidentify_options(table: Table, key: str, names: tuple[str, ...]) -> None:
+    from node.shape.options import OptionError, parse_options
+
+    try:
+        parse_options(names)
+    except OptionError as exc:
+        raise table.error(key, str(exc)) from None
 
 
 def _check_count_keyword(table: Table, key: str, keyword: str) -> None:
@@ -256,6 +294,25 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True)
+class CoerceConfig:
+    """[storage.coerce] and [destination.coerce]: attributes set or deleted in that
+    target's copy only (node.shape.coerce)."""
+
+    set: Annotated[tuple[tuple[str, str], ...], Reader(_read_coerce_set, _write_match)] = ()
+    delete: Annotated[tuple[str, ...], Check(_check_selectors)] = ()
+
+
+@dataclass(frozen=True)
+class DeidentifyConfig:
+    """[storage.deidentify] and [destination.deidentify]: PS3.15 Annex E for that target."""
+
+    profile: Literal["none", "basic"] = "none"
+    options: Annotated[tuple[str, ...], Check(_check_deidentify_options)] = ()
+    uid_secret_file: Path | None = None
+    keep: Annotated[tuple[str, ...], Check(_check_selectors)] = ()
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     name: str
     path: Path
@@ -263,6 +320,8 @@ class StorageConfig:
     duplicates: DuplicatePolicy = "overwrite"
     transfer_syntax: Annotated[tuple[Target, ...], Reader(_read_ladder)] = ()
     allow_lossy: bool = False
+    coerce: CoerceConfig = field(default_factory=CoerceConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
 
 
 @dataclass(frozen=True)
@@ -273,11 +332,24 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class HTTPAuthConfig:
+    """[destination.auth] of a DICOMweb destination: a bearer token, or HTTP basic auth.
+
+    The secrets stay in their files, read again for every request, so a rotated
+    token or a corrected password is used without a reload."""
+
+    bearer_token_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    ae_title: AETitle
-    host: str
-    port: Port
+    # DIMSE only (required there, _check_destination): a DICOMweb destination has a url.
+    ae_title: AETitle = ""
+    host: str = ""
+    port: Port = 104
     transfer_syntaxes: Annotated[tuple[str, ...], Reader(_read_proposed_syntaxes)] = ()
     max_associations: Annotated[int, Between(1)] = 1
     idle_timeout: float = 10.0
@@ -288,6 +360,41 @@ class DestinationConfig:
     # read from passcode_file when an association is opened (never kept in the config).
     username: str = ""
     passcode_file: Path | None = None
+    # protocol = "dicomweb": STOW-RS to {url}/studies, batch_size instances of one study
+    # per request (node.forward.dicomweb); the DIMSE keys above are then not used.
+    protocol: DestinationProtocol = "dimse"
+    url: str = ""
+    batch_size: Annotated[int, Between(1, 1000)] = 50
+    request_timeout: Annotated[float, Between(1)] = 120.0
+    auth: HTTPAuthConfig = field(default_factory=HTTPAuthConfig)
+    coerce: CoerceConfig = field(default_factory=CoerceConfig)
+    deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
+    # Storage Commitment (PS3.4 J): a job is delivered only once the destination's
+    # N-EVENT-REPORT says the instance is committed ("delivered means committed").
+    commitment: bool = False
+
+
+@dataclass(frozen=True)
+class RequestorConfig:
+    """One [[commitment.requestor]]: where a report goes when the requesting association is gone."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+@dataclass(frozen=True)
+class CommitmentConfig:
+    """Storage Commitment SCP (PS3.4 J): whether peers may ask, and when an instance is committed."""
+
+    enabled: bool = False
+    # received: spooled and recorded; stored: in every storage target; delivered: also
+    # delivered to every destination of the instance.
+    when: CommitWhen = "stored"
+    # Seconds after a request: instances still not there are reported failed (0x0110);
+    # also how long a destination's report is waited for before the instances are re-sent.
+    report_timeout: Annotated[float, Between(1)] = 3600.0
+    requestor: tuple[RequestorConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -318,6 +425,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     routes: tuple[RouteConfig, ...]
     unrouted_storage: str | None = None
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
     web: WebConfig = field(default_factory=WebConfig)
 
     @property
@@ -344,6 +452,7 @@ SECTIONS = (
     Section("storage", StorageConfig, "storage", many=True),
     Section("destination", DestinationConfig, "destinations", many=True),
     Section("route", RouteConfig, "routes", many=True),
+    Section("commitment", CommitmentConfig, "commitment"),
 )
 """The top-level TOML tables, in the order check-config prints them."""
 
@@ -397,6 +506,10 @@ def _check_retry(table: Table, retry: RetryPolicy) -> None:
 
 
 def _check_destination(table: Table, destination: DestinationConfig) -> None:
+    if destination.protocol == "dicomweb":
+        _check_dicomweb_destination(table, destination)
+    else:
+        _check_dimse_destination(table, destination)
     _check_destination_identity(table, destination)
     lossy = [n for n in destination.transfer_syntaxes if resolve_syntax(n) in LOSSY_OR_MIXED]
     if lossy and not destination.allow_lossy:
@@ -408,6 +521,59 @@ def _check_destination(table: Table, destination: DestinationConfig) -> None:
         )
 
 
+def _check_dimse_destination(table: Table, destination: DestinationConfig) -> None:
+    for key in ("ae_title", "host"):
+        if not getattr(destination, key):
+            raise table.error(key, "is required")
+    if destination.url:
+        raise table.error("url", 'is for protocol = "dicomweb" destinations only')
+    if destination.auth != HTTPAuthConfig():
+        raise table.error("auth", 'is for protocol = "dicomweb" destinations only')
+
+
+def _check_dicomweb_destination(table: Table, destination: DestinationConfig) -> None:
+    # Values, not presence: check-config prints every key, and what it prints must load.
+    for key in ("ae_title", "host", "username", "passcode_file"):
+        if getattr(destination, key):
+            raise table.error(key, 'is for DIMSE destinations; a "dicomweb" one has a url')
+    url = destination.url
+    if not url.startswith(("http://", "https://")) or not url.split("/", 3)[2]:
+        raise table.error(
+            "url", f'must be the DICOMweb service root, "http://…" or "https://…", got {url!r}'
+        )
+    if destination.tls.enabled and url.startswith("http://"):
+        raise table.error("tls.enabled", "an http:// url has no TLS: use https:// instead")
+    _check_http_auth(table, destination.auth)
+
+
+def _check_http_auth(table: Table, auth: HTTPAuthConfig) -> None:
+    if auth.bearer_token_file is not None and (auth.username or auth.password_file):
+        raise table.error("auth", "give bearer_token_file or username + password_file, not both")
+    if bool(auth.username) != (auth.password_file is not None):
+        raise table.error("auth.password_file", "basic auth needs both username and password_file")
+    for key, path in (
+        ("bearer_token_file", auth.bearer_token_file),
+        ("password_file", auth.password_file),
+    ):
+        if path is not None:
+            _check_secret_file(table, f"auth.{key}", path)
+
+
+def _check_secret_file(table: Table, key: str, path: Path) -> None:
+    """Checked once at load; read again (never kept) for each use."""
+    from node.ingest.identity import read_passcode_file
+
+    try:
+        mode = path.stat().st_mode
+        read_passcode_file(path)
+    except OSError as exc:
+        raise table.error(key, f"cannot be read: {exc.strerror} ({path})") from None
+    except ValueError as exc:
+        raise table.error(key, f"{path}: {exc}") from None
+    if mode & 0o004:
+        raise table.error(key, f"{path} is readable by every user: chmod o-r it (e.g. 0600)")
+
+
 def _check_destination_identity(table: Table, destination: DestinationConfig) -> None:
     if len(destination.username.encode("utf-8")) > 65535:
         raise table.error("username", "is longer than a User Identity field (65535 bytes)")
@@ -416,18 +582,32 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
         return
     if not destination.username:
         raise table.error("passcode_file", "needs a username to go with it")
-    from node.ingest.identity import read_passcode_file
+    _check_secret_file(table, "passcode_file", path)
+
+
+def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
+    if deidentify.profile == "none":
+        for key in ("options", "uid_secret_file", "keep"):
+            if getattr(deidentify, key):
+                raise table.error(key, 'needs profile = "basic"')
+        return
+    path = deidentify.uid_secret_file
+    if path is None:
+        if "retain-uids" not in deidentify.options:
+            raise table.error("uid_secret_file", "is required: UIDs are remapped under this key")
+        return
+    from node.shape.build import SecretError, read_uid_secret
 
     try:
         mode = path.stat().st_mode
-        read_passcode_file(path)  # checked now, read again (not kept) for each association
+        read_uid_secret(path)
     except OSError as exc:
-        raise table.error("passcode_file", f"cannot be read: {exc.strerror} ({path})") from None
-    except ValueError as exc:
-        raise table.error("passcode_file", f"{path}: {exc}") from None
+        raise table.error("uid_secret_file", f"cannot be read: {exc.strerror} ({path})") from None
+    except SecretError as exc:
+        raise table.error("uid_secret_file", str(exc)) from None
     if mode & 0o004:
         raise table.error(
-            "passcode_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
+            "uid_secret_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
         )
 
 
@@ -439,10 +619,10 @@ def _check_web(table: Table, web: WebConfig) -> None:
             " network could read the page (or use 127.0.0.1)",
         )
     if web.token_file is not None:
-        _check_secret_file(table, "token_file", web.token_file)
+        _check_token_file(table, "token_file", web.token_file)
 
 
-def _check_secret_file(table: Table, key: str, path: Path) -> None:
+def _check_token_file(table: Table, key: str, path: Path) -> None:
     try:
         mode = path.stat().st_mode
         text = path.read_text().strip()
@@ -515,6 +695,7 @@ CHECKS: Mapping[type, TableCheck] = {
     RetryPolicy: _check_retry,
     DestinationConfig: _check_destination,
     RouteConfig: _check_route,
+    DeidentifyConfig: _check_deidentify,
     WebConfig: _check_web,
 }
 
@@ -561,7 +742,32 @@ def parse_config(data: dict[str, Any], file: Path) -> Config:
     _unique_names(file, "storage", [s.name for s in config.storage])
     _unique_names(file, "destination", [d.name for d in config.destinations])
     _check_route_targets(file, config)
+    _check_commitment_acceptor(file, config)
     return config
+
+
+def _check_commitment_acceptor(file: Path, config: Config) -> None:
+    """Storage Commitment runs on our own acceptor, in the main process only."""
+    uses = [
+        ("commitment.enabled", config.commitment.enabled),
+        *(
+            (f"destination[{index}].commitment", d.commitment)
+            for index, d in enumerate(config.destinations)
+        ),
+    ]
+    key = next((key for key, used in uses if used), None)
+    if key is None:
+        return
+    if config.node.acceptor != "native":
+        raise ConfigError(
+            file, key, 'needs node.acceptor = "native" (the pynetdicom acceptor has no N-ACTION)'
+        )
+    if config.node.receivers > 1:
+        raise ConfigError(
+            file,
+            key,
+            "needs node.receivers = 1 (reports are sent and received by the main process)",
+        )
 
 
 def load_config(path: Path | str) -> Config:

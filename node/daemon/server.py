@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from node.commitment.wiring import commitment_service
 from node.config.model import Config
 from node.daemon.group_timer import GroupTimer
 from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
@@ -20,6 +21,7 @@ from node.ingest.pynetdicom_acceptor import PynetdicomSCP
 from node.ingest.route import Router
 from node.ingest.scp import StorageSCP
 from node.ingest.spool import Spool
+from node.jobs.commitments import SqliteCommitments
 from node.jobs.database import Database
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.reports import SqliteQueueOperations
@@ -40,7 +42,8 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.database = Database(config.queue_path)
-        self.queue = SqliteJobQueue(self.database)
+        self.queue = SqliteJobQueue(self.database, keep_finished=config.commitment.enabled)
+        self.commitments = SqliteCommitments(self.database)
         self.reports = SqliteQueueOperations(self.database)
         self.spool = Spool(config.spool_dir)
         self.targets = {s.name: StorageTarget(s) for s in config.storage}
@@ -56,6 +59,8 @@ class Node:
             self.queue,
             self.spool,
             DerivedFiles(config.spool_dir, self.transcode_pool.transcode),
+            self.commitments,
+            config.commitment.report_timeout,
         )
         self.intake = Intake(
             spool=self.spool,
@@ -71,6 +76,12 @@ class Node:
             if config.node.acceptor == "pynetdicom"
             else StorageSCP(config, self.intake)
         )
+        # Storage Commitment: as SCP ([commitment]) and as SCU (destinations' commitment).
+        self.commitment = commitment_service(
+            config, self.commitments, lambda: self.forwarder.committer
+        )
+        if isinstance(self.scp, StorageSCP):
+            self.scp.commitment = self.commitment
         # node.receivers > 1: more processes accept associations on the same port (opt-in).
         self.receivers = (
             ReceiverProcesses(config, self._wake_workers) if config.node.receivers > 1 else None
@@ -87,6 +98,8 @@ class Node:
     def _wake_workers(self) -> None:
         self.store_workers.wake.set()
         self.forwarder.wake()
+        if self.commitment.reporter is not None:
+            self.commitment.reporter.wake.set()
 
     def _watched_folders(self) -> list[Path]:
         return [self.config.spool_dir, *(t.root for t in self.targets.values())]
@@ -100,6 +113,8 @@ class Node:
             log.info("requeued %d jobs that were in flight when the node last stopped", requeued)
         self.store_workers.start()
         self.forwarder.start()
+        if self.commitment.reporter is not None:
+            self.commitment.reporter.start()
         self.group_timer.start()
         self.metrics = start_metrics(self.config.metrics.address, self.reports)
         self.web = start_web(self.config.web, self.web_view)
@@ -122,7 +137,13 @@ class Node:
         forwarder = None
         if config.destinations != self.config.destinations:
             forwarder = Forwarder(
-                config.destinations, config.node, self.queue, self.spool, self.forwarder.derived
+                config.destinations,
+                config.node,
+                self.queue,
+                self.spool,
+                self.forwarder.derived,
+                self.commitments,
+                config.commitment.report_timeout,
             )
         # self.targets is shared with the duplicate checker: update it in place.
         self.targets.clear()
@@ -156,6 +177,8 @@ class Node:
         self.group_timer.stop()
         self.store_workers.stop()
         self.forwarder.stop()
+        if self.commitment.reporter is not None:
+            self.commitment.reporter.stop()
         self.transcode_pool.close()
         # Whatever a worker left unfinished is pending again, ready for the next start.
         self.queue.requeue_running()

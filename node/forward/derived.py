@@ -19,6 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from node.daemon import metrics
 from node.dicom.syntaxes import NATIVE, resolve_syntax, syntax_name
+from node.shape import ShapeContext, Shaping, ShapingFailed
 from node.transcode import Outcome, Target, parse_target
 
 log = logging.getLogger("node.derived")
@@ -31,6 +32,11 @@ LadderTranscode = Callable[..., Outcome]
 
 class Untranscodable(Exception):
     """The engine could not produce the instance in the wanted syntax (the reason says why)."""
+
+
+class Unshapable(Untranscodable):
+    """The destination's view of the instance cannot be made in any syntax (refused for
+    de-identification, a coerced value too long): the reason is final."""
 
 
 def derived_folder(spool_dir: Path) -> Path:
@@ -77,8 +83,11 @@ class DerivedFiles:
             if path.name.startswith(".") or not source.exists():
                 path.unlink(missing_ok=True)
 
-    def path_for(self, source: Path, syntax: str) -> Path:
-        return self.folder / f"{source.stem}.{syntax}.dcm"
+    def path_for(self, source: Path, syntax: str, shaping: Shaping | None = None) -> Path:
+        if shaping is None:
+            return self.folder / f"{source.stem}.{syntax}.dcm"
+        # One file per view: destinations with the same shaping share it, others get theirs.
+        return self.folder / f"{source.stem}.{shaping.key}.{syntax}.dcm"
 
     def get(
         self,
@@ -87,8 +96,15 @@ class DerivedFiles:
         target: str | Target,
         *,
         allow_lossy: bool = False,
+        shaping: Shaping | None = None,
+        context: ShapeContext | None = None,
     ) -> Path:
-        """The instance at `source` encoded in `target`'s syntax; raises Untranscodable."""
+        """The instance at `source` encoded in `target`'s syntax; raises Untranscodable.
+
+        With a shaping, the file is that destination's view: its header changed, in the
+        same step as any transcode; never the spool file itself."""
+        if shaping is not None:
+            return self._shaped(source, source_syntax, target, allow_lossy, shaping, context)
         if isinstance(target, str) and target == source_syntax:
             return source  # the common case, per forwarded instance: skip parsing the target
         rung = _rung_for(target, source_syntax)
@@ -100,14 +116,14 @@ class DerivedFiles:
         path = self.path_for(source, syntax)
         if path.exists():
             return path
-        self._raise_if_failed_before(source, syntax)
+        self._raise_if_failed_before(source.stem, syntax)
         # Decoded before taking this syntax's lock: a thread holds at most one stripe at a
         # time, so two stripes (or one stripe hashed twice) can never deadlock.
         origin = self._decoded_origin(source, source_syntax, syntax)
         with self._locks[hash(path) % len(self._locks)]:
             if path.exists():
                 return path
-            self._raise_if_failed_before(source, syntax)
+            self._raise_if_failed_before(source.stem, syntax)
             started = time.monotonic()
             outcome = self.transcode(origin, path, [rung], allow_lossy=allow_lossy)
             metrics.record_transcode(
@@ -120,7 +136,48 @@ class DerivedFiles:
                 # The ladder's last rung copied the file as received: not what was asked.
                 path.unlink(missing_ok=True)
                 reason = "; ".join(outcome.reasons) or "no reason given"
-                self._remember_failure(source, syntax, reason)
+                self._remember_failure(source.stem, syntax, reason)
+                raise Untranscodable(f"cannot transcode to {syntax_name(syntax)}: {reason}")
+            return path
+
+    def _shaped(
+        self,
+        source: Path,
+        source_syntax: str,
+        target: str | Target,
+        allow_lossy: bool,
+        shaping: Shaping,
+        context: ShapeContext | None,
+    ) -> Path:
+        rung = _rung_for(target, source_syntax)
+        syntax = UID(source_syntax) if rung is None else rung.transfer_syntax
+        header_only = syntax == UID(source_syntax)
+        path = self.path_for(source, syntax, shaping)
+        if path.exists():
+            return path
+        failure_key = f"{source.stem}.{shaping.key}"  # this view's failures, not another's
+        self._raise_if_failed_before(failure_key, syntax)
+        # Pixels decoded at most once for all destinations (the shared unshaped copy);
+        # a header-only view decodes nothing.
+        origin = source if header_only else self._decoded_origin(source, source_syntax, syntax)
+        with self._locks[hash(path) % len(self._locks)]:
+            if path.exists():
+                return path
+            self._raise_if_failed_before(failure_key, syntax)
+            ladder = [] if header_only or rung is None else [rung]
+            try:
+                outcome = self.transcode(
+                    origin, path, ladder, allow_lossy=allow_lossy, shaping=shaping, context=context
+                )
+            except ShapingFailed as failure:
+                path.unlink(missing_ok=True)
+                self._remember_failure(failure_key, UID(""), str(failure))  # any syntax
+                raise Unshapable(str(failure)) from None
+            if outcome.transfer_syntax != syntax:
+                # Only the header changed, in the origin's syntax: not what was asked.
+                path.unlink(missing_ok=True)
+                reason = "; ".join(outcome.reasons) or "no reason given"
+                self._remember_failure(failure_key, syntax, reason)
                 raise Untranscodable(f"cannot transcode to {syntax_name(syntax)}: {reason}")
             return path
 
@@ -130,15 +187,19 @@ class DerivedFiles:
             return source
         return self.get(source, source_syntax, ExplicitVRLittleEndian.keyword)
 
-    def _raise_if_failed_before(self, source: Path, syntax: UID) -> None:
+    def _raise_if_failed_before(self, key: str, syntax: UID) -> None:
+        """key: the spool file's stem, or stem.view for a shaped view."""
         with self._failures_lock:
-            reason = self._failures.get((source.stem, syntax))
+            reason = self._failures.get((key, syntax))
+            refusal = self._failures.get((key, ""))
+        if refusal is not None:
+            raise Unshapable(refusal)
         if reason is not None:
             raise Untranscodable(f"cannot transcode to {syntax_name(syntax)}: {reason}")
 
-    def _remember_failure(self, source: Path, syntax: UID, reason: str) -> None:
+    def _remember_failure(self, key: str, syntax: UID, reason: str) -> None:
         # A failed encode fails again for the next destination: skip the work, keep the reason.
         with self._failures_lock:
             if len(self._failures) > 10_000:
                 self._failures.clear()
-            self._failures[(source.stem, syntax)] = reason
+            self._failures[(key, syntax)] = reason

@@ -12,7 +12,9 @@ resources is held (its jobs deferred) with exponential backoff; others go on.
 
 A job is marked done only after the destination answered success or a warning,
 so delivery is at least once: a crash between the answer and the commit sends
-the instance again after the restart.
+the instance again after the restart. Towards a destination with
+`commitment = true` it is marked done only once the destination's Storage
+Commitment report says committed (node.forward.commitment).
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ from pynetdicom.status import STATUS_CANCEL, STATUS_SUCCESS, STATUS_WARNING, cod
 from node.config.model import DestinationConfig, NodeConfig
 from node.daemon import metrics
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
+from node.forward.commitment import STORAGE_COMMITMENT_CONTEXTS, CommitmentRequester
 from node.forward.completions import Completions, Delivery
-from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.derived import DerivedFiles, Unshapable, Untranscodable
+from node.forward.dicomweb import BatchResult, JobOutcome, StowSender
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
-from node.jobs.interface import JobQueue
+from node.jobs.interface import CommitmentRecords, JobQueue
 from node.jobs.model import GroupClaim, Job, JobKind
 from node.jobs.retry import RetrySchedule
 from node.net.pdu import MAX_PRESENTATION_CONTEXTS
 from node.net.storelink import (
     AssociationRejected,
+    EventReportHandler,
     LinkError,
     Peer,
     Response,
@@ -50,6 +55,8 @@ from node.net.storelink import (
     associate,
 )
 from node.net.tls import client_context
+from node.shape import ShapeContext
+from node.shape.build import build_shaping
 
 log = logging.getLogger("node.forward")
 
@@ -189,6 +196,7 @@ class DestinationLink:
         self.proposal = Proposal()
         self.association: StoreAssociation | None = None
         self.last_used = time.monotonic()
+        self.on_event_report: EventReportHandler | None = None  # commitment = true
 
     @property
     def peer(self) -> str:
@@ -214,6 +222,8 @@ class DestinationLink:
             for sop_class, syntaxes in proposal.syntaxes.items()
             for syntax in syntaxes
         ]
+        if d.commitment:
+            contexts += STORAGE_COMMITMENT_CONTEXTS
         timeouts = Timeouts(
             acse=self.node.acse_timeout,
             dimse=self.node.dimse_timeout,
@@ -241,6 +251,7 @@ class DestinationLink:
         except LinkError as exc:
             raise TransportError(str(exc)) from None
         self.last_used = time.monotonic()
+        association.on_event_report = self.on_event_report
         log.debug("association to %s established", self.peer)
         return association
 
@@ -326,6 +337,7 @@ class Shared:
     derived: DerivedFiles
     completions: Completions
     stopping: threading.Event
+    committer: CommitmentRequester | None = None
 
 
 class DestinationWorker:
@@ -348,10 +360,22 @@ class DestinationWorker:
         self.wake = wake
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
+        # protocol = "dicomweb": whole batches by STOW-RS (node.forward.dicomweb), not self.link.
+        self.web = (
+            StowSender(destination, shared.derived) if destination.protocol == "dicomweb" else None
+        )
+        self.claims = destination.batch_size if self.web is not None else CLAIM_BATCH
         self.hold = hold
+        # [destination.coerce] / [destination.deidentify]: this destination's own view.
+        self.shaping = build_shaping(destination.coerce, destination.deidentify)
         self.thread = threading.Thread(
             target=self._loop, name=f"forward-{destination.name}-{index}", daemon=True
         )
+        # commitment = true: delivered jobs of a batch wait here for its N-ACTION-RQ.
+        self.committer = shared.committer if destination.commitment else None
+        self.awaiting: list[Job] = []
+        if self.committer is not None:
+            self.link.on_event_report = self.committer.link_report_handler(destination)
 
     def _loop(self) -> None:
         try:
@@ -366,6 +390,8 @@ class DestinationWorker:
                     self.stopping.wait(ERROR_PAUSE)
         finally:
             self.link.release()
+            if self.web is not None:
+                self.web.release()
 
     def _step(self) -> None:
         if self.hold.active():
@@ -375,16 +401,32 @@ class DestinationWorker:
         group = self.queue.claim_group(JobKind.FORWARD, self.destination.name)
         if group is not None:
             self._send_group(group)
+            self._request_commitment()  # after an early return: may send them again
             return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
         # holds through its fsync; one wait per batch instead of one per instance.
-        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=CLAIM_BATCH)
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=self.claims)
         if jobs:
             self._run_batch(jobs)
         else:
             self._wait_for_work()
 
     def _run_batch(self, jobs: Sequence[Job]) -> None:
+        if self.web is not None:
+            self._run_web_batch(jobs)
+            return
+        try:
+            self._run_jobs(jobs)
+        finally:
+            self._request_commitment()
+
+    def _request_commitment(self) -> None:
+        """commitment = true: ask for the jobs just delivered, on the association they went on."""
+        if self.committer is not None and self.awaiting:
+            awaiting, self.awaiting = self.awaiting, []
+            self.committer.request(self.destination, self.link.association, awaiting)
+
+    def _run_jobs(self, jobs: Sequence[Job]) -> None:
         for index, job in enumerate(jobs):
             if self.stopping.is_set() or self.hold.active():
                 # Not tried: they go back with their attempt count as it was.
@@ -399,6 +441,9 @@ class DestinationWorker:
             and self.link.idle_for() >= self.destination.idle_timeout
         ):
             self.link.release()
+        elif self.committer is not None and self.link.association is not None:
+            # A Storage Commitment report may come on our association while it idles.
+            self.link.association.is_usable()
         due = self.queue.next_due_in(JobKind.FORWARD, self.destination.name)
         timeout = POLL_INTERVAL if due is None else min(POLL_INTERVAL, max(due, 0.01))
         self.wake.wait(timeout)
@@ -448,6 +493,8 @@ class DestinationWorker:
             detail += f": {_printable(response.error_comment)}"
         if notes and verdict is Verdict.DELIVERED:
             detail += f" (fallback: {'; '.join(notes)})"
+        if self.shaping is not None:
+            detail += f" ({self.shaping.describe()})"
         return DeliveryOutcome(
             verdict,
             detail,
@@ -474,8 +521,12 @@ class DestinationWorker:
                     instance.transfer_syntax,
                     syntax,
                     allow_lossy=self.destination.allow_lossy,
+                    shaping=self.shaping,
+                    context=ShapeContext(instance.calling_ae_title, instance.called_ae_title),
                 )
                 return path, syntax, notes
+            except Unshapable as exc:
+                return None, syntax, [str(exc)]  # the same in every syntax
             except Untranscodable as exc:
                 notes.append(str(exc))
         return None, UID(instance.transfer_syntax), notes
@@ -496,6 +547,9 @@ class DestinationWorker:
         claimed (Series Number, Instance Number). A member refused or to be retried follows
         the usual rules on its own and holds the group's delivered state; a broken
         association gives the rest back to the group, sent as one after the hold."""
+        if self.web is not None:
+            self._send_web_group(claim)
+            return
         jobs, group = claim.jobs, claim.group
         wanted = [
             (
@@ -536,6 +590,7 @@ class DestinationWorker:
                 return
             self.hold.end()
             self._record(job, outcome)
+        self._request_commitment()
         self.link.release()
 
     def _group_unreachable(self, jobs: Sequence[Job], error: str) -> None:
@@ -554,7 +609,9 @@ class DestinationWorker:
     def _record(self, job: Job, outcome: DeliveryOutcome) -> None:
         uid = job.instance.sop_instance_uid
         name = self.destination.name
-        if outcome.verdict is Verdict.DELIVERED:
+        if outcome.verdict is Verdict.DELIVERED and self.committer is not None:
+            self.awaiting.append(job)  # done once the destination's report says committed
+        elif outcome.verdict is Verdict.DELIVERED:
             # Committed (then logged, spool file deleted) by the completions thread.
             self.completions.add(Delivery(job, outcome.detail, outcome.warning, outcome.size))
         elif outcome.verdict is Verdict.REFUSED:
@@ -586,6 +643,49 @@ class DestinationWorker:
             delay,
         )
 
+    def _run_web_batch(self, jobs: Sequence[Job]) -> None:
+        """A batch by STOW-RS: the same records, retries and hold as C-STORE, per job."""
+        result = self._web_deliver(jobs)
+        for done in result.outcomes:
+            self._record_web(done)
+        if result.untried:
+            self.queue.release(result.untried)
+        self._web_hold(result.hold)
+
+    def _send_web_group(self, claim: GroupClaim) -> None:
+        """A dispatched series or study group by STOW-RS, in the order claimed; when the
+        destination must wait, what was not delivered goes back to the group, sent again
+        as one after the hold (as for DIMSE)."""
+        result = self._web_deliver(claim.jobs)
+        waiting = result.hold is not None
+        back = [d.job for d in result.outcomes if waiting and d.verdict == Verdict.RETRY]
+        for done in result.outcomes:
+            if done.job not in back:
+                self._record_web(done)
+        self.queue.return_to_group([*back, *result.untried], result.hold)
+        self._web_hold(result.hold)
+
+    def _web_deliver(self, jobs: Sequence[Job]) -> BatchResult:
+        assert self.web is not None
+        try:
+            return self.web.deliver(jobs, self.stopping)
+        except Exception as exc:  # a bug or an I/O error: keep the jobs, try again later
+            log.exception("STOW-RS of %d jobs to %r failed", len(jobs), self.destination.name)
+            error = f"{type(exc).__name__}: {exc}"
+            return BatchResult([JobOutcome(job, Verdict.RETRY, error) for job in jobs])
+
+    def _record_web(self, done: JobOutcome) -> None:
+        self._record(
+            done.job, DeliveryOutcome(Verdict(done.verdict), done.detail, done.warning, done.size)
+        )
+
+    def _web_hold(self, reason: str | None) -> None:
+        if reason is None:
+            self.hold.end()
+            return
+        delay = self.hold.begin()
+        log.warning("destination %r held for %.1f s: %s", self.destination.name, delay, reason)
+
 
 def _printable(text: str, limit: int = 64) -> str:
     """A peer's Error Comment (LO, 64 characters) as one harmless line of log and status."""
@@ -607,12 +707,21 @@ class Forwarder:
         queue: JobQueue,
         spool: Spool,
         derived: DerivedFiles,
+        commitments: CommitmentRecords | None = None,
+        report_timeout: float = 3600.0,
     ) -> None:
         self.queue = queue
         self.derived = derived
         self._stopping = threading.Event()
         self.completions = Completions(queue, spool)
-        shared = Shared(queue, derived, self.completions, self._stopping)
+        self.committer = (
+            CommitmentRequester(
+                destinations, queue, commitments, self.completions, report_timeout, node.ae_title
+            )
+            if commitments is not None and any(d.commitment for d in destinations)
+            else None
+        )
+        shared = Shared(queue, derived, self.completions, self._stopping, self.committer)
         self._wakes: Mapping[str, threading.Event] = {
             d.name: threading.Event() for d in destinations
         }
@@ -636,6 +745,8 @@ class Forwarder:
         self.derived.prepare()
         self._dead_letter_unknown_destinations()
         self.completions.start()
+        if self.committer is not None:
+            self.committer.start()
         for worker in self.workers:
             worker.thread.start()
 
@@ -665,7 +776,11 @@ class Forwarder:
             if worker.thread.is_alive():
                 log.warning("aborting the association of %s to stop", worker.thread.name)
                 worker.link.interrupt()
+                if worker.web is not None:
+                    worker.web.interrupt()
         self._join(timeout / 2)
+        if self.committer is not None:
+            self.committer.stop()
         # Deliveries the peers confirmed are committed before the queue closes.
         self.completions.stop()
 

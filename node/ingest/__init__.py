@@ -7,6 +7,9 @@ instance and its jobs in one transaction before the status is returned. route
 decides the jobs. pynetdicom_acceptor is the second acceptor onto the same
 handlers. The receiver never decodes pixels.
 
+scp also hands Storage Commitment's N-ACTION and N-EVENT-REPORT to
+node.commitment.
+
 May import: node.net, node.dicom, node.config, node.jobs, node.store (durable
-writes), node.daemon.metrics.
+writes), node.commitment (its handlers), node.daemon.metrics.
 """

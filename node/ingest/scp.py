@@ -27,6 +27,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at impo
     Verification,
 )
 
+from node.commitment.messages import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH_MODEL
+from node.commitment.service import CommitmentService
 from node.config.model import Config
 from node.daemon import metrics
 from node.dicom.syntaxes import syntax_name
@@ -37,7 +39,7 @@ from node.ingest.receiving import ArrivingDataset, ReceiveFailed, prepare_receiv
 from node.ingest.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.net import pdu
 from node.net.association import AcceptorSettings, Association, Refusal
-from node.net.dimse import Command
+from node.net.dimse import Answer, Command
 from node.net.pduguard import ReceiveLimits
 
 log = logging.getLogger("node.scp")
@@ -69,10 +71,21 @@ class StorageNegotiation:
     reply is (SCU role 1, SCP role 0), and a context whose requestor proposes
     not to be SCU (it wants us to send it C-STOREs, as getscu does) is refused
     with "user rejection", since the node never acts as a Storage SCU there.
+
+    Storage Commitment Push Model is accepted in the roles the config gives the
+    node: a requestor may be its SCU (asking us: `[commitment] enabled`) and its
+    SCP (reporting to us: a destination with `commitment = true`). The Role
+    Selection reply grants what was proposed and is supported; no role proposed
+    means the requestor is SCU, and is accepted if either role is (a peer that
+    reports without proposing roles is common).
     """
 
-    def __init__(self, transfer_syntaxes: Sequence[UID]) -> None:
+    def __init__(
+        self, transfer_syntaxes: Sequence[UID], commitment_roles: tuple[bool, bool] = (False, False)
+    ) -> None:
         self.transfer_syntaxes = tuple(str(syntax) for syntax in transfer_syntaxes)
+        # (the requestor may be SCU: we are SCP; the requestor may be SCP: we are SCU)
+        self.commitment_roles = commitment_roles
         self._candidates: dict[str, tuple[str, ...]] = {}
 
     def __call__(self, request: pdu.AssociateRequest) -> list[pdu.ContextResult]:
@@ -83,6 +96,8 @@ class StorageNegotiation:
     ) -> pdu.ContextResult:
         context_id = int(context.context_id or 0)
         abstract_syntax = str(context.abstract_syntax)
+        if abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL and any(self.commitment_roles):
+            return self._answer_commitment(context, roles)
         candidates = self.candidates_for(abstract_syntax)
         if not candidates:
             return pdu.ContextResult(
@@ -97,6 +112,27 @@ class StorageNegotiation:
         return pdu.ContextResult(
             context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian, abstract_syntax
         )
+
+    def _answer_commitment(
+        self, context: PresentationContext, roles: dict[str, tuple[bool, bool]]
+    ) -> pdu.ContextResult:
+        context_id = int(context.context_id or 0)
+        abstract_syntax = STORAGE_COMMITMENT_PUSH_MODEL
+        proposed = {str(syntax) for syntax in context.transfer_syntax}
+        syntax = next((s for s in COMMITMENT_SYNTAXES if s in proposed), None)
+        if syntax is None:
+            return pdu.ContextResult(
+                context_id, TRANSFER_SYNTAXES_NOT_SUPPORTED, ImplicitVRLittleEndian, abstract_syntax
+            )
+        result = pdu.ContextResult(context_id, ACCEPTANCE, syntax, abstract_syntax)
+        role = roles.get(abstract_syntax)
+        if role is None:
+            return result
+        requestor_scu = role[0] and self.commitment_roles[0]
+        requestor_scp = role[1] and self.commitment_roles[1]
+        if not (requestor_scu or requestor_scp):
+            return dataclasses.replace(result, result=USER_REJECTION, role=None)
+        return dataclasses.replace(result, role=(requestor_scu, requestor_scp))
 
     def candidates_for(self, abstract_syntax: str) -> tuple[str, ...]:
         """Our syntaxes for this abstract syntax, in preference order; () if we refuse it."""
@@ -234,10 +270,15 @@ def acceptor_settings(config: Config, receiving_folder: str) -> AcceptorSettings
         network_timeout=node.network_timeout or None,
         limits=ReceiveLimits(node.max_pdu, config.limits.max_instance_size),
         receiving_folder=config.spool_dir / receiving_folder,
-        negotiate=StorageNegotiation(config.accept.transfer_syntaxes),
+        negotiate=StorageNegotiation(config.accept.transfer_syntaxes, commitment_roles(config)),
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
         implementation_version_name=IMPLEMENTATION_VERSION_NAME,
     )
+
+
+def commitment_roles(config: Config) -> tuple[bool, bool]:
+    """Storage Commitment roles a requestor may take with us: (SCU, SCP)."""
+    return config.commitment.enabled, any(d.commitment for d in config.destinations)
 
 
 class Abortable(Protocol):
@@ -283,6 +324,8 @@ class StorageSCP:
         self._active: set[Association] = set()
         self._lock = threading.Lock()
         self._listeners: Listeners | None = None
+        # Storage Commitment in either role (set by node.daemon.server when configured).
+        self.commitment = CommitmentService()
 
     def start(self) -> None:
         self._listeners = Listeners(self.start_association, lambda: self._settings.acse_timeout)
@@ -394,6 +437,7 @@ class StorageSCP:
         )
 
     def closed(self, assoc: AssociationView, aborted: bool) -> None:
+        self.commitment.closed(assoc)
         with self._lock:
             stats = self._stats.pop(id(assoc), AssociationStats())
         metrics.record_association_closed(aborted)
@@ -416,6 +460,16 @@ class StorageSCP:
 
     def echo(self, assoc: Association, command: Command) -> int:
         return 0x0000
+
+    def action(
+        self, assoc: AssociationView, command: Command, transfer_syntax: str, dataset: bytes
+    ) -> Answer:
+        return self.commitment.action(assoc, command, transfer_syntax, dataset)
+
+    def event_report(
+        self, assoc: AssociationView, command: Command, transfer_syntax: str, dataset: bytes
+    ) -> Answer:
+        return self.commitment.event_report(assoc, command, transfer_syntax, dataset)
 
     def store(
         self,

@@ -8,7 +8,9 @@
   stored index);
 - reports: operations and the one job report behind `queue status`, `status`
   and the metrics;
-- retry: the one retry schedule of store and forward jobs.
+- retry: the one retry schedule of store and forward jobs;
+- commitments (tables in commitment_schema): Storage Commitment requests
+  received and sent, and the history of finished instances;
 - groups: series and study groups (membership recorded with the instance,
   dispatch, group claims, late arrivals as new versions);
 - rows: the job row as the SELECTs read it.

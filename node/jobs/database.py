@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.jobs import groups
+from node.jobs import commitment_schema, groups
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS stored (
 # no migration step. Features that need tables of their own keep their CREATE TABLE IF NOT
 # EXISTS text in their own module and list it in EXTRA_SCHEMAS.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = ()
-EXTRA_SCHEMAS: tuple[str, ...] = (groups.SCHEMA,)
+EXTRA_SCHEMAS: tuple[str, ...] = (groups.SCHEMA, commitment_schema.SCHEMA)
 
 
 def add_missing_columns(

@@ -11,6 +11,12 @@ keeps these promises:
 - claim, release, retry_later and defer_target may be lost in a crash: the job
   then just runs again or sooner;
 - lookups do not wait behind a writer's commit;
+- CommitmentRecords: record_commitment, settle_items and close_commitment are
+  durable before they return (the node answers the N-ACTION-RQ, and forgets a
+  delivered report, after them); record_commitment makes a sent commitment's
+  forward jobs pending until its deadline in the same transaction; a queue
+  opened with keep_finished remembers each finished instance (SOP Instance
+  and Class UID) in the transaction that deletes its rows;
 - is_known, open_targets and dead_letter_target count WAITING jobs (members of
   a group not yet sent) as open, like pending ones.
 
@@ -33,10 +39,17 @@ node.jobs.groups, which a backend may reuse: it is portable) add these:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from node.jobs.commitments import (
+    Commitment,
+    CommitmentSummary,
+    Direction,
+    InstanceProgress,
+    NewCommitment,
+)
 from node.jobs.model import (
     DeadLetter,
     Failure,
@@ -168,3 +181,19 @@ class QueueOperations(QueueReports, GroupOperations, Protocol):
         self, kind: JobKind | None, target: str | None, states: Sequence[JobState]
     ) -> tuple[int, list[Path]]: ...
     def close(self) -> None: ...
+
+
+class CommitmentRecords(Protocol):
+    """Storage Commitment requests received and sent (node.jobs.commitments)."""
+
+    def record_commitment(self, new: NewCommitment, waiting: Sequence[Job] = ()) -> int: ...
+    def open_commitments(self, direction: Direction) -> list[Commitment]: ...
+    def settle_items(self, commitment_id: int, reasons: Mapping[int, int]) -> None: ...
+    def close_commitment(self, commitment_id: int) -> None: ...
+    def defer_commitment(self, commitment_id: int, error: str, until: float) -> None: ...
+    def instance_progress(
+        self, sop_instance_uids: Sequence[str]
+    ) -> dict[str, InstanceProgress]: ...
+    def jobs_by_id(self, job_ids: Sequence[int]) -> list[Job]: ...
+    def prune_finished(self, before: float) -> int: ...
+    def commitment_summary(self) -> list[CommitmentSummary]: ...

@@ -60,8 +60,12 @@ def _insert_instance(
     return instance_id
 
 
-def _complete_job(db: sqlite3.Connection, job: Job, result: str) -> int:
-    """Mark a job done; delete its instance's rows when none is left open. Returns the open count."""
+def _complete_job(
+    db: sqlite3.Connection, job: Job, result: str, keep_finished: bool = False
+) -> int:
+    """Mark a job done; delete its instance's rows when none is left open. Returns the open count.
+
+    keep_finished: remember the finished SOP Instance UID (storage commitment asks later)."""
     now = time.time()
     db.execute(
         "UPDATE jobs SET state = ?, result = ?, last_error = NULL, updated_at = ? WHERE id = ?",
@@ -75,7 +79,20 @@ def _complete_job(db: sqlite3.Connection, job: Job, result: str) -> int:
     if not open_jobs:
         db.execute("DELETE FROM jobs WHERE instance_id = ?", (job.instance_id,))
         db.execute("DELETE FROM instances WHERE id = ?", (job.instance_id,))
+        if keep_finished:
+            _record_finished(db, job.instance)
     return int(open_jobs)
+
+
+def _record_finished(db: sqlite3.Connection, instance: ReceivedInstance) -> None:
+    """Into node.jobs.commitment_schema's finished_instances, in the deleting transaction."""
+    uid = instance.sop_instance_uid
+    db.execute("DELETE FROM finished_instances WHERE sop_instance_uid = ?", (uid,))
+    db.execute(
+        "INSERT INTO finished_instances (sop_instance_uid, sop_class_uid, finished_at)"
+        " VALUES (?, ?, ?)",
+        (uid, instance.sop_class_uid, time.time()),
+    )
 
 
 def _record_stored(db: sqlite3.Connection, job: Job, path: Path, transfer_syntax: str) -> None:
@@ -89,9 +106,11 @@ def _record_stored(db: sqlite3.Connection, job: Job, path: Path, transfer_syntax
 class SqliteJobQueue(groups.SqliteGroups):
     """node.jobs.interface.JobQueue on SQLite. Safe to share between threads."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, keep_finished: bool = False) -> None:
+        """keep_finished: remember finished instances ([commitment] enabled needs it)."""
         self.database = database
         self.path = database.path
+        self.keep_finished = keep_finished
 
     @classmethod
     def open(cls, path: Path) -> SqliteJobQueue:
@@ -174,7 +193,8 @@ class SqliteJobQueue(groups.SqliteGroups):
     def complete(self, job: Job, result: str) -> Path | None:
         """Mark a job done. Returns the spool path once every job of its instance is done."""
         # Durable: the caller deletes the spool file when this says the instance is finished.
-        open_jobs = self.database.write_durably(lambda db: _complete_job(db, job, result))
+        keep = self.keep_finished
+        open_jobs = self.database.write_durably(lambda db: _complete_job(db, job, result, keep))
         return None if open_jobs else job.instance.spool_path
 
     def complete_many(self, done: Sequence[tuple[Job, str]]) -> list[Path]:
@@ -185,7 +205,7 @@ class SqliteJobQueue(groups.SqliteGroups):
             return [
                 job.instance.spool_path
                 for job, result in done
-                if not _complete_job(db, job, result)
+                if not _complete_job(db, job, result, self.keep_finished)
             ]
 
         return list(self.database.write_durably(work))
@@ -196,7 +216,7 @@ class SqliteJobQueue(groups.SqliteGroups):
 
         def work(db: sqlite3.Connection) -> int:
             _record_stored(db, job, path, transfer_syntax)
-            return _complete_job(db, job, str(path))
+            return _complete_job(db, job, str(path), self.keep_finished)
 
         open_jobs = self.database.write_durably(work)
         return None if open_jobs else job.instance.spool_path

@@ -1,4 +1,4 @@
-"""One association as the acceptor: negotiate, then serve C-ECHO and C-STORE until it ends.
+"""One association as the acceptor: negotiate, then serve C-ECHO, C-STORE, N-ACTION and N-EVENT-REPORT.
 
 Each association runs in its own thread and blocks on its socket: a PDU is
 handled the moment it arrives, with no polling loop between the network and
@@ -7,6 +7,10 @@ profile showed as the largest cost of a small C-STORE). Messages are handled
 one at a time, in order, as the DICOM default of one outstanding operation
 requires. What the node does with a message (admission, intake, statistics)
 belongs to the handlers; this module only speaks the protocol.
+
+Another thread may send a request of ours on the association (`send_request`: a
+Storage Commitment report to the modality that asked on it, PS3.4 J.3.3); its
+response is routed back from the reading thread.
 """
 
 from __future__ import annotations
@@ -70,6 +74,26 @@ class Handlers(Protocol):
     def store(
         self, assoc: Association, command: Command, transfer_syntax: str, dataset: ArrivingDataset
     ) -> tuple[int, str]: ...
+    # N-ACTION-RQ and N-EVENT-REPORT-RQ (Storage Commitment), with their data set's bytes.
+    def action(
+        self, assoc: Association, command: Command, transfer_syntax: str, dataset: bytes
+    ) -> Answer: ...
+    def event_report(
+        self, assoc: Association, command: Command, transfer_syntax: str, dataset: bytes
+    ) -> Answer: ...
+
+
+class RequestFailed(Exception):
+    """A request of ours on the association got no response: it ended, or the wait timed out."""
+
+
+@dataclass
+class _Outstanding:
+    """A request of ours waiting for its response."""
+
+    message_id: int
+    done: threading.Event = field(default_factory=threading.Event)
+    response: Command | None = None
 
 
 @dataclass
@@ -99,6 +123,10 @@ class Association:
     _buffer: bytearray = field(default_factory=bytearray)  # reused by each arriving dataset
     _abstract_syntaxes: dict[int, str] = field(default_factory=dict)  # of accepted contexts
     _last_answered: Command | None = None  # what a late C-CANCEL-RQ may refer to
+    _requesting: threading.Lock = field(default_factory=threading.Lock)  # one of ours at a time
+    _outstanding: _Outstanding | None = None
+    _message_id: int = 0
+    _ended: bool = False
 
     def __post_init__(self) -> None:
         self._layer = ul.UpperLayer(ul.Role.ACCEPTOR, self.settings.limits.pdu_limit)
@@ -237,6 +265,7 @@ class Association:
             )
             self._send_abort_quietly(pdu.REASON_NOT_SPECIFIED)
         finally:
+            self._end_requests()
             self.handlers.closed(self, aborted)
 
     def _serve_messages(self) -> bool:
@@ -311,6 +340,9 @@ class Association:
         if event.amid_dataset:
             assert pending is not None
             return self._command_amid_dataset(command, pending)
+        if command.is_response and not command.has_dataset:
+            self._response_arrived(command)
+            return None
         if command.has_dataset:
             self._layer.expect_dataset(event.context_id)
             arriving = ArrivingDataset(self.settings.receiving_folder, self._buffer)
@@ -324,6 +356,9 @@ class Association:
         An SCU may send C-CANCEL-RQ while its request is in progress (PS3.7 9.3.2.3). A
         C-STORE cannot be cancelled, so it is noted and its data set goes on arriving.
         """
+        if command.is_response and not command.has_dataset:
+            self._response_arrived(command)  # to a request of ours, sent while this one came
+            return pending
         if command.command_field != dimse.C_CANCEL_RQ or command.has_dataset:
             raise pdu.PDUError(f"a {command.name} began before the last one's dataset ended")
         self._note_cancel(command, in_progress=pending.command)
@@ -360,6 +395,9 @@ class Association:
         if command.command_field == dimse.C_CANCEL_RQ:
             self._note_cancel(command)  # PS3.7 9.3.2.3: a C-CANCEL-RQ has no response
             return
+        if command.is_response:  # with a data set (an Event Reply): kept for nobody
+            self._response_arrived(command)
+            return
         answer = self._answer(pending)
         response = dimse.encode_response(
             command, answer.status, answer.error_comment, answer.offending_elements
@@ -373,6 +411,11 @@ class Association:
             return self._answer_store(pending)
         if command.command_field == dimse.C_ECHO_RQ:
             return Answer(self.handlers.echo(self, command))
+        if command.command_field in (
+            dimse.N_ACTION_RQ,
+            dimse.N_EVENT_REPORT_RQ,
+        ) and command.sop_class_uid == self._abstract_syntaxes.get(pending.context_id):
+            return self._answer_normalized(pending)
         log.warning(
             "%s from %s %r is not a service the node provides: answered 0x%04X",
             command.name,
@@ -406,6 +449,85 @@ class Association:
         assert pending.dataset is not None
         status, comment = self.handlers.store(self, command, syntax, pending.dataset)
         return Answer(status, comment)
+
+    def _answer_normalized(self, pending: Pending) -> Answer:
+        """N-ACTION-RQ or N-EVENT-REPORT-RQ on a context of its own SOP Class (Storage
+        Commitment): the handlers answer it with the data set's bytes."""
+        command = pending.command
+        syntax = self.accepted[pending.context_id]
+        data = b""
+        if pending.dataset is not None:
+            with pending.dataset.contents() as (received, _on_disk):
+                data = bytes(received)
+        handle = (
+            self.handlers.action
+            if command.command_field == dimse.N_ACTION_RQ
+            else self.handlers.event_report
+        )
+        return handle(self, command, syntax, data)
+
+    # Requests of ours, sent from another thread while this one reads.
+
+    def context_for(self, abstract_syntax: str) -> tuple[int, str] | None:
+        """An accepted presentation context for this SOP Class: (context ID, transfer syntax)."""
+        for context_id, syntax in self._accepted_abstract_syntaxes().items():
+            if syntax == abstract_syntax and context_id in self.accepted:
+                return context_id, self.accepted[context_id]
+        return None
+
+    def send_request(
+        self,
+        context_id: int,
+        command_for: Callable[[int], bytes],
+        dataset: bytes,
+        timeout: float,
+    ) -> Command:
+        """Send a request (its command set made by command_for(message ID), then its data set)
+        and wait for the response; raises RequestFailed. One request of ours at a time."""
+        with self._requesting:
+            if self._ended:
+                raise RequestFailed(f"the association from {self.address} has ended")
+            self._message_id = self._message_id % 0xFFFF + 1
+            outstanding = _Outstanding(self._message_id)
+            self._outstanding = outstanding
+            try:
+                peer_max = self.request.max_pdu if self.request else 0
+                pdus = [
+                    pdu.encode_command_pdu(context_id, command_for(outstanding.message_id)),
+                    *pdu.encode_dataset_pdus(context_id, dataset, peer_max),
+                ]
+                with self._send_lock:
+                    for data in pdus:
+                        self.sock.sendall(data)
+                if not outstanding.done.wait(timeout):
+                    raise RequestFailed(f"no response from {self.address} within {timeout:g} s")
+                if outstanding.response is None:
+                    raise RequestFailed(f"the association from {self.address} ended")
+                return outstanding.response
+            except OSError as exc:
+                raise RequestFailed(f"cannot send to {self.address}: {exc}") from None
+            finally:
+                self._outstanding = None
+
+    def _response_arrived(self, command: Command) -> None:
+        outstanding = self._outstanding
+        if outstanding is None or command.message_id_being_responded_to != (outstanding.message_id):
+            log.warning(
+                "%s from %s %r answers Message ID %s, which we did not send: ignored",
+                command.name,
+                self.address,
+                self.calling_ae_title,
+                command.message_id_being_responded_to,
+            )
+            return
+        outstanding.response = command
+        outstanding.done.set()
+
+    def _end_requests(self) -> None:
+        self._ended = True
+        outstanding = self._outstanding
+        if outstanding is not None:
+            outstanding.done.set()  # with no response: the association ended
 
     def _note_cancel(self, command: Command, in_progress: Command | None = None) -> None:
         responded_to = command.message_id_being_responded_to

@@ -3,7 +3,7 @@
 A command set is a handful of group 0000 elements in Implicit VR Little Endian.
 Decoding one with pydicom costs more than the rest of a C-STORE's bookkeeping,
 so both directions are done here with struct, for exactly the elements C-ECHO,
-C-STORE and C-CANCEL use.
+C-STORE, C-CANCEL, N-ACTION and N-EVENT-REPORT (Storage Commitment, PS3.4 J) use.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ C_ECHO_RQ = 0x0030
 # C-CANCEL-RQ (PS3.7 9.3.2.3) carries Message ID Being Responded To, not a Message ID of its
 # own, and is never answered.
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
+N_ACTION_RQ = 0x0130
 RESPONSE_BIT = 0x8000
+N_EVENT_REPORT_RSP = N_EVENT_REPORT_RQ | RESPONSE_BIT
+N_ACTION_RSP = N_ACTION_RQ | RESPONSE_BIT
 VERIFICATION = "1.2.840.10008.1.1"  # Verification SOP Class (PS3.4 A)
 C_STORE_RSP = C_STORE_RQ | RESPONSE_BIT
 C_ECHO_RSP = C_ECHO_RQ | RESPONSE_BIT
@@ -40,6 +44,7 @@ REQUEST_NAMES = {
 # Statuses the protocol layer answers by itself (PS3.7 annex C, PS3.4 B.2.3).
 SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: SOP Class not supported
 UNRECOGNIZED_OPERATION = 0x0211  # for commands we do not provide
+PROCESSING_FAILURE = 0x0110  # N-ACTION and N-EVENT-REPORT (PS3.7 annex C)
 CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (C-STORE's Cxxx range)
 ERROR_COMMENT_MAX = 64  # (0000,0902) is LO
 
@@ -53,6 +58,7 @@ _ELEMENT = struct.Struct("<HHL")  # group, element, value length
 _US = struct.Struct("<H")
 
 AFFECTED_SOP_CLASS_UID = 0x0002
+REQUESTED_SOP_CLASS_UID = 0x0003
 COMMAND_FIELD = 0x0100
 MESSAGE_ID = 0x0110
 MESSAGE_ID_BEING_RESPONDED_TO = 0x0120
@@ -62,6 +68,9 @@ STATUS = 0x0900
 OFFENDING_ELEMENT = 0x0901
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
+REQUESTED_SOP_INSTANCE_UID = 0x1001
+EVENT_TYPE_ID = 0x1002
+ACTION_TYPE_ID = 0x1008
 MOVE_ORIGINATOR_AE_TITLE = 0x1030
 
 
@@ -79,11 +88,32 @@ class Command:
     affected_sop_class_uid: str = ""
     affected_sop_instance_uid: str = ""
     move_originator_ae_title: str = ""
-    message_id_being_responded_to: int | None = None  # a C-CANCEL-RQ's only reference
+    message_id_being_responded_to: int | None = None  # a C-CANCEL-RQ's or a response's
+    requested_sop_class_uid: str = ""  # N-ACTION
+    requested_sop_instance_uid: str = ""
+    event_type_id: int | None = None  # N-EVENT-REPORT
+    action_type_id: int | None = None  # N-ACTION
+    status: int | None = None  # responses only
 
     @property
     def name(self) -> str:
+        if self.is_response:
+            request = REQUEST_NAMES.get(self.command_field & ~RESPONSE_BIT, "")
+            return request.replace("-RQ", "-RSP") or f"command 0x{self.command_field:04X}"
         return REQUEST_NAMES.get(self.command_field, f"command 0x{self.command_field:04X}")
+
+    @property
+    def is_response(self) -> bool:
+        return bool(self.command_field & RESPONSE_BIT) and self.command_field != C_CANCEL_RQ
+
+    @property
+    def sop_class_uid(self) -> str:
+        """The SOP Class the message is about: Affected (C-, N-EVENT-REPORT) or Requested (N-ACTION)."""
+        return self.affected_sop_class_uid or self.requested_sop_class_uid
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.affected_sop_instance_uid or self.requested_sop_instance_uid
 
 
 @dataclass(frozen=True)
@@ -133,7 +163,7 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
     elements = command_elements(data)
     try:
         command_field = _us(elements[COMMAND_FIELD])
-        if command_field == C_CANCEL_RQ:
+        if command_field == C_CANCEL_RQ or command_field & RESPONSE_BIT:
             message_id = 0
             responded_to: int | None = _us(elements[MESSAGE_ID_BEING_RESPONDED_TO])
         else:
@@ -150,6 +180,11 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         affected_sop_class_uid=_text(elements.get(AFFECTED_SOP_CLASS_UID)),
         affected_sop_instance_uid=_text(elements.get(AFFECTED_SOP_INSTANCE_UID)),
         move_originator_ae_title=_text(elements.get(MOVE_ORIGINATOR_AE_TITLE)),
+        requested_sop_class_uid=_text(elements.get(REQUESTED_SOP_CLASS_UID)),
+        requested_sop_instance_uid=_text(elements.get(REQUESTED_SOP_INSTANCE_UID)),
+        event_type_id=us_value(elements.get(EVENT_TYPE_ID)),
+        action_type_id=us_value(elements.get(ACTION_TYPE_ID)),
+        status=us_value(elements.get(STATUS)),
     )
 
 
@@ -181,6 +216,40 @@ def encode_echo_request(message_id: int, sop_class_uid: str) -> bytes:
     return _with_group_length(body)
 
 
+def encode_action_request(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, action_type_id: int
+) -> bytes:
+    """An N-ACTION-RQ command set (PS3.7 10.3.4); its action information data set follows."""
+    body = b"".join(
+        (
+            _uid(REQUESTED_SOP_CLASS_UID, sop_class_uid),
+            _ushort(COMMAND_FIELD, N_ACTION_RQ),
+            _ushort(MESSAGE_ID, message_id),
+            _ushort(COMMAND_DATASET_TYPE, 0x0000),
+            _uid(REQUESTED_SOP_INSTANCE_UID, sop_instance_uid),
+            _ushort(ACTION_TYPE_ID, action_type_id),
+        )
+    )
+    return _with_group_length(body)
+
+
+def encode_event_report_request(
+    message_id: int, sop_class_uid: str, sop_instance_uid: str, event_type_id: int
+) -> bytes:
+    """An N-EVENT-REPORT-RQ command set (PS3.7 10.3.1); its event information data set follows."""
+    body = b"".join(
+        (
+            _uid(AFFECTED_SOP_CLASS_UID, sop_class_uid),
+            _ushort(COMMAND_FIELD, N_EVENT_REPORT_RQ),
+            _ushort(MESSAGE_ID, message_id),
+            _ushort(COMMAND_DATASET_TYPE, 0x0000),
+            _uid(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid),
+            _ushort(EVENT_TYPE_ID, event_type_id),
+        )
+    )
+    return _with_group_length(body)
+
+
 def encode_response(
     request: Command,
     status: int,
@@ -193,8 +262,9 @@ def encode_response(
     Offending Element (0000,0901) names, as PS3.4 B.2.3 allows for a Cxxx status.
     """
     elements = []
-    if request.affected_sop_class_uid:
-        elements.append(_uid(AFFECTED_SOP_CLASS_UID, request.affected_sop_class_uid))
+    # An N-ACTION-RSP names the Requested SOP Class and Instance as Affected (PS3.7 10.3.4).
+    if request.sop_class_uid:
+        elements.append(_uid(AFFECTED_SOP_CLASS_UID, request.sop_class_uid))
     elements.append(_ushort(COMMAND_FIELD, request.command_field | RESPONSE_BIT))
     elements.append(_ushort(MESSAGE_ID_BEING_RESPONDED_TO, request.message_id))
     elements.append(_ushort(COMMAND_DATASET_TYPE, NO_DATASET))
@@ -204,8 +274,12 @@ def encode_response(
         elements.append(_ELEMENT.pack(0, OFFENDING_ELEMENT, len(tags)) + tags)
     if error_comment and status not in (0x0000,):
         elements.append(_text_element(ERROR_COMMENT, error_comment_value(error_comment)))
-    if request.affected_sop_instance_uid:
-        elements.append(_uid(AFFECTED_SOP_INSTANCE_UID, request.affected_sop_instance_uid))
+    if request.sop_instance_uid:
+        elements.append(_uid(AFFECTED_SOP_INSTANCE_UID, request.sop_instance_uid))
+    if request.event_type_id is not None:
+        elements.append(_ushort(EVENT_TYPE_ID, request.event_type_id))
+    if request.action_type_id is not None and status == 0x0000:
+        elements.append(_ushort(ACTION_TYPE_ID, request.action_type_id))
     return _with_group_length(b"".join(elements))
 
 

@@ -220,8 +220,11 @@ def encode_associate_rq(
     max_pdu: int,
     implementation: tuple[str, str],
     user_identity: tuple[str, bytes | None] | None = None,
+    roles: Sequence[tuple[str, bool, bool]] = (),
 ) -> bytes:
     """A-ASSOCIATE-RQ (PS3.8 9.3.2); context i gets ID 2i+1 (IDs are odd, PS3.8 9.3.2.2).
+
+    roles: SCP/SCU Role Selection sub-items, (SOP Class UID, SCU role, SCP role) of ours.
 
     contexts: (abstract syntax, transfer syntax), one transfer syntax per context.
     implementation: our Implementation Class UID and Version Name.
@@ -236,6 +239,7 @@ def encode_associate_rq(
     user = (
         item(0x51, struct.pack(">I", max_pdu))
         + item(0x52, class_uid.encode("ascii"))
+        + b"".join(encode_role_item(uid, scu, scp) for uid, scu, scp in roles)
         + item(0x55, version_name.encode("ascii"))
     )
     if user_identity is not None:
@@ -317,6 +321,21 @@ def encode_command_pdu(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF with one PDV: a whole command set (message control: command, last)."""
     pdv = PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
     return encode_pdu(P_DATA_TF, pdv)
+
+
+def encode_dataset_pdus(context_id: int, data: bytes, peer_max_pdu: int) -> list[bytes]:
+    """A small data set as P-DATA-TFs of one PDV each, within the peer's maximum PDU length
+    (0: unlimited; still 4 MiB pieces). The last PDV has the last-fragment bit."""
+    piece = min(peer_max_pdu - 6, 4 * 1024 * 1024) if peer_max_pdu else 4 * 1024 * 1024
+    pieces = [data[start : start + piece] for start in range(0, len(data), piece)] or [b""]
+    return [
+        encode_pdu(
+            P_DATA_TF,
+            PDV_HEADER.pack(len(part) + 2, context_id, 0x02 if index == len(pieces) - 1 else 0)
+            + part,
+        )
+        for index, part in enumerate(pieces)
+    ]
 
 
 def parse_header(header: bytes) -> tuple[int, int]:

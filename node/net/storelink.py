@@ -14,6 +14,10 @@ node.net.ul's, shared with the acceptor:
   then the dataset bytes streamed from the Part 10 file exactly as stored,
   in P-DATA-TF PDUs no longer than the peer's maximum. C-ECHO-RQ.
 - The response's status (and error comment); A-RELEASE; A-ABORT.
+- N-ACTION-RQ and N-EVENT-REPORT-RQ with a small data set (Storage
+  Commitment, PS3.4 J), with SCP/SCU Role Selection when we are the SCP; an
+  N-EVENT-REPORT-RQ the peer sends while we wait for a response is handed to
+  `on_event_report` and answered.
 
 Every failure to talk to the peer raises LinkError with a message that says
 what happened; the forwarder decides about retries.
@@ -128,6 +132,7 @@ def associate_rq(
     contexts: Sequence[tuple[str, str]],
     max_pdu: int,
     user_identity: UserIdentity | None = None,
+    roles: Sequence[tuple[str, bool, bool]] = (),
 ) -> bytes:
     """Our A-ASSOCIATE-RQ: pdu.encode_associate_rq with the node's implementation identity."""
     return pdu.encode_associate_rq(
@@ -137,7 +142,13 @@ def associate_rq(
         max_pdu,
         (str(IMPLEMENTATION_CLASS_UID), IMPLEMENTATION_VERSION_NAME),
         user_identity,
+        roles,
     )
+
+
+# What the owner of an association does with an N-EVENT-REPORT-RQ that comes on it:
+# (command, transfer syntax, data set) -> status of the N-EVENT-REPORT-RSP.
+EventReportHandler = Callable[[dimse.Command, str, bytes], int]
 
 
 class StoreAssociation:
@@ -166,6 +177,8 @@ class StoreAssociation:
         limit = acceptance.max_pdu - 6 if acceptance.max_pdu else UNLIMITED_PDV
         self.max_pdv = max(1, min(limit, UNLIMITED_PDV))
         self._message_id = 0
+        self.peer_max_pdu = acceptance.max_pdu
+        self.on_event_report: EventReportHandler | None = None
         # Room for the PDU and PDV headers in front of each piece read from the file.
         self._buffer = bytearray(ul.DATASET_PDU_OVERHEAD + self.max_pdv)
 
@@ -178,9 +191,28 @@ class StoreAssociation:
         if not self.established:
             return False
         if self._peer_spoke():
+            if self.on_event_report is not None and self._serve_idle_report():
+                return True
             self.close()
             return False
         return True
+
+    def _serve_idle_report(self) -> bool:
+        """What the peer sent while we were idle, if it is an N-EVENT-REPORT-RQ (a Storage
+        Commitment report on our association): answered, and the association goes on."""
+        try:
+            self.sock.settimeout(self.timeouts.dimse)
+            event: ul.Event | ul.NeedData = self._receive()
+            while isinstance(event, ul.CommandReceived) and self._is_event_report(event):
+                self._answer_event_report(event)
+                event = self.layer.next_event()  # another one may be read already
+            if isinstance(event, ul.NeedData):
+                return True
+            if isinstance(event, ul.ReleaseRequested):
+                self.sock.sendall(self.layer.release_rp())
+        except (OSError, LinkError, ul.ConnectionClosed, pdu.PDUError, ReceiveLimitExceeded):
+            pass
+        return False
 
     def _peer_spoke(self) -> bool:
         try:
@@ -243,6 +275,38 @@ class StoreAssociation:
         with self._phase(self.timeouts.dimse, f"waiting for the C-ECHO response from {self.peer}"):
             return self._response(message_id, dimse.C_ECHO_RSP)
 
+    def normalized(
+        self,
+        sop_class_uid: str,
+        command_for: Callable[[int, str], bytes],
+        dataset_for: Callable[[str], bytes],
+        response_field: int,
+    ) -> Response:
+        """An N-ACTION-RQ or N-EVENT-REPORT-RQ with its data set; raises LinkError.
+
+        command_for(message ID, transfer syntax) and dataset_for(transfer syntax) make the
+        message for the first accepted context of sop_class_uid."""
+        found = next(
+            (
+                (cid, syntax)
+                for (cls, syntax), cid in self._contexts.items()
+                if cls == sop_class_uid
+            ),
+            None,
+        )
+        if found is None:
+            raise LinkError(f"{self.peer} accepted no context for {sop_class_uid}")
+        context_id, syntax = found
+        message_id = self._next_message_id()
+        data = dataset_for(syntax)
+        with self._phase(self.timeouts.network, f"sending to {self.peer}"):
+            self._send_command(context_id, command_for(message_id, syntax))
+            for part in pdu.encode_dataset_pdus(context_id, data, self.peer_max_pdu):
+                self.sock.sendall(part)
+        what = f"waiting for the {dimse.REQUEST_NAMES.get(response_field & 0x7FFF, '')} response"
+        with self._phase(self.timeouts.dimse, f"{what.replace('-RQ', '')} from {self.peer}"):
+            return self._response(message_id, response_field)
+
     def _next_message_id(self) -> int:
         self._message_id = self._message_id % 0xFFFF + 1
         return self._message_id
@@ -302,8 +366,48 @@ class StoreAssociation:
         while True:
             event = self._receive()
             if isinstance(event, ul.CommandReceived):
+                if self._is_event_report(event):
+                    self._answer_event_report(event)
+                    continue
                 return self._decode_response(event.command_set, message_id, command_field)
             self._unexpected(event)
+
+    def _is_event_report(self, event: ul.CommandReceived) -> bool:
+        try:
+            values = command_elements(event.command_set)
+        except CommandError:
+            return False
+        return us_value(values.get(dimse.COMMAND_FIELD)) == dimse.N_EVENT_REPORT_RQ
+
+    def _answer_event_report(self, event: ul.CommandReceived) -> None:
+        """A Storage Commitment report on our association (PS3.4 J.3.3): read, hand over, answer."""
+        try:
+            command = dimse.decode_command(event.command_set)
+        except CommandError as exc:
+            self.abort()
+            raise LinkError(f"{self.peer} sent a malformed command set: {exc}") from None
+        data = bytearray()
+        if command.has_dataset:
+            self.layer.expect_dataset(event.context_id)
+            while True:
+                fragment = self._receive()
+                if not isinstance(fragment, ul.DatasetFragment):
+                    self._unexpected(fragment)
+                    continue
+                data += fragment.data or b""
+                if len(data) > MAX_INCOMING_PDU:
+                    self.abort()
+                    raise LinkError(f"{self.peer} sent an N-EVENT-REPORT over 16 MiB")
+                if fragment.last:
+                    break
+        syntax = next(
+            (s for (_cls, s), cid in self._contexts.items() if cid == event.context_id), ""
+        )
+        handler = self.on_event_report
+        status = handler(command, syntax, bytes(data)) if handler else dimse.UNRECOGNIZED_OPERATION
+        self.sock.sendall(
+            self.layer.command(event.context_id, dimse.encode_response(command, status))
+        )
 
     def _decode_response(self, command: bytes, message_id: int, command_field: int) -> Response:
         try:
@@ -347,6 +451,8 @@ class StoreAssociation:
                 event = self._receive()
                 if isinstance(event, ul.ReleaseRequested):  # release collision (PS3.8 7.2.2)
                     self.sock.sendall(self.layer.release_rp())
+                if isinstance(event, ul.CommandReceived) and self._is_event_report(event):
+                    self._answer_event_report(event)  # a report just before our release
                 if isinstance(event, ul.ReleaseReplied | ul.Aborted):
                     break
         except (OSError, LinkError, ul.ConnectionClosed, pdu.PDUError, ReceiveLimitExceeded):
@@ -410,13 +516,15 @@ def associate(
     timeouts: Timeouts,
     tls: tuple[ssl.SSLContext, str] | None = None,
     user_identity: UserIdentity | None = None,
+    roles: Sequence[tuple[str, bool, bool]] = (),
 ) -> StoreAssociation:
-    """Connect and negotiate; contexts are (SOP class, transfer syntax) pairs, one per context."""
+    """Connect and negotiate; contexts are (SOP class, transfer syntax) pairs, one per context;
+    roles are SCP/SCU Role Selection proposals, (SOP class, SCU role, SCP role)."""
     sock = _connect(peer, timeouts.acse, tls)
     layer = ul.UpperLayer(ul.Role.REQUESTOR, _incoming_pdu_limit)
     try:
         sock.sendall(
-            associate_rq(peer.ae_title, calling_ae_title, contexts, max_pdu, user_identity)
+            associate_rq(peer.ae_title, calling_ae_title, contexts, max_pdu, user_identity, roles)
         )
         event = _read_negotiation(sock, layer, str(peer), timeouts.acse)
     except BaseException:

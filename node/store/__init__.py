@@ -3,5 +3,5 @@ transcode where a target asks for another syntax, and place each file by its
 path template (layout) with an atomic rename (durable).
 
 May import: node.jobs, node.transcode, node.config, node.dicom, node.ingest
-(the spool), node.daemon.metrics.
+(the spool), node.daemon.metrics, node.shape (a target's header changes).
 """

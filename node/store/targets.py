@@ -18,6 +18,8 @@ from pydicom.dataset import Dataset
 from node.config.model import DuplicatePolicy, StorageConfig
 from node.jobs.interface import JobQueue
 from node.jobs.model import JobKind, JobSpec
+from node.shape import Shaping
+from node.shape.build import build_shaping
 from node.store.durable import fsync_directory, make_directories
 from node.store.layout import LayoutError, parse_layout
 
@@ -49,6 +51,15 @@ class StorageTarget:
         self.root = config.path
         self.layout = parse_layout(config.layout)
         self.staging = self.root / STAGING_DIR
+        # [storage.coerce] / [storage.deidentify]: this target's own view of each instance.
+        self.shaping: Shaping | None = build_shaping(config.coerce, config.deidentify)
+
+    @property
+    def stores_as_received(self) -> bool:
+        """True when the stored file may be the received bytes (a link or a copy of the
+        spool file): no transfer syntax ladder and no header change. A coerced or
+        de-identified target never is, whatever its syntax."""
+        return not self.config.transfer_syntax and self.shaping is None
 
     @property
     def duplicates(self) -> DuplicatePolicy:

@@ -25,6 +25,7 @@ from node.ingest.spool import Spool
 from node.jobs.interface import JobQueue
 from node.jobs.model import Job, JobKind
 from node.jobs.retry import STORAGE_SCHEDULE, RetrySchedule
+from node.shape import ShapeContext, ShapingFailed
 from node.store.durable import link_or_copy
 from node.store.targets import PlacedInstance, StorageTarget
 from node.transcode import Outcome
@@ -55,23 +56,40 @@ Transcoder = Callable[..., Outcome]
 
 
 def transcoding_stager(transcode: Transcoder) -> Stager:
-    """Stage in the target's configured ladder; a target without one stores as received."""
+    """Stage in the target's configured ladder, with its header changes made in the same
+    step; a target that needs neither stores as received."""
 
     def stage(job: Job, target: StorageTarget, staged: Path) -> StagedFile:
-        ladder = target.config.transfer_syntax
-        if not ladder:
+        if target.stores_as_received:
             return stage_as_received(job, target, staged)
+        ladder = target.config.transfer_syntax
         started = time.monotonic()
         outcome = transcode(
-            job.instance.spool_path, staged, ladder, allow_lossy=target.config.allow_lossy
+            job.instance.spool_path,
+            staged,
+            ladder,
+            allow_lossy=target.config.allow_lossy,
+            shaping=target.shaping,
+            context=shape_context(job),
         )
-        metrics.record_transcode(
-            ladder[0].name, time.monotonic() - started, outcome.fallback, outcome.reasons
-        )
+        if ladder:
+            metrics.record_transcode(
+                ladder[0].name, time.monotonic() - started, outcome.fallback, outcome.reasons
+            )
         note = f"fell back: {'; '.join(outcome.reasons)}" if outcome.fallback else ""
+        if target.shaping is not None:
+            renamed = outcome.sop_instance_uid != job.instance.sop_instance_uid
+            view = target.shaping.describe()
+            if renamed and outcome.sop_instance_uid:
+                view += f", stored as SOP Instance UID {outcome.sop_instance_uid}"
+            note = "; ".join(n for n in (view, note) if n)
         return StagedFile(staged, outcome.transfer_syntax, note)
 
     return stage
+
+
+def shape_context(job: Job) -> ShapeContext:
+    return ShapeContext(job.instance.calling_ae_title, job.instance.called_ae_title)
 
 
 def read_file_header(path: Path) -> Dataset:
@@ -158,8 +176,24 @@ class StoreWorkers:
             # Bookkeeping too: if the queue cannot record it (e.g. a full disk), the job
             # must be retried, not left 'running' until the next restart.
             self._finish(job, target, placed, staged)
+        except ShapingFailed as refusal:
+            # The target's view of this instance cannot be made (burned-in annotation for
+            # a de-identifying target, say): retrying changes nothing, and storing it as
+            # received would store what the target must not have.
+            self._dead_letter_unshapable(job, target, str(refusal))
         except Exception as exc:
             self._retry_or_give_up(job, target, str(exc))
+
+    def _dead_letter_unshapable(self, job: Job, target: StorageTarget, reason: str) -> None:
+        self.queue.dead_letter(job, reason)
+        metrics.record_stored(target.name, "failed")
+        log.error(
+            "dead letter: SOP Instance UID %s from %r for %r: %s",
+            job.instance.sop_instance_uid,
+            job.instance.calling_ae_title,
+            target.name,
+            reason,
+        )
 
     def _retry_or_give_up(self, job: Job, target: StorageTarget, error: str) -> None:
         uid = job.instance.sop_instance_uid

@@ -5,7 +5,8 @@ and compared by value), a fallback ladder whose last rung is the instance as
 received, and codecs isolated in worker processes, since some abort or
 segfault the interpreter.
 
-May import: node.dicom, node.daemon.logs (worker processes set up logging).
+May import: node.dicom, node.daemon.logs (worker processes set up logging), node.shape
+(a target's header changes, made in the same step as its encode).
 """
 
 from node.transcode.ladder import Outcome, transcode_file, verification_mismatches

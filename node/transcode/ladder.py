@@ -12,13 +12,14 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import UID
 
+from node.shape import ShapeContext, Shaping, ShapingFailed, ShapingRefused
 from node.transcode.files import copy_atomically
 from node.transcode.rung import RungResult, try_rung
 from node.transcode.targets import Target
 
 log = logging.getLogger("node.transcode")
 
-Attempt = Callable[[Target], RungResult]
+Attempt = Callable[[Target | None], RungResult]
 
 
 @dataclass(frozen=True)
@@ -47,44 +48,69 @@ verification_mismatches = _Counter()
 
 
 def transcode_file(
-    src: Path, dst: Path, ladder: Sequence[Target], *, allow_lossy: bool = False
+    src: Path,
+    dst: Path,
+    ladder: Sequence[Target],
+    *,
+    allow_lossy: bool = False,
+    shaping: Shaping | None = None,
+    context: ShapeContext | None = None,
 ) -> Outcome:
     """Transcode in this process (codec crashes take the process down: see TranscodePool)."""
     src, dst = Path(src), Path(dst)
-    return walk_ladder(src, dst, ladder, lambda target: try_rung(src, dst, target, allow_lossy))
+    shape_context = context or ShapeContext()
+
+    def attempt(target: Target | None) -> RungResult:
+        return try_rung(src, dst, target, allow_lossy, shaping, shape_context)
+
+    return walk_ladder(src, dst, ladder, attempt, shaped=shaping is not None)
 
 
-def walk_ladder(src: Path, dst: Path, ladder: Sequence[Target], attempt: Attempt) -> Outcome:
+def walk_ladder(
+    src: Path, dst: Path, ladder: Sequence[Target], attempt: Attempt, *, shaped: bool = False
+) -> Outcome:
+    """The first rung that verifies; else the instance as received. A shaped target never
+    gets it as received: its last rung is the header-only one (attempt(None)), and when
+    that fails too, or the shaping refuses the instance, ShapingFailed says why."""
     source_size = src.stat().st_size
     reasons: list[str] = []
-    for position, target in enumerate(ladder):
+    for position, target in enumerate([*ladder, None] if shaped else ladder):
+        if target is None and position > 0:
+            log.info("%s: header only, in the syntax as received (%s)", "; ".join(reasons), src)
         result = attempt(target)
+        if result.unshapable:
+            raise (ShapingRefused if result.unshapable == "refused" else ShapingFailed)(
+                result.reason
+            )
         if result.ok:
             return Outcome(
-                target.transfer_syntax,
+                UID(result.transfer_syntax) if target is None else target.transfer_syntax,
                 result.sop_instance_uid,
                 fallback=position > 0,
                 reasons=tuple(reasons),
                 size=result.size,
                 source_size=source_size,
             )
-        reasons.append(f"{target.name}: {result.reason}")
+        reasons.append(f"{target.name if target else 'header only'}: {result.reason}")
         _log_failed_rung(src, result)
+    if shaped:
+        raise ShapingFailed("; ".join(reasons))
     return _as_received(src, dst, tuple(reasons), fallback=bool(ladder), source_size=source_size)
 
 
 def _log_failed_rung(src: Path, result: RungResult) -> None:
+    name = result.target.name if result.target else "header only"
     if result.mismatch:
         verification_mismatches.increment()
         log.error(
             "%s: %s (SOP Instance UID %s, %s); not written",
-            result.target.name,
+            name,
             result.reason,
             result.source_sop_instance_uid,
             src,
         )
     else:
-        log.info("%s: %s (%s)", result.target.name, result.reason, src)
+        log.info("%s: %s (%s)", name, result.reason, src)
 
 
 def _as_received(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from node.daemon.logs import setup_logging
+from node.shape import ShapeContext, Shaping
 from node.transcode.codecs import codec_for, current_overrides, install_overrides
 from node.transcode.ladder import Outcome, walk_ladder
 from node.transcode.rung import RungResult, try_rung
@@ -84,10 +85,10 @@ def _serve(conn: Connection) -> None:
             return
         if task is None:
             return
-        src, dst, target, allow_lossy, overrides = task
+        src, dst, target, allow_lossy, overrides, shaping, context = task
         install_overrides(overrides)
         try:
-            reply: RungResult | OSError = try_rung(src, dst, target, allow_lossy)
+            reply: RungResult | OSError = try_rung(src, dst, target, allow_lossy, shaping, context)
         except OSError as error:
             reply = error
         conn.send(reply)
@@ -111,17 +112,35 @@ class TranscodePool:
         self._closed = False
 
     def transcode(
-        self, src: Path, dst: Path, ladder: Sequence[Target], *, allow_lossy: bool = False
+        self,
+        src: Path,
+        dst: Path,
+        ladder: Sequence[Target],
+        *,
+        allow_lossy: bool = False,
+        shaping: Shaping | None = None,
+        context: ShapeContext | None = None,
     ) -> Outcome:
+        """Walk the ladder in worker processes; with a shaping, every rung (the header-only
+        one too) changes the header in the worker, and ShapingFailed says when it cannot."""
         src, dst = Path(src), Path(dst)
+        shape_context = context or ShapeContext()
 
-        def attempt(target: Target) -> RungResult:
-            return self._attempt(src, dst, target, allow_lossy)
+        def attempt(target: Target | None) -> RungResult:
+            return self._attempt(src, dst, target, allow_lossy, shaping, shape_context)
 
-        return walk_ladder(src, dst, ladder, attempt)
+        return walk_ladder(src, dst, ladder, attempt, shaped=shaping is not None)
 
-    def _attempt(self, src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungResult:
-        task = (src, dst, target, allow_lossy, current_overrides())
+    def _attempt(
+        self,
+        src: Path,
+        dst: Path,
+        target: Target | None,
+        allow_lossy: bool,
+        shaping: Shaping | None,
+        context: ShapeContext,
+    ) -> RungResult:
+        task = (src, dst, target, allow_lossy, current_overrides(), shaping, context)
         worker: _Worker | None  # None once it died: its slot then starts a new one lazily
         worker = self._take()
         try:
@@ -166,6 +185,8 @@ class TranscodePool:
         self.close()
 
 
-def _library(target: Target) -> str:
+def _library(target: Target | None) -> str:
+    if target is None:
+        return "pydicom (header only)"
     codec = codec_for(target.transfer_syntax)
     return codec.library if codec else "native encoder"

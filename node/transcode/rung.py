@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
+from node.shape import ShapeContext, Shaping, ShapingFailed, ShapingRefused, apply_shaping
 from node.transcode.byteorder import ByteOrderError, convert_byte_order
 from node.transcode.capabilities import first_problem
 from node.transcode.codecs import Codec, codec_for
@@ -43,18 +44,37 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 class RungResult:
     """What happened on one rung; picklable so worker processes can return it."""
 
-    target: Target
+    target: Target | None  # None: the header-only rung (a shaping, in the source's syntax)
     ok: bool
     reason: str = ""
     mismatch: bool = False
     source_sop_instance_uid: str = ""
     sop_instance_uid: str = ""
     size: int = 0
+    # The target's shaping could not be applied: "refused" (on purpose, e.g. burned-in
+    # annotation) or "failed" (e.g. a value too long). No other rung can do better.
+    unshapable: str = ""
+    transfer_syntax: str = ""  # what was written
 
 
-def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungResult:
-    """Write dst in target's syntax, or say in one line why not. Raises only for I/O errors."""
-    if target.lossy and not allow_lossy:
+NO_SHAPING_CONTEXT = ShapeContext()
+
+
+def try_rung(
+    src: Path,
+    dst: Path,
+    target: Target | None,
+    allow_lossy: bool,
+    shaping: Shaping | None = None,
+    context: ShapeContext = NO_SHAPING_CONTEXT,
+) -> RungResult:
+    """Write dst in target's syntax, or say in one line why not. Raises only for I/O errors.
+
+    With a shaping, the target's header changes are made on the data set this rung
+    encodes: one read, one encode. Target None is the header-only rung: the shaped data
+    set in the source's own syntax, its Pixel Data written as it was read, never decoded.
+    """
+    if target is not None and target.lossy and not allow_lossy:
         return RungResult(target, ok=False, reason="lossy target not allowed without opt-in")
     try:
         ds, truncation = read_source(src)
@@ -65,8 +85,17 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
         # well-formed one with a value cut short or its Pixel Data gone.
         return RungResult(target, ok=False, reason=f"source truncated: {truncation}")
     source_uid = str(ds.get("SOPInstanceUID", ""))
+    source_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if shaping is not None:
+        try:
+            apply_shaping(ds, shaping, context)
+        except ShapingFailed as failure:
+            kind = "refused" if isinstance(failure, ShapingRefused) else "failed"
+            return RungResult(
+                target, False, str(failure), source_sop_instance_uid=source_uid, unshapable=kind
+            )
     try:
-        encoded = encode_for_target(ds, target)
+        encoded = part10_bytes(ds) if target is None else encode_for_target(ds, target)
     except VerificationMismatch as failure:
         return RungResult(target, False, str(failure), True, source_sop_instance_uid=source_uid)
     except RungFailed as failure:
@@ -81,6 +110,7 @@ def try_rung(src: Path, dst: Path, target: Target, allow_lossy: bool) -> RungRes
         source_sop_instance_uid=source_uid,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
         size=len(encoded),
+        transfer_syntax=source_syntax if target is None else str(target.transfer_syntax),
     )
 
 

@@ -282,6 +282,10 @@ match = {{ Modality = "CT" }}
 destinations = ["pacs"]
 [[route]]
 storage = ["archive"]
+[[commitment.requestor]]
+ae_title = "CT01"
+host = "10.0.0.5"
+port = 104
 """
     )
     result = subprocess.run(

@@ -39,7 +39,19 @@ def syntax_rows() -> str:
     return "\n".join(lines)
 
 
-GENERATED = {"storage-sop-classes": storage_class_rows, "default-syntax-order": syntax_rows}
+def commitment_reason_rows() -> str:
+    from node.commitment.messages import FAILURE_REASONS
+
+    lines = ["| Failure Reason | meaning |", "|---|---|"]
+    lines += [f"| 0x{code:04X} | {name} |" for code, name in sorted(FAILURE_REASONS.items())]
+    return "\n".join(lines)
+
+
+GENERATED = {
+    "storage-sop-classes": storage_class_rows,
+    "default-syntax-order": syntax_rows,
+    "commitment-failure-reasons": commitment_reason_rows,
+}
 
 
 def _section(name: str) -> re.Pattern[str]:
