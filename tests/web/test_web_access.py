@@ -365,3 +365,28 @@ def test_waiting_groups_are_shown_and_released_from_the_page(tmp_path: Path) -> 
     finally:
         node.stop()
         storescp.kill()
+
+
+def test_open_storage_commitments_are_shown(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    from tests.commitment.peers import Modality, references
+
+    def edit(config: dict[str, object]) -> None:
+        # Committed once delivered, to a destination that is down: the request stays open.
+        config["commitment"] = {"enabled": True, "when": "delivered"}
+        config["destination"] = [destination("pacs", "NOBODY", free_port())]
+        config["web"] = {"address": f"127.0.0.1:{web_port}"}
+
+    web_port = free_port()
+    node = configured_node(tmp_path, edit).start()
+    try:
+        files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "in", 2)
+        status = Modality(node.port).send_and_request(files, generate_uid(), references(files))
+        assert status == 0x0000
+        panel = call(web_port, "/api/overview").json()["panels"]["commitments"]  # type: ignore[index]
+        assert [row[:4] for row in panel["rows"]] == [["requested", "MODALITY", "1", "2"]]
+        page = call(web_port, "/").body
+        assert 'id="panel-commitments"' in page and "Storage commitments" in page
+    finally:
+        node.stop()
