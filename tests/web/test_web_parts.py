@@ -13,7 +13,7 @@ from wsgiref.util import setup_testing_defaults
 from prometheus_client.metrics import MetricWrapperBase
 from pydicom.uid import generate_uid
 
-from node.config.model import Config, load_config
+from node.config.model import Config, load_config, parse_config
 from node.daemon import metrics
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec, TargetSummary
@@ -21,7 +21,7 @@ from node.jobs.reports import SqliteQueueOperations
 from node.web.activity import DeliveryDelays, RecentAssociations
 from node.web.app import WebApp
 from node.web.charts import bar_chart
-from node.web.overview import destination_state, redact_paths
+from node.web.overview import destination_state, peer_of, redact_paths
 from node.web.traffic import Flow, TrafficRing
 from node.web.view import Hold, Live, Panel
 from tests.daemon.test_daemon_status import queued_instance
@@ -319,3 +319,23 @@ def test_stored_paths_in_errors_lose_what_the_layout_put_below_the_root() -> Non
         " /srv/archived/other stays"
     )
     assert redact_paths(None, roots) is None
+
+
+def test_a_dicomweb_destination_is_shown_by_its_url_without_credentials() -> None:
+    config = parse_config(
+        {
+            "destination": [
+                {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.9", "port": 104},
+                {
+                    "name": "web",
+                    "protocol": "dicomweb",
+                    "url": "https://u:p@pacs.example/dicom-web",
+                },
+            ]
+        },
+        Path("/etc/dicom-node/config.toml"),
+    )
+    assert [peer_of(d) for d in config.destinations] == [
+        "PACS@10.0.0.9:104",
+        "https://pacs.example/dicom-web",
+    ]
