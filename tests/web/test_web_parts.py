@@ -13,6 +13,7 @@ from wsgiref.util import setup_testing_defaults
 from prometheus_client.metrics import MetricWrapperBase
 from pydicom.uid import generate_uid
 
+from node.commitment import counters as commitment_counters
 from node.config.model import Config, load_config, parse_config
 from node.daemon import metrics
 from node.jobs.jobqueue import SqliteJobQueue
@@ -170,8 +171,13 @@ def test_status_json_of_a_stopped_node_matches_its_text(tmp_path: Path) -> None:
 def _exposed_names() -> set[str]:
     """Every series name the node's metrics can expose (counters with _total, histograms
     with _bucket/_sum/_count, the queue collector's gauges)."""
-    names = {"dicom_node_queue_jobs", "dicom_node_queue_oldest_pending_age_seconds"}
-    for value in vars(metrics).values():
+    names = {
+        "dicom_node_queue_jobs",
+        "dicom_node_queue_oldest_pending_age_seconds",
+        "dicom_node_groups_waiting",
+        "dicom_node_group_late_arrivals_total",
+    }
+    for value in [*vars(metrics).values(), *vars(commitment_counters).values()]:
         if not isinstance(value, MetricWrapperBase):
             continue
         kind, name = value._type, value._name
