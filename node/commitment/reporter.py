@@ -14,6 +14,7 @@ send it twice; the Transaction UID lets the requestor see it is the same).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -160,10 +161,10 @@ class Reporter:
             return commitment
         self.records.settle_items(commitment.id, reasons)
         items = tuple(
-            type(item)(item.sop_class_uid, item.sop_instance_uid, reasons.get(i, item.reason))
+            dataclasses.replace(item, reason=reasons.get(i, item.reason))
             for i, item in enumerate(commitment.items)
         )
-        return Commitment(**{**commitment.__dict__, "items": items})
+        return dataclasses.replace(commitment, items=items)
 
     def _deliver(self, commitment: Commitment) -> None:
         report = report_of(commitment)

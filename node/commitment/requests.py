@@ -78,16 +78,20 @@ class CommitmentRequests:
         items = self._first_outcomes(
             [CommitmentItem(r.sop_class_uid, r.sop_instance_uid) for r in request.references]
         )
-        commitment_id = self.records.record_commitment(
-            NewCommitment(
-                direction=Direction.REQUESTED,
-                transaction_uid=request.transaction_uid,
-                peer=assoc.calling_ae_title,
-                our_ae_title=assoc.called_ae_title,
-                deadline=time.time() + self.report_timeout,
-                items=tuple(items),
-            )
+        new = NewCommitment(
+            direction=Direction.REQUESTED,
+            transaction_uid=request.transaction_uid,
+            peer=assoc.calling_ae_title,
+            our_ae_title=assoc.called_ae_title,
+            deadline=time.time() + self.report_timeout,
+            items=tuple(items),
         )
+        try:
+            commitment_id = self.records.record_commitment(new)
+        except Exception as exc:  # the database busy past its timeout, a full disk
+            log.exception("cannot record Transaction UID %s", request.transaction_uid)
+            # Not recorded, so not promised: the modality keeps its images and may ask again.
+            return self._refuse(assoc, PROCESSING_FAILURE, f"cannot record the request: {exc}")
         counters.record_request("received")
         failed = sum(item.reason not in (None, COMMITTED) for item in items)
         log.info(

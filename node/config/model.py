@@ -533,7 +533,7 @@ def _check_dimse_destination(table: Table, destination: DestinationConfig) -> No
 
 def _check_dicomweb_destination(table: Table, destination: DestinationConfig) -> None:
     # Values, not presence: check-config prints every key, and what it prints must load.
-    for key in ("ae_title", "host", "username", "passcode_file"):
+    for key in ("ae_title", "host", "username", "passcode_file", "commitment"):
         if getattr(destination, key):
             raise table.error(key, 'is for DIMSE destinations; a "dicomweb" one has a url')
     url = destination.url

@@ -103,17 +103,22 @@ class CommitmentRequester:
             CommitmentItem(j.instance.sop_class_uid, j.instance.sop_instance_uid, job_id=j.id)
             for j in jobs
         )
-        commitment_id = self.records.record_commitment(
-            NewCommitment(
-                Direction.SENT,
-                transaction_uid,
-                destination.name,
-                self.ae_title,
-                deadline + DUE_AFTER_DEADLINE,
-                items,
-            ),
-            waiting=jobs,
+        new = NewCommitment(
+            Direction.SENT,
+            transaction_uid,
+            destination.name,
+            self.ae_title,
+            deadline + DUE_AFTER_DEADLINE,
+            items,
         )
+        try:
+            commitment_id = self.records.record_commitment(new, waiting=jobs)
+        except Exception as exc:  # the database busy past its timeout, a full disk
+            log.exception("cannot record a storage commitment request to %r", destination.name)
+            error = f"cannot record the storage commitment request: {exc}"
+            for job in jobs:
+                self._send_again(job, destination, error)
+            return
         request = CommitmentRequest(
             transaction_uid,
             tuple(Reference(i.sop_class_uid, i.sop_instance_uid) for i in items),

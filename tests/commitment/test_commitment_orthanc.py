@@ -6,6 +6,9 @@
 - As SCP: a destination with commitment = true. Orthanc deletes each instance the first time
   it receives it over DICOM (a Lua OnStoredInstance), so its report says that instance
   failed: the node sends it again, and completes the job only when Orthanc commits it.
+  Orthanc runs the Lua callback on its own thread after the C-STORE; its storage commitment
+  lookup runs later still (the N-ACTION follows our durable commit, then Orthanc's job
+  engine), and it won the race in every run so far (12 runs, load 8-11 on 2 cores).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def node(
 ) -> Iterator[NodeProcess]:
     receiver, silent = peers
     down_port = free_port()  # nothing listens there
+    metrics_port = free_port()
 
     def edit(sections: dict[str, object]) -> None:
         sections["destination"] = [
@@ -83,6 +84,7 @@ def node(
             {"match": {"CallingAETitle": "MOD*"}, "storage": ["archive"]},
             {"match": {"CallingAETitle": "LEAVER"}, "storage": ["archive"]},
         ]
+        sections["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
         sections["commitment"] = {
             "enabled": True,
             "when": "delivered",
@@ -93,6 +95,7 @@ def node(
         }
 
     process = configured_node(tmp_path_factory.mktemp("commitment"), edit).start()
+    process.metrics_port = metrics_port  # type: ignore[attr-defined]
     yield process
     process.kill()
 
@@ -222,3 +225,28 @@ def test_a_destination_may_report_on_our_association_while_it_idles(
     assert wait_until(committed, timeout=30), _log(node)
     assert reporter.statuses and set(reporter.statuses) == {0x0000}
     assert re.search(r"storage commitment report from 'REPORTER' for Transaction UID", _log(node))
+
+
+def test_metrics_count_requests_reports_failures_and_time(node: NodeProcess) -> None:
+    # Runs last in the module: the requests above have been made and reported.
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics") as response:  # type: ignore[attr-defined]
+        text = response.read().decode()
+
+    def value(sample: str) -> float:
+        found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    assert value('dicom_node_commitment_requests_total{direction="received"}') >= 6
+    assert value('dicom_node_commitment_requests_total{direction="sent"}') >= 3
+    assert value('dicom_node_commitment_reports_total{direction="sent",outcome="failures"}') >= 3
+    assert value('dicom_node_commitment_reports_total{direction="sent",outcome="committed"}') >= 2
+    assert (
+        value('dicom_node_commitment_failed_instances_total{direction="sent",reason="0x0112"}') >= 1
+    )
+    assert (
+        value('dicom_node_commitment_failed_instances_total{direction="sent",reason="0x0119"}') >= 1
+    )
+    assert value('dicom_node_commitment_reports_total{direction="received",outcome="retry"}') >= 2
+    assert value('dicom_node_commitment_report_seconds_count{direction="sent"}') >= 5

@@ -225,6 +225,20 @@ def test_a_sent_commitment_holds_its_jobs_until_the_deadline(tmp_path: Path) -> 
             "commitment.enabled",
             "needs node.receivers = 1",
         ),
+        (
+            {
+                "destination": [
+                    {
+                        "name": "w",
+                        "protocol": "dicomweb",
+                        "url": "http://h/dicom-web",
+                        "commitment": True,
+                    }
+                ]
+            },
+            "destination[0].commitment",
+            "is for DIMSE destinations",
+        ),
         ({"commitment": {"when": "forwarded"}}, "commitment.when", "must be one of"),
         (
             {"commitment": {"requestor": [{"ae_title": "CT01", "host": "h"}]}},
