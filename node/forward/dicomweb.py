@@ -36,7 +36,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 import node
 from node.config.model import DestinationConfig
 from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
-from node.forward.derived import DerivedFiles, Untranscodable
+from node.forward.derived import DerivedFiles, Unshapable, Untranscodable
 from node.forward.stow import (
     ACCEPT,
     Answer,
@@ -48,6 +48,8 @@ from node.forward.stow import (
 from node.ingest.identity import read_passcode_file
 from node.jobs.model import Job
 from node.net.tls import client_context
+from node.shape import ShapeContext
+from node.shape.build import build_shaping
 
 log = logging.getLogger("node.forward")
 # httpx logs every request at INFO; the node logs each instance's outcome instead.
@@ -94,15 +96,20 @@ class _File:
     job: Job
     path: Path
     syntax: UID
+    uid: str  # the SOP Instance UID in the file: a de-identified view has a new one
 
 
 def study_of(path: Path) -> str:
     """The Study Instance UID in a spooled file's header ("" if it cannot be read)."""
+    return _header_uid(path, "StudyInstanceUID")
+
+
+def _header_uid(path: Path, keyword: str) -> str:
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[keyword])
     except (OSError, InvalidDicomError, ValueError):
         return ""
-    return str(header.get("StudyInstanceUID", ""))
+    return str(header.get(keyword, ""))
 
 
 def by_study(jobs: Sequence[Job], limit: int) -> list[list[Job]]:
@@ -133,6 +140,8 @@ class StowSender:
     def __init__(self, destination: DestinationConfig, derived: DerivedFiles) -> None:
         self.destination = destination
         self.derived = derived
+        # [destination.coerce] / [destination.deidentify]: what this destination is sent.
+        self.shaping = build_shaping(destination.coerce, destination.deidentify)
         self.url = destination.url.rstrip("/") + "/studies"
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
@@ -205,7 +214,7 @@ class StowSender:
             answer = self._post(files)
             pending = []
             for sent in files:
-                outcome = answer.outcomes[sent.job.instance.sop_instance_uid]
+                outcome = answer.outcomes[sent.uid]
                 if outcome.verdict is Verdict.NEXT_SYNTAX:
                     self._refused.add((sent.job.instance.sop_class_uid, str(sent.syntax)))
                     choices[sent.job.id].notes.append(
@@ -244,11 +253,18 @@ class StowSender:
                     instance.transfer_syntax,
                     syntax,
                     allow_lossy=self.destination.allow_lossy,
+                    shaping=self.shaping,
+                    context=ShapeContext(instance.calling_ae_title, instance.called_ae_title),
                 )
+            except Unshapable as exc:
+                return JobOutcome(job, "refused", str(exc))  # the same in every syntax
             except Untranscodable as exc:
                 choices.notes.append(str(exc))
                 continue
-            return _File(job, path, syntax)
+            uid = instance.sop_instance_uid
+            if self.shaping is not None:
+                uid = _header_uid(path, "SOPInstanceUID") or uid
+            return _File(job, path, syntax, uid)
         refused = [
             syntax_name(s) for s in skipped if (instance.sop_class_uid, str(s)) in self._refused
         ]
@@ -267,7 +283,7 @@ class StowSender:
             "Accept": ACCEPT,
             **self._authorization(),
         }
-        uids = [f.job.instance.sop_instance_uid for f in files]
+        uids = [f.uid for f in files]
         started = time.monotonic()
         status, content_type, content = self._exchange(body, headers)
         log.debug(

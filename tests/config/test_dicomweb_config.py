@@ -56,6 +56,7 @@ def test_a_dicomweb_destination_reads_its_keys(tmp_path: Path) -> None:
         ({**WEB, "url": ""}, "url", "must be the DICOMweb service root"),
         ({**WEB, "url": "ftp://x/"}, "url", "must be the DICOMweb service root"),
         ({**WEB, "ae_title": "PACS"}, "ae_title", "is for DIMSE destinations"),
+        ({**WEB, "commitment": True}, "commitment", "is for DIMSE destinations"),
         ({**WEB, "url": "http://x/dw", "tls": {"enabled": True}}, "tls.enabled", "use https"),
         ({**WEB, "batch_size": 0}, "batch_size", "between 1 and 1000"),
         ({**WEB, "protocol": "stow"}, "protocol", "must be one of dimse, dicomweb"),

@@ -170,10 +170,10 @@ def test_mixed_corpus_reaches_orthanc_with_identical_pixels(
 def test_orthanc_down_mid_batch_then_everything_arrives(
     start_node: StartNode, orthanc: Orthanc, tmp_path: Path
 ) -> None:
-    files = copies_with_new_uids(find("693_UNCR.dcm"), tmp_path / "send", 60)
+    files = copies_with_new_uids(find("693_UNCR.dcm"), tmp_path / "send", 24)
     uids = {sop_instance_uid(p) for p in files}
     before = set(dicomweb_uids(orthanc))
-    node = start_web_node(start_node, orthanc, tmp_path, batch_size=5)
+    node = start_web_node(start_node, orthanc, tmp_path, batch_size=4)
     sent = storescu(node.port, files)
     assert sent.returncode == 0, sent.stderr
     # Stopped while the node is delivering: some instances are there, most are not.

@@ -34,9 +34,12 @@ class StowServer:
 
     def __init__(self) -> None:
         self.received: list[tuple[str, str]] = []  # (SOP Instance UID, transfer syntax)
+        self.studies: list[list[str]] = []  # per request, the Study Instance UID of each part
         self.stored: dict[str, str] = {}
         self.fail_once: dict[str, int] = {}  # SOP Instance UID -> Failure Reason, once
         self.fail_always: dict[str, int] = {}
+        self.fail_first_part: int | None = None  # Failure Reason for the first part, once
+        self.datasets: dict[str, pydicom.Dataset] = {}  # the last received, by SOP Instance UID
         self.unsupported_media: set[str] = set()  # a part in one of these: 415
         self.refused_syntaxes: set[str] = set()  # per instance: Failure Reason 0xC122
         self.token: str | None = None  # bearer token required, if set
@@ -81,10 +84,18 @@ class StowServer:
             self.authorizations.append(headers.get("Authorization", ""))
             if self.token is not None and headers.get("Authorization") != f"Bearer {self.token}":
                 return 401, {}
-            parts = [_instance(part) for part in _parts(headers["Content-Type"], body)]
+            datasets = [_dataset(part) for part in _parts(headers["Content-Type"], body)]
+            self.studies.append([str(ds.StudyInstanceUID) for ds in datasets])
+            self.datasets.update((str(ds.SOPInstanceUID), ds) for ds in datasets)
+            parts = [
+                (str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets
+            ]
             self.received += parts
             if self.script:
                 return self.script.pop(0), {}
+            if self.fail_first_part is not None:
+                self.fail_once[parts[0][0]] = self.fail_first_part
+                self.fail_first_part = None
             if any(syntax in self.unsupported_media for _, syntax in parts):
                 return 415, {}
             stored, failed = [], []
@@ -129,10 +140,10 @@ def _parts(content_type: str, body: bytes) -> list[bytes]:
     return [part.get_payload(decode=True) for part in parsed.iter_parts()]
 
 
-def _instance(part: bytes) -> tuple[str, str]:
+def _dataset(part: bytes) -> pydicom.Dataset:
     ds = pydicom.dcmread(BytesIO(part))  # a whole Part 10 file, pixels and all
     ds.PixelData  # noqa: B018  (read to the end: a truncated part fails here)
-    return str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)
+    return ds
 
 
 @pytest.fixture
@@ -273,4 +284,34 @@ def test_a_series_trigger_sends_the_stable_series_by_stow_rs_and_again_after_a_h
     assert "held for" in node.log() and "503 Service Unavailable from" in node.log()
     # The group went whole each time: two requests of 6 refused, then one of 6 stored.
     assert len(stow.received) == 18 and set(stow.times_received().values()) == {3}
+    assert node.stop() == 0
+
+
+def test_a_deidentified_view_is_sent_and_answered_by_its_new_uids(
+    start_node: StartNode, stow: StowServer, tmp_path: Path
+) -> None:
+    key = tmp_path / "uid.key"
+    key.write_text("k" * 40)
+    key.chmod(0o600)
+    files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "send", 4)
+    originals = {sop_instance_uid(p) for p in files}
+    stow.script = [503]  # held at first, so that the next request carries all four
+    stow.fail_first_part = 0x0110  # then one fails, by its new UID: only that one is resent
+    node = web_node(
+        start_node,
+        stow,
+        deidentify={"profile": "basic", "uid_secret_file": str(key)},
+        coerce={"set": {"InstitutionName": "Research Site"}},
+        retry={"initial_delay": 2, "max_delay": 2},  # all four arrive during the hold
+    )
+    assert storescu(node.port, files).returncode == 0
+    assert wait_until(lambda: len(stow.stored) == 4, timeout=30), node.log_tail(20)
+    assert wait_until(lambda: not forward_rows(node.config_path), timeout=10)
+    assert not set(stow.stored) & originals  # new SOP Instance UIDs, keyed
+    # Requests: the held one; all four (one fails, named by its new UID); that one again.
+    _held, *rest = (len(request) for request in stow.studies)
+    assert rest == [4, 1], stow.studies
+    for ds in stow.datasets.values():
+        assert ds.InstitutionName == "Research Site"
+        assert str(ds.get("PatientName", "")) != "CompressedSamples^CT1"
     assert node.stop() == 0

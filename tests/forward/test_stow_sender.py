@@ -95,3 +95,18 @@ def test_a_server_that_does_not_answer_in_time_holds_the_destination(
     assert [o.verdict for o in result.outcomes] == ["retry", "retry"]
     assert result.hold is not None and "timed out (ReadTimeout" in result.hold, result.hold
     web.release()
+
+
+def test_one_request_per_study_and_at_most_batch_size_instances(
+    stow: StowServer, tmp_path: Path
+) -> None:
+    ct = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "spool" / "ct", 5)
+    mr = copies_with_new_uids(find("MR_small.dcm"), tmp_path / "spool" / "mr", 2)
+    jobs = jobs_for([ct[0], mr[0], ct[1], ct[2], mr[1], ct[3], ct[4]])  # two studies, mixed
+    web = sender(stow, tmp_path, batch_size=3)
+    result = web.deliver(jobs, threading.Event())
+    assert [o.verdict for o in result.outcomes] == ["delivered"] * 7
+    ct_study = str(pydicom.dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
+    mr_study = str(pydicom.dcmread(mr[0], stop_before_pixels=True).StudyInstanceUID)
+    assert stow.studies == [[ct_study] * 3, [ct_study] * 2, [mr_study] * 2]
+    web.release()
