@@ -198,3 +198,62 @@ def _toml(value: object) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     return str(value)
+
+
+class OrthancDicomweb(Orthanc):
+    """Orthanc with its DICOMweb plugin: C-STORE on `port`, STOW-RS under `url`."""
+
+    label = "Orthanc DICOMweb"
+    PLUGINS = (
+        Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+        *sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*")),
+    )
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.http_port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def command(self) -> list[str]:
+        command = super().command()
+        plugin = next((p for p in self.PLUGINS if p.exists()), None)
+        if plugin is None:
+            raise ToolMissing(
+                "Orthanc's DICOMweb plugin not found: apt-get install orthanc-dicomweb"
+            )
+        path = Path(command[-1])
+        config = json.loads(path.read_text())
+        config.update(
+            HttpServerEnabled=True,
+            HttpPort=self.http_port,
+            AuthenticationEnabled=False,
+            Plugins=[str(plugin)],
+            DicomWeb={"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+        )
+        path.write_text(json.dumps(config, indent=2))
+        return command
+
+
+class StowNode(Node):
+    """The node forwarding everything to one DICOMweb destination by STOW-RS."""
+
+    label = "node STOW-RS"
+
+    def __init__(self, workdir: Path, url: str, batch_size: int = 50) -> None:
+        super().__init__(workdir, destination_port=0)
+        self.url = url
+        self.batch_size = batch_size
+
+    def config_text(self) -> str:
+        head = super().config_text().split("[[destination]]", 1)[0]
+        destination = [
+            "[[destination]]",
+            'name = "pacs"',
+            'protocol = "dicomweb"',
+            f"url = {_toml(self.url)}",
+            f"batch_size = {self.batch_size}",
+        ]
+        return head + "\n".join(destination) + "\n"

@@ -26,7 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.inputs import Workload, build_multiframe, build_workloads
 from bench.measure import Sample, timed_transfer
-from bench.receivers import Node, Orthanc, Receiver, Storescp, ToolMissing
+from bench.receivers import (
+    Node,
+    Orthanc,
+    OrthancDicomweb,
+    Receiver,
+    Storescp,
+    StowNode,
+    ToolMissing,
+)
 
 OUT = Path(__file__).resolve().parent / "out"
 JPEGLS = "1.2.840.10008.1.2.4.80"
@@ -186,6 +194,39 @@ def forward_cases(workloads: list[Workload]) -> list[Case]:
                 forwarding,
                 wait_stored=True,
                 anchor="storescu->storescp",
+            ),
+        ]
+    return cases
+
+
+def to_orthanc(protocol: str) -> Callable[[Path], Setup]:
+    """storescu -> node -> Orthanc (with its DICOMweb plugin), by C-STORE or by STOW-RS."""
+
+    def build(workdir: Path) -> Setup:
+        orthanc = OrthancDicomweb(workdir / "orthanc")
+        if protocol == "dicomweb":
+            node: Node = StowNode(workdir / "node", orthanc.url)
+        else:
+            node = Node(workdir / "node", destination_port=orthanc.port)
+        return Setup(node, orthanc, node, (orthanc, node))
+
+    return build
+
+
+def stow_cases(workloads: list[Workload]) -> list[Case]:
+    """The same files forwarded to the same Orthanc by C-STORE and by STOW-RS, in one run."""
+    cases = []
+    for w in workloads:
+        cases += [
+            Case("forward", "node->Orthanc C-STORE", w, 1, to_orthanc("dimse"), wait_stored=True),
+            Case(
+                "forward",
+                "node->Orthanc STOW-RS",
+                w,
+                1,
+                to_orthanc("dicomweb"),
+                wait_stored=True,
+                anchor="node->Orthanc C-STORE",
             ),
         ]
     return cases
@@ -376,7 +417,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sections",
         default="ingest,transcode,forward,resources",
-        help="comma-separated subset of: ingest, transcode, forward, resources",
+        help="comma-separated subset of: ingest, transcode, forward, resources"
+        " (dicomweb: only the STOW-RS against C-STORE cases of forward)",
     )
     parser.add_argument("--data", default="CT,MR,CR", help="comma-separated subset of CT, MR, CR")
     parser.add_argument(
@@ -415,6 +457,8 @@ def plan(args: argparse.Namespace, workloads: list[Workload]) -> list[Case]:
         cases += transcode_cases(chosen, 4)
     if "forward" in sections:
         cases += forward_cases(chosen)
+    if "forward" in sections or "dicomweb" in sections:
+        cases += stow_cases(chosen)
     if "resources" in sections:
         cases.append(multiframe_case(OUT, (32 if args.smoke else args.multiframe_mb) * MIB))
     return cases

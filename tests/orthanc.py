@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -10,6 +11,21 @@ from typing import Any
 
 from tests.processes import NODELAY, ServerProcess
 from tests.support import free_port, require_tool
+from tests.tools import missing_tool
+
+# Where Debian's orthanc-dicomweb puts its plugin (DICOMweb: STOW-RS, QIDO-RS, WADO-RS).
+DICOMWEB_PLUGINS = (
+    Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    *sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*")),
+)
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's library, or skip the test (fail it in CI) when it is missing."""
+    for path in DICOMWEB_PLUGINS:
+        if path.exists():
+            return path
+    missing_tool("the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
 
 
 class Orthanc(ServerProcess):
@@ -27,6 +43,8 @@ class Orthanc(ServerProcess):
         ae_title: str = "ORTHANC",
         dicom_port: int = 0,
         modalities: dict[str, list[str | int]] | None = None,
+        plugins: tuple[Path, ...] = (),
+        http_auth: tuple[str, str] | None = None,
     ) -> None:
         self.exe = require_tool("Orthanc")
         self.dicom_port = dicom_port or free_port()
@@ -35,6 +53,10 @@ class Orthanc(ServerProcess):
         self.ae_title = ae_title
         # DicomModalities: the peers Orthanc may C-STORE to, {name: [AE title, host, port]}.
         self.modalities = modalities or {}
+        # Plugins to load (e.g. dicomweb_plugin(), served under /dicom-web/), and HTTP basic
+        # auth (user, password) for every REST request, ours included.
+        self.plugins = plugins
+        self.http_auth = http_auth
         self.http_port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.config_path = folder / "orthanc.json"
@@ -47,14 +69,16 @@ class Orthanc(ServerProcess):
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.http_auth is not None,
+            "RegisteredUsers": dict([self.http_auth]) if self.http_auth else {},
             "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "index"),
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomCheckModalityHost": False,
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": [str(plugin) for plugin in self.plugins],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
             "HttpServerEnabled": True,
             "DicomScpTimeout": 30,
             "StableAge": 60,
@@ -77,8 +101,21 @@ class Orthanc(ServerProcess):
         super().start(wait)
         return self
 
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _headers(self) -> dict[str, str]:
+        if self.http_auth is None:
+            return {}
+        pair = ":".join(self.http_auth).encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        request = urllib.request.Request(
+            f"{self.url}{path}", headers={**self._headers(), **(headers or {})}
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
             body = r.read()
         return json.loads(body) if body[:1] in (b"[", b"{") else body
 
@@ -87,7 +124,7 @@ class Orthanc(ServerProcess):
             f"http://127.0.0.1:{self.http_port}{path}",
             data=body,
             method="POST",
-            headers={"Content-Type": content_type},
+            headers={"Content-Type": content_type, **self._headers()},
         )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())

@@ -17,7 +17,7 @@ from tests.processes import find_tool
 # The Debian packages of the programs the tests use, as .ci/run and the README install them.
 DEBIAN_PACKAGES = (
     "dcmtk orthanc orthanc-dicomweb libgdcm-tools dicom3tools postgresql haproxy chromium"
-    " systemd openssl"
+    " chromium-driver prometheus systemd openssl"
 )
 
 

@@ -7,18 +7,18 @@ is opened read-only, so it is safe next to a running node.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from node.config.model import Config, load_config
-from node.jobs.interface import QueueReports
-from node.jobs.model import Failure, SpoolSummary, TargetSummary, summarise_targets
+from node.jobs.model import Failure, SpoolSummary, TargetSummary
 from node.jobs.reports import SqliteQueueOperations
 
-RECENT_FAILURES = 5
+# The one source of the status, shared with the status page's /api/status.
+from node.web.status import read_reports, running_pid, status_report
+
 WIDTH = 100
 
 
@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "-c", "--config", type=Path, default=Path("config.toml"), help="the node's config file"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the status as JSON (what /api/status serves)"
     )
 
 
@@ -41,40 +44,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     reports = SqliteQueueOperations.open(config.queue_path, read_only=True)
     try:
-        print(render(config, *read_reports(reports, config)))
+        if args.json:
+            print(json.dumps(status_report(config, reports), indent=2))
+        else:
+            print(render(config, *read_reports(reports, config)))
     finally:
         reports.close()
     return 0
-
-
-def read_reports(
-    reports: QueueReports, config: Config
-) -> tuple[list[TargetSummary], list[Failure], SpoolSummary]:
-    """What the screen shows: one line per target, the newest dead letters, the spool."""
-    targets = summarise_targets(reports.report(), _configured_targets(config))
-    return targets, reports.recent_failures(RECENT_FAILURES), reports.spool_summary()
-
-
-def running_pid(data_dir: Path) -> int | None:
-    """The PID of the node holding data_dir's lock (see node.lifecycle), or None."""
-    try:
-        fd = os.open(data_dir / "node.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else 0
-    finally:
-        os.close(fd)  # also drops the shared lock if we got it
-    return None
-
-
-def _configured_targets(config: Config) -> list[tuple[str, str]]:
-    return [("store", s.name) for s in config.storage] + [
-        ("forward", d.name) for d in config.destinations
-    ]
 
 
 def ago(then: float | None, now: float | None = None) -> str:

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydicom.uid import UID
 
+from node.config.addresses import is_loopback, parse_web_address
 from node.config.schema import (
     Between,
     Check,
@@ -38,6 +39,7 @@ DuplicatePolicy = Literal["overwrite", "keep", "reject"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Acceptor = Literal["native", "pynetdicom"]
 CommitWhen = Literal["received", "stored", "delivered"]
+DestinationProtocol = Literal["dimse", "dicomweb"]
 # "instance": each instance is sent on its own as it arrives; "series"/"study": per group.
 Trigger = Literal["instance", "series", "study"]
 
@@ -77,6 +79,17 @@ def _check_metrics_address(table: Table, key: str, address: str) -> None:
     port = address.rpartition(":")[2]
     if address and not (port.isdigit() and 0 < int(port) < 65536):
         raise table.error(key, f'must be host:port such as "127.0.0.1:9110", got {address!r}')
+
+
+def _check_web_address(table: Table, key: str, address: str) -> None:
+    port = address.rpartition(":")[2]
+    if address and not (port.isdigit() and 0 < int(port) < 65536):
+        raise table.error(key, f'must be host:port such as "127.0.0.1:8080", got {address!r}')
+
+
+def _read_optional_path(table: Table, key: str, default: Path | None) -> Path | None:
+    """A file path, or "" (the default) for none; relative to the config file's folder."""
+    return None if table.raw(key, "") == "" else table.path(key)
 
 
 def _check_syntax_names(table: Table, key: str, names: tuple[str, ...]) -> None:
@@ -264,6 +277,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The status page and its JSON API (node.web)."""
+
+    # "" = off; "127.0.0.1:8080"; a bare ":8080" or "8080" serves on loopback only.
+    address: Annotated[str, Check(_check_web_address)] = ""
+    # A file holding the bearer token every request must carry; required off loopback.
+    token_file: Annotated[Path | None, Reader(_read_optional_path)] = None
+
+
+@dataclass(frozen=True)
 class RoutingConfig:
     """The [routing] table; Config keeps its one key as Config.unrouted_storage."""
 
@@ -309,11 +332,24 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class HTTPAuthConfig:
+    """[destination.auth] of a DICOMweb destination: a bearer token, or HTTP basic auth.
+
+    The secrets stay in their files, read again for every request, so a rotated
+    token or a corrected password is used without a reload."""
+
+    bearer_token_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    ae_title: AETitle
-    host: str
-    port: Port
+    # DIMSE only (required there, _check_destination): a DICOMweb destination has a url.
+    ae_title: AETitle = ""
+    host: str = ""
+    port: Port = 104
     transfer_syntaxes: Annotated[tuple[str, ...], Reader(_read_proposed_syntaxes)] = ()
     max_associations: Annotated[int, Between(1)] = 1
     idle_timeout: float = 10.0
@@ -324,6 +360,13 @@ class DestinationConfig:
     # read from passcode_file when an association is opened (never kept in the config).
     username: str = ""
     passcode_file: Path | None = None
+    # protocol = "dicomweb": STOW-RS to {url}/studies, batch_size instances of one study
+    # per request (node.forward.dicomweb); the DIMSE keys above are then not used.
+    protocol: DestinationProtocol = "dimse"
+    url: str = ""
+    batch_size: Annotated[int, Between(1, 1000)] = 50
+    request_timeout: Annotated[float, Between(1)] = 120.0
+    auth: HTTPAuthConfig = field(default_factory=HTTPAuthConfig)
     coerce: CoerceConfig = field(default_factory=CoerceConfig)
     deidentify: DeidentifyConfig = field(default_factory=DeidentifyConfig)
     # Storage Commitment (PS3.4 J): a job is delivered only once the destination's
@@ -383,6 +426,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     unrouted_storage: str | None = None
     commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def spool_dir(self) -> Path:
@@ -403,6 +447,7 @@ SECTIONS = (
     Section("security", SecurityConfig, "security"),
     Section("limits", LimitsConfig, "limits"),
     Section("metrics", MetricsConfig, "metrics"),
+    Section("web", WebConfig, "web"),
     Section("routing", RoutingConfig, "routing"),
     Section("storage", StorageConfig, "storage", many=True),
     Section("destination", DestinationConfig, "destinations", many=True),
@@ -461,6 +506,10 @@ def _check_retry(table: Table, retry: RetryPolicy) -> None:
 
 
 def _check_destination(table: Table, destination: DestinationConfig) -> None:
+    if destination.protocol == "dicomweb":
+        _check_dicomweb_destination(table, destination)
+    else:
+        _check_dimse_destination(table, destination)
     _check_destination_identity(table, destination)
     lossy = [n for n in destination.transfer_syntaxes if resolve_syntax(n) in LOSSY_OR_MIXED]
     if lossy and not destination.allow_lossy:
@@ -472,6 +521,59 @@ def _check_destination(table: Table, destination: DestinationConfig) -> None:
         )
 
 
+def _check_dimse_destination(table: Table, destination: DestinationConfig) -> None:
+    for key in ("ae_title", "host"):
+        if not getattr(destination, key):
+            raise table.error(key, "is required")
+    if destination.url:
+        raise table.error("url", 'is for protocol = "dicomweb" destinations only')
+    if destination.auth != HTTPAuthConfig():
+        raise table.error("auth", 'is for protocol = "dicomweb" destinations only')
+
+
+def _check_dicomweb_destination(table: Table, destination: DestinationConfig) -> None:
+    # Values, not presence: check-config prints every key, and what it prints must load.
+    for key in ("ae_title", "host", "username", "passcode_file"):
+        if getattr(destination, key):
+            raise table.error(key, 'is for DIMSE destinations; a "dicomweb" one has a url')
+    url = destination.url
+    if not url.startswith(("http://", "https://")) or not url.split("/", 3)[2]:
+        raise table.error(
+            "url", f'must be the DICOMweb service root, "http://…" or "https://…", got {url!r}'
+        )
+    if destination.tls.enabled and url.startswith("http://"):
+        raise table.error("tls.enabled", "an http:// url has no TLS: use https:// instead")
+    _check_http_auth(table, destination.auth)
+
+
+def _check_http_auth(table: Table, auth: HTTPAuthConfig) -> None:
+    if auth.bearer_token_file is not None and (auth.username or auth.password_file):
+        raise table.error("auth", "give bearer_token_file or username + password_file, not both")
+    if bool(auth.username) != (auth.password_file is not None):
+        raise table.error("auth.password_file", "basic auth needs both username and password_file")
+    for key, path in (
+        ("bearer_token_file", auth.bearer_token_file),
+        ("password_file", auth.password_file),
+    ):
+        if path is not None:
+            _check_secret_file(table, f"auth.{key}", path)
+
+
+def _check_secret_file(table: Table, key: str, path: Path) -> None:
+    """Checked once at load; read again (never kept) for each use."""
+    from node.ingest.identity import read_passcode_file
+
+    try:
+        mode = path.stat().st_mode
+        read_passcode_file(path)
+    except OSError as exc:
+        raise table.error(key, f"cannot be read: {exc.strerror} ({path})") from None
+    except ValueError as exc:
+        raise table.error(key, f"{path}: {exc}") from None
+    if mode & 0o004:
+        raise table.error(key, f"{path} is readable by every user: chmod o-r it (e.g. 0600)")
+
+
 def _check_destination_identity(table: Table, destination: DestinationConfig) -> None:
     if len(destination.username.encode("utf-8")) > 65535:
         raise table.error("username", "is longer than a User Identity field (65535 bytes)")
@@ -480,19 +582,7 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
         return
     if not destination.username:
         raise table.error("passcode_file", "needs a username to go with it")
-    from node.ingest.identity import read_passcode_file
-
-    try:
-        mode = path.stat().st_mode
-        read_passcode_file(path)  # checked now, read again (not kept) for each association
-    except OSError as exc:
-        raise table.error("passcode_file", f"cannot be read: {exc.strerror} ({path})") from None
-    except ValueError as exc:
-        raise table.error("passcode_file", f"{path}: {exc}") from None
-    if mode & 0o004:
-        raise table.error(
-            "passcode_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
-        )
+    _check_secret_file(table, "passcode_file", path)
 
 
 def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
@@ -519,6 +609,29 @@ def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:
         raise table.error(
             "uid_secret_file", f"{path} is readable by every user: chmod o-r it (e.g. 0600)"
         )
+
+
+def _check_web(table: Table, web: WebConfig) -> None:
+    if web.address and not web.token_file and not is_loopback(parse_web_address(web.address)[0]):
+        raise table.error(
+            "token_file",
+            f"is required when address ({web.address!r}) is not on loopback: anyone on the"
+            " network could read the page (or use 127.0.0.1)",
+        )
+    if web.token_file is not None:
+        _check_token_file(table, "token_file", web.token_file)
+
+
+def _check_token_file(table: Table, key: str, path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise table.error(key, f"cannot be read: {exc.strerror} ({path})") from None
+    if not text:
+        raise table.error(key, f"{path} is empty")
+    if mode & 0o004:
+        raise table.error(key, f"{path} is readable by every user: chmod o-r it (e.g. 0600)")
 
 
 def _check_route(table: Table, route: RouteConfig) -> None:
@@ -583,6 +696,7 @@ CHECKS: Mapping[type, TableCheck] = {
     DestinationConfig: _check_destination,
     RouteConfig: _check_route,
     DeidentifyConfig: _check_deidentify,
+    WebConfig: _check_web,
 }
 
 

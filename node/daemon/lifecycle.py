@@ -96,7 +96,9 @@ def restart_only_changes(running: Config, loaded: Config) -> tuple[Config, list[
         acceptor=running.node.acceptor,
     )
     security = replace(loaded.security, tls=running.security.tls)
-    effective = replace(loaded, node=node, security=security, metrics=running.metrics)
+    effective = replace(
+        loaded, node=node, security=security, metrics=running.metrics, web=running.web
+    )
     pending = [
         key
         for key, before, after in (
@@ -108,6 +110,8 @@ def restart_only_changes(running: Config, loaded: Config) -> tuple[Config, list[
             ("node.acceptor", running.node.acceptor, loaded.node.acceptor),
             ("security.tls", running.security.tls, loaded.security.tls),
             ("metrics.address", running.metrics.address, loaded.metrics.address),
+            ("web.address", running.web.address, loaded.web.address),
+            ("web.token_file", running.web.token_file, loaded.web.token_file),
         )
         if before != after
     ]
@@ -185,9 +189,11 @@ class Lifecycle:
         inbox = SignalInbox((*STOP_SIGNALS, signal.SIGHUP))
         try:
             self._start()
+            self.node.phase = "ready"
             self.notifier.ready(self._refresh_status())
             log.info("ready (%s)", self._last_status)
             self._loop(inbox)
+            self.node.phase = "draining"
             self.notifier.stopping()
             with self._watchdog_kept_alive():
                 self.node.stop()
@@ -237,6 +243,7 @@ class Lifecycle:
     def reload(self) -> None:
         """Re-read the config file and apply it; a bad file changes nothing."""
         self.notifier.reloading()
+        self.node.phase = "reloading"
         source = self.node.config.source
         try:
             loaded = load_config(source)
@@ -255,6 +262,7 @@ class Lifecycle:
             for key in pending:
                 log.warning("reload: %s changed; it takes effect at the next restart", key)
             log.info("reloaded %s", source)
+        self.node.phase = "ready"
         self.notifier.ready(self._refresh_status())
 
     def _refresh_status(self) -> str:

@@ -29,6 +29,8 @@ from prometheus_client.registry import Collector
 
 from node.jobs.interface import QueueReports
 from node.jobs.model import JobState
+from node.web.activity import AssociationRecord, DeliveryDelays, RecentAssociations
+from node.web.traffic import Flow, TrafficRing
 
 log = logging.getLogger("node.metrics")
 
@@ -100,6 +102,19 @@ GROUP_DELIVERY_SECONDS = Histogram(
     buckets=GROUP_BUCKETS,
 )
 
+DELIVERY_DELAY = Histogram(
+    "dicom_node_forward_delivery_delay_seconds",
+    "Time from the C-STORE success to the sender to delivery at a destination",
+    ["destination"],
+    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0),
+)
+
+# The status page's memory (node.web): per-minute traffic over the last hour, the newest
+# associations and delivery delays. Fed by the record_* functions below, with the counters.
+TRAFFIC = TrafficRing()
+RECENT_ASSOCIATIONS = RecentAssociations()
+DELIVERY_DELAYS = DeliveryDelays()
+
 # The transcode ladder explains each failed rung; this phrase marks a pixel mismatch.
 MISMATCH_MARK = "verification mismatch"
 
@@ -124,6 +139,7 @@ def record_received(status: str, size: int) -> None:
     INSTANCES_RECEIVED.labels(status).inc()
     if status == "success":
         RECEIVED_BYTES.inc(size)
+    TRAFFIC.add(Flow.RECEIVED if status == "success" else Flow.REFUSED, size)
 
 
 def record_stored(storage: str, status: str, size: int = 0) -> None:
@@ -131,6 +147,8 @@ def record_stored(storage: str, status: str, size: int = 0) -> None:
     INSTANCES_STORED.labels(storage, status).inc()
     if size:
         STORED_BYTES.labels(storage).inc(size)
+    if status == "stored":
+        TRAFFIC.add(Flow.STORED, size)
 
 
 def record_forwarded(destination: str, status: str, size: int = 0) -> None:
@@ -138,6 +156,22 @@ def record_forwarded(destination: str, status: str, size: int = 0) -> None:
     INSTANCES_FORWARDED.labels(destination, status).inc()
     if size:
         SENT_BYTES.labels(destination).inc(size)
+    if status in ("success", "warning"):
+        TRAFFIC.add(Flow.FORWARDED, size)
+
+
+def record_delivery_delay(destination: str, received_at: float | None) -> None:
+    """One delivered instance, acknowledged to its sender at `received_at` (epoch seconds)."""
+    if received_at is None:
+        return
+    seconds = max(0.0, time.time() - received_at)
+    DELIVERY_DELAY.labels(destination).observe(seconds)
+    DELIVERY_DELAYS.add(destination, seconds)
+
+
+def record_association_ended(record: AssociationRecord) -> None:
+    """An association from a peer ended or was refused: kept for the status page."""
+    RECENT_ASSOCIATIONS.add(record)
 
 
 def record_unrouted(storage: str) -> None:

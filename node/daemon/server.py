@@ -13,6 +13,7 @@ from node.daemon.lifecycle import ASSOCIATION_DRAIN_TIMEOUT, Lifecycle
 from node.daemon.logs import set_level
 from node.daemon.metrics import MetricsEndpoint, start_metrics
 from node.daemon.receivers import ReceiverProcesses
+from node.daemon.webview import NodeWebView
 from node.forward.derived import DerivedFiles
 from node.forward.forwarder import Forwarder
 from node.ingest.intake import Intake, free_space_probe
@@ -27,6 +28,7 @@ from node.jobs.reports import SqliteQueueOperations
 from node.store.targets import StorageTarget, duplicate_checker
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
+from node.web.server import WebServer, start_web
 
 log = logging.getLogger("node.server")
 
@@ -88,6 +90,10 @@ class Node:
         self.group_timer = GroupTimer(self.queue, self._wake_workers)
         self._stopped = threading.Event()
         self.metrics: MetricsEndpoint | None = None
+        # The status page (node.web); `phase` is what it shows as the node's state.
+        self.phase = "starting"
+        self.web_view = NodeWebView(self)
+        self.web: WebServer | None = None
 
     def _wake_workers(self) -> None:
         self.store_workers.wake.set()
@@ -111,6 +117,7 @@ class Node:
             self.commitment.reporter.start()
         self.group_timer.start()
         self.metrics = start_metrics(self.config.metrics.address, self.reports)
+        self.web = start_web(self.config.web, self.web_view)
         if self.receivers is not None:
             # Before our own listener: once the port opens, every receiver shares the load.
             self.receivers.start()
@@ -177,6 +184,8 @@ class Node:
         self.queue.requeue_running()
         if self.metrics is not None:
             self.metrics.close()
+        if self.web is not None:
+            self.web.close()
         self.database.close()
         self._stopped.set()
 

@@ -2,7 +2,9 @@
 retries with backoff and holds (forwarder), durable completions off the
 sending threads (completions) and transcoded copies made once per syntax
 (derived); Storage Commitment towards destinations with commitment = true,
-where a job is done only once the report says committed (commitment).
+where a job is done only once the report says committed (commitment);
+DICOMweb destinations by STOW-RS: the request body and the answer
+without I/O (stow), the HTTP sender a worker uses (dicomweb).
 
 May import: node.net, node.jobs, node.transcode, node.config, node.dicom,
 node.ingest (the spool), node.daemon.metrics, node.shape (a destination's header

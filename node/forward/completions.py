@@ -95,6 +95,7 @@ class Completions:
         for d in deliveries:
             name = d.job.target
             metrics.record_forwarded(name, "warning" if d.warning else "success", d.size)
+            metrics.record_delivery_delay(name, d.job.instance.received_at)
             log.info(
                 "forwarded SOP Instance UID %s to %r: %s",
                 d.job.instance.sop_instance_uid,

@@ -37,6 +37,7 @@ from node.dicom.syntaxes import LOSSY_OR_MIXED, resolve_syntax, syntax_name
 from node.forward.commitment import STORAGE_COMMITMENT_CONTEXTS, CommitmentRequester
 from node.forward.completions import Completions, Delivery
 from node.forward.derived import DerivedFiles, Unshapable, Untranscodable
+from node.forward.dicomweb import BatchResult, JobOutcome, StowSender
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import CommitmentRecords, JobQueue
@@ -359,6 +360,11 @@ class DestinationWorker:
         self.wake = wake
         self.schedule = RetrySchedule(destination.retry)
         self.link = DestinationLink(destination, node)
+        # protocol = "dicomweb": whole batches by STOW-RS (node.forward.dicomweb), not self.link.
+        self.web = (
+            StowSender(destination, shared.derived) if destination.protocol == "dicomweb" else None
+        )
+        self.claims = destination.batch_size if self.web is not None else CLAIM_BATCH
         self.hold = hold
         # [destination.coerce] / [destination.deidentify]: this destination's own view.
         self.shaping = build_shaping(destination.coerce, destination.deidentify)
@@ -384,6 +390,8 @@ class DestinationWorker:
                     self.stopping.wait(ERROR_PAUSE)
         finally:
             self.link.release()
+            if self.web is not None:
+                self.web.release()
 
     def _step(self) -> None:
         if self.hold.active():
@@ -397,13 +405,16 @@ class DestinationWorker:
             return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
         # holds through its fsync; one wait per batch instead of one per instance.
-        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=CLAIM_BATCH)
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=self.claims)
         if jobs:
             self._run_batch(jobs)
         else:
             self._wait_for_work()
 
     def _run_batch(self, jobs: Sequence[Job]) -> None:
+        if self.web is not None:
+            self._run_web_batch(jobs)
+            return
         try:
             self._run_jobs(jobs)
         finally:
@@ -536,6 +547,9 @@ class DestinationWorker:
         claimed (Series Number, Instance Number). A member refused or to be retried follows
         the usual rules on its own and holds the group's delivered state; a broken
         association gives the rest back to the group, sent as one after the hold."""
+        if self.web is not None:
+            self._send_web_group(claim)
+            return
         jobs, group = claim.jobs, claim.group
         wanted = [
             (
@@ -629,6 +643,49 @@ class DestinationWorker:
             delay,
         )
 
+    def _run_web_batch(self, jobs: Sequence[Job]) -> None:
+        """A batch by STOW-RS: the same records, retries and hold as C-STORE, per job."""
+        result = self._web_deliver(jobs)
+        for done in result.outcomes:
+            self._record_web(done)
+        if result.untried:
+            self.queue.release(result.untried)
+        self._web_hold(result.hold)
+
+    def _send_web_group(self, claim: GroupClaim) -> None:
+        """A dispatched series or study group by STOW-RS, in the order claimed; when the
+        destination must wait, what was not delivered goes back to the group, sent again
+        as one after the hold (as for DIMSE)."""
+        result = self._web_deliver(claim.jobs)
+        waiting = result.hold is not None
+        back = [d.job for d in result.outcomes if waiting and d.verdict == Verdict.RETRY]
+        for done in result.outcomes:
+            if done.job not in back:
+                self._record_web(done)
+        self.queue.return_to_group([*back, *result.untried], result.hold)
+        self._web_hold(result.hold)
+
+    def _web_deliver(self, jobs: Sequence[Job]) -> BatchResult:
+        assert self.web is not None
+        try:
+            return self.web.deliver(jobs, self.stopping)
+        except Exception as exc:  # a bug or an I/O error: keep the jobs, try again later
+            log.exception("STOW-RS of %d jobs to %r failed", len(jobs), self.destination.name)
+            error = f"{type(exc).__name__}: {exc}"
+            return BatchResult([JobOutcome(job, Verdict.RETRY, error) for job in jobs])
+
+    def _record_web(self, done: JobOutcome) -> None:
+        self._record(
+            done.job, DeliveryOutcome(Verdict(done.verdict), done.detail, done.warning, done.size)
+        )
+
+    def _web_hold(self, reason: str | None) -> None:
+        if reason is None:
+            self.hold.end()
+            return
+        delay = self.hold.begin()
+        log.warning("destination %r held for %.1f s: %s", self.destination.name, delay, reason)
+
 
 def _printable(text: str, limit: int = 64) -> str:
     """A peer's Error Comment (LO, 64 characters) as one harmless line of log and status."""
@@ -719,6 +776,8 @@ class Forwarder:
             if worker.thread.is_alive():
                 log.warning("aborting the association of %s to stop", worker.thread.name)
                 worker.link.interrupt()
+                if worker.web is not None:
+                    worker.web.interrupt()
         self._join(timeout / 2)
         if self.committer is not None:
             self.committer.stop()

@@ -241,6 +241,26 @@ def contexts_summary(assoc: AssociationView) -> str:
     )
 
 
+def ended_record(
+    assoc: AssociationView, outcome: str, stats: AssociationStats | None = None, reason: str = ""
+) -> metrics.AssociationRecord:
+    """What the status page keeps of an association that ended or was refused."""
+    stats = stats or AssociationStats(contexts="")
+    return metrics.AssociationRecord(
+        ended_at=time.time(),
+        outcome=outcome,
+        address=assoc.address,
+        calling_ae_title=assoc.calling_ae_title,
+        called_ae_title=assoc.called_ae_title,
+        contexts=stats.contexts,
+        instances=stats.received,
+        bytes=stats.received_bytes,
+        refused=stats.failed,
+        duration=time.monotonic() - stats.started,
+        reason=reason,
+    )
+
+
 def acceptor_settings(config: Config, receiving_folder: str) -> AcceptorSettings:
     node = config.node
     return AcceptorSettings(
@@ -400,6 +420,7 @@ class StorageSCP:
 
     def rejected(self, assoc: AssociationView, refusal: Refusal) -> None:
         metrics.record_association_rejected(refusal.reason)
+        metrics.record_association_ended(ended_record(assoc, "rejected", reason=refusal.message))
 
     def established(self, assoc: AssociationView) -> None:
         with self._lock:
@@ -420,6 +441,9 @@ class StorageSCP:
         with self._lock:
             stats = self._stats.pop(id(assoc), AssociationStats())
         metrics.record_association_closed(aborted)
+        metrics.record_association_ended(
+            ended_record(assoc, "aborted" if aborted else "released", stats)
+        )
         log.info(
             "association %s: %s %r%s -> %r, %s, %d instances received (%.2f MB), %d refused, %.1f s",
             "aborted" if aborted else "released",

@@ -51,6 +51,7 @@ from node.jobs.commitments import (
     NewCommitment,
 )
 from node.jobs.model import (
+    DeadLetter,
     Failure,
     GroupClaim,
     GroupReport,
@@ -136,6 +137,11 @@ class QueueReports(Protocol):
     def report(self) -> list[TargetReport]: ...
     def recent_failures(self, limit: int) -> list[Failure]: ...
     def spool_summary(self) -> SpoolSummary: ...
+    # Dead letters newest first, a page at a time (the status page), and how many there are.
+    def dead_letters(
+        self, kind: JobKind | None, target: str | None, offset: int, limit: int
+    ) -> list[DeadLetter]: ...
+    def count_dead_letters(self, kind: JobKind | None, target: str | None) -> int: ...
     def waiting_groups(self) -> list[GroupReport]: ...  # as GroupQueue.waiting_groups
     def dispatched_groups(self) -> list[GroupReport]:
         """DISPATCHED groups not yet delivered; `reason` is the newest error of a member

@@ -39,6 +39,8 @@ class ReceivedInstance:
     called_ae_title: str
     spool_path: Path
     size: int
+    # When the queue recorded it (the C-STORE success followed): set on claimed jobs.
+    received_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,19 @@ class Failure:
     target: str
     sop_instance_uid: str
     error: str
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead letter as the status page pages them: the job, its instance's UID, why."""
+
+    job_id: int
+    at: float
+    kind: str
+    target: str
+    sop_instance_uid: str
+    error: str
+    attempts: int
 
 
 @dataclass(frozen=True)

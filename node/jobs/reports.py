@@ -18,7 +18,14 @@ from pathlib import Path
 
 from node.jobs.database import Database
 from node.jobs.groups import SqliteGroups
-from node.jobs.model import Failure, JobKind, JobState, SpoolSummary, TargetReport
+from node.jobs.model import (
+    DeadLetter,
+    Failure,
+    JobKind,
+    JobState,
+    SpoolSummary,
+    TargetReport,
+)
 
 # Newest error per (kind, target, state): SQLite takes the bare last_error from the row
 # that holds MAX(updated_at).
@@ -85,6 +92,30 @@ class SqliteQueueOperations(SqliteGroups):
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(received_at) FROM instances"
             ).fetchone()
         return SpoolSummary(int(count), int(size), oldest)
+
+    def dead_letters(
+        self, kind: JobKind | None, target: str | None, offset: int, limit: int
+    ) -> list[DeadLetter]:
+        where, params = _target_filter(kind, target)
+        with self.database.read() as db:
+            rows = db.execute(
+                "SELECT jobs.id, jobs.updated_at, jobs.kind, jobs.target,"
+                " instances.sop_instance_uid, COALESCE(jobs.last_error, ''), jobs.attempts"
+                " FROM jobs JOIN instances ON instances.id = jobs.instance_id"
+                f" WHERE jobs.state = ? AND {where}"  # kind and target are only jobs' columns
+                " ORDER BY jobs.updated_at DESC, jobs.id DESC LIMIT ? OFFSET ?",
+                [JobState.FAILED, *params, limit, offset],
+            ).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def count_dead_letters(self, kind: JobKind | None, target: str | None) -> int:
+        where, params = _target_filter(kind, target)
+        with self.database.read() as db:
+            (count,) = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state = ? AND {where}",
+                [JobState.FAILED, *params],
+            ).fetchone()
+        return int(count)
 
     # Operations.
 

@@ -13,7 +13,8 @@ from node.jobs.model import Job, JobKind, ReceivedInstance
 JOB_COLUMNS = """
     jobs.id, jobs.kind, jobs.target, jobs.attempts, jobs.instance_id,
     instances.sop_instance_uid, instances.sop_class_uid, instances.transfer_syntax,
-    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size
+    instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size,
+    instances.received_at
 """
 
 
@@ -26,6 +27,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         called_ae_title=row[9],
         spool_path=Path(row[10]),
         size=row[11],
+        received_at=row[12],
     )
     return Job(
         id=row[0],

@@ -28,6 +28,7 @@ def test_bench_smoke_prints_every_section() -> None:
         "| transcode | node JPEG-LS | 4 | CT",
         "| transcode | node HTJ2K | 4 | CT",
         "| forward | node->storescp | 1 | CT",
+        "| forward | node->Orthanc STOW-RS | 1 | CT",
         "| resources node | 1 | multi-frame",
     ):
         assert any(row.startswith(prefix) for row in rows), f"no row {prefix!r} in:\n{done.stdout}"
