@@ -25,7 +25,11 @@ class Sample:
     stored_seconds: float | None  # until the receiver had placed every file (None: never)
     failure: str = ""  # "aborted", "stalled", ... when the transfer did not complete
     peak_rss: int = 0  # bytes, whole process tree of the receiver
-    cpu_seconds: float = 0.0  # receiver process tree, user + system
+    cpu_seconds: float = 0.0  # receiver process tree, user + system, until all was stored
+
+    @property
+    def cpu_ms_per_instance(self) -> float:
+        return 1000 * self.cpu_seconds / self.instances if self.instances else 0.0
 
 
 def send(
@@ -154,6 +158,9 @@ def timed_transfer(
             done, failure = _wait_until_stored(stored, len(files), alive, start, stall_timeout)
         elif not failure:
             done = ack
+            # Timed to the last acknowledgement, but the CPU counted is the whole work: the
+            # node's store workers may still be placing files.
+            _wait_until_stored(stored, len(files), alive, start, stall_timeout)
         cpu = cpu_seconds(pid) - cpu_before if alive() else 0.0
     return Sample(len(files), total_bytes, ack, done, failure, sampler.peak, cpu)
 

@@ -141,10 +141,13 @@ class Node(Receiver):
         storage_syntax: str | None = None,
         destination_port: int | None = None,
         node_options: dict[str, object] | None = None,
+        destination_ports: tuple[int, ...] = (),
     ) -> None:
         super().__init__(workdir)
         self.storage_syntax = storage_syntax
-        self.destination_port = destination_port
+        self.destination_ports = (
+            (destination_port,) if destination_port is not None else destination_ports
+        )
         self.node_options = node_options or {}
         self.archive = workdir / "archive"
 
@@ -164,17 +167,17 @@ class Node(Receiver):
         }
         lines = ["[node]", *(f"{k} = {_toml(v)}" for k, v in node.items())]
         lines += ["[limits]", "min_free_space = 0"]
-        if self.destination_port is None:
+        if not self.destination_ports:
             lines += ["[[storage]]", 'name = "archive"', f"path = {_toml(str(self.archive))}"]
             if self.storage_syntax:
                 lines.append(f"transfer_syntax = {_toml(self.storage_syntax)}")
-        else:
+        for index, port in enumerate(self.destination_ports):
             lines += [
                 "[[destination]]",
-                'name = "pacs"',
+                f'name = "pacs{index or ""}"',
                 'ae_title = "ANY-SCP"',
                 'host = "127.0.0.1"',
-                f"port = {self.destination_port}",
+                f"port = {port}",
             ]
         return "\n".join(lines) + "\n"
 

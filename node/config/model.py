@@ -563,6 +563,7 @@ def _check_retry(table: Table, retry: RetryPolicy) -> None:
 
 
 def _check_destination(table: Table, destination: DestinationConfig) -> None:
+    _check_destination_view(table, destination)
     if destination.protocol == "dicomweb":
         _check_dicomweb_destination(table, destination)
     else:
@@ -640,6 +641,20 @@ def _check_destination_identity(table: Table, destination: DestinationConfig) ->
     if not destination.username:
         raise table.error("passcode_file", "needs a username to go with it")
     _check_secret_file(table, "passcode_file", path)
+
+
+def _check_destination_view(table: Table, destination: DestinationConfig) -> None:
+    deidentify = destination.deidentify
+    if (
+        destination.commitment
+        and deidentify.profile != "none"
+        and "retain-uids" not in deidentify.options
+    ):
+        raise table.error(
+            "commitment",
+            "cannot go with [destination.deidentify]: the commitment would name SOP"
+            " Instance UIDs the destination never received (add retain-uids, or drop one)",
+        )
 
 
 def _check_deidentify(table: Table, deidentify: DeidentifyConfig) -> None:

@@ -48,7 +48,7 @@ from node.ingest.scp import RECEIVING_DIR, StorageSCP
 from node.ingest.spool import Spool
 from node.jobs.backends import open_job_queue
 from node.store.kinds import local_root, storage_targets
-from node.store.targets import duplicate_checker
+from node.store.targets import duplicate_checker, header_recorder
 
 log = logging.getLogger("node.receivers")
 
@@ -250,6 +250,7 @@ class Receiver:
             queue=self.queue,
             plan_jobs=router.plan,
             find_duplicate=duplicate_checker(self.queue, self.targets),
+            header_values=header_recorder(self.targets),
             has_headroom=free_space_probe(_watched_folders(config), config.limits.min_free_space),
             max_instance_size=config.limits.max_instance_size,
             on_recorded=on_recorded,

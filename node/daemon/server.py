@@ -24,7 +24,7 @@ from node.ingest.scp import StorageSCP
 from node.ingest.spool import Spool
 from node.jobs.backends import open_queue
 from node.store.kinds import storage_targets, store_threads
-from node.store.targets import duplicate_checker
+from node.store.targets import duplicate_checker, header_recorder
 from node.store.workers import StoreWorkers, transcoding_stager
 from node.transcode import TranscodePool
 from node.web.server import WebServer, start_web
@@ -71,6 +71,7 @@ class Node:
             queue=self.queue,
             plan_jobs=self.router.plan,
             find_duplicate=duplicate_checker(self.queue, self.targets),
+            header_values=header_recorder(self.targets),
             has_headroom=free_space_probe(self._watched_folders(), config.limits.min_free_space),
             max_instance_size=config.limits.max_instance_size,
             on_recorded=self._wake_workers,

@@ -36,11 +36,17 @@ def _free_space(path: Path) -> int | None:
         return None
 
 
+def _next_try(direction: str, at: float | None, now: float) -> str:
+    if direction != "requested" or at is None:
+        return "-"
+    return "when settled" if at <= now else f"in {at - now:.0f} s"
+
+
 class NodeWebView:
     def __init__(self, running: Node) -> None:
         self.node = running
         self.started_at = time.time()
-        self.panel_sources: list[Callable[[], Sequence[Panel]]] = []
+        self.panel_sources: list[Callable[[], Sequence[Panel]]] = [self._commitments]
         self.panel_actions: dict[str, Callable[[str], str]] = {}
 
     def config(self) -> Config:
@@ -52,13 +58,16 @@ class NodeWebView:
     def live(self) -> Live:
         config = self.node.config
         folders = [Folder("spool", config.spool_dir, _free_space(config.spool_dir))]
+        # Copies first: a reload swaps the targets and the forwarder from the main thread.
+        targets = dict(self.node.targets)
+        workers = list(self.node.forwarder.workers)
         folders += [
             Folder(f"storage {name}", target.root, _free_space(target.root))
-            for name, target in self.node.targets.items()
+            for name, target in targets.items()
         ]
         holds = {
             worker.destination.name: Hold(worker.hold.until, worker.hold.streak)
-            for worker in self.node.forwarder.workers
+            for worker in workers
         }
         return Live(
             phase=self.node.phase,
@@ -68,6 +77,41 @@ class NodeWebView:
             folders=folders,
             holds=holds,
         )
+
+    def _commitments(self) -> list[Panel]:
+        """Open Storage Commitments, as `queue status` shows them: when the node serves them
+        or a destination asks for them, or while any is open."""
+        config = self.node.config
+        rows = self.node.commitments.commitment_summary()
+        in_use = config.commitment.enabled or any(d.commitment for d in config.destinations)
+        if not rows and not in_use:
+            return []
+        now = time.time()
+        return [
+            Panel(
+                "commitments",
+                "Storage commitments",
+                ("direction", "peer", "open", "instances", "oldest", "next try", "last error"),
+                rows=[
+                    (
+                        row.direction,
+                        row.peer,
+                        str(row.count),
+                        str(row.instances),
+                        "-"
+                        if row.oldest_created_at is None
+                        else f"{now - row.oldest_created_at:.0f} s ago",
+                        _next_try(row.direction, row.next_attempt_at, now),
+                        row.last_error or "-",
+                    )
+                    for row in rows
+                ],
+                empty="no storage commitment is open",
+                note="requested: asked of this node by a modality (peer: its calling AE title),"
+                " open until its report is delivered; sent: asked by this node of a destination,"
+                " open until that destination's report arrives.",
+            )
+        ]
 
     def traffic(self) -> TrafficRing:
         return metrics.TRAFFIC

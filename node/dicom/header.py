@@ -271,7 +271,8 @@ def check_structure(data: bytes | memoryview, transfer_syntax: UID) -> None:
 
 
 def _stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
-    return tag >= PIXEL_DATA
+    # int's own comparison: pydicom's BaseTag.__ge__ is Python code, called for every element.
+    return int.__ge__(tag, PIXEL_DATA)
 
 
 class ReceivedHeader(Dataset):

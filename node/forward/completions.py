@@ -13,13 +13,11 @@ restart (at-least-once, as before).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from node.daemon import metrics
 from node.ingest.spool import Spool
+from node.jobs.batches import BatchThread
 from node.jobs.interface import JobQueue
 from node.jobs.model import Job
 
@@ -44,43 +42,20 @@ class Completions:
     def __init__(self, jobs: JobQueue, spool: Spool) -> None:
         self.jobs = jobs
         self.spool = spool
-        self._inbox: queue.Queue[Delivery | Callable[[], None]] = queue.Queue(CAPACITY)
-        self._thread = threading.Thread(target=self._loop, name="forward-completions", daemon=True)
+        self._batches = BatchThread("forward-completions", self._commit, CAPACITY, BATCH)
 
     def start(self) -> None:
-        self._thread.start()
+        self._batches.start()
 
     def add(self, delivery: Delivery) -> None:
-        self._inbox.put(delivery)
+        self._batches.add(delivery)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything added so far is committed; False on timeout."""
-        done = threading.Event()
-        self._inbox.put(done.set)
-        return done.wait(timeout)
+        return self._batches.flush(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._thread.is_alive():
-            self.flush(timeout)
-            self._inbox.put(_STOP)
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while True:
-            items = [self._inbox.get()]
-            while len(items) < BATCH:
-                try:
-                    items.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            deliveries = [item for item in items if isinstance(item, Delivery)]
-            if deliveries:
-                self._commit(deliveries)
-            for item in items:
-                if item is _STOP:
-                    return
-                if not isinstance(item, Delivery):
-                    item()  # a flush marker: everything before it is committed
+        self._batches.stop(timeout)
 
     def _commit(self, deliveries: list[Delivery]) -> None:
         try:
@@ -102,10 +77,3 @@ class Completions:
                 name,
                 d.detail,
             )
-
-
-def _stop() -> None:
-    """The marker that ends the committing thread."""
-
-
-_STOP: Callable[[], None] = _stop

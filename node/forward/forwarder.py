@@ -38,6 +38,7 @@ from node.forward.commitment import STORAGE_COMMITMENT_CONTEXTS, CommitmentReque
 from node.forward.completions import Completions, Delivery
 from node.forward.derived import DerivedFiles, Unshapable, Untranscodable
 from node.forward.dicomweb import BatchResult, JobOutcome, StowSender
+from node.forward.pacing import Associating
 from node.ingest.identity import destination_identity
 from node.ingest.spool import Spool
 from node.jobs.interface import CommitmentRecords, JobQueue
@@ -203,9 +204,12 @@ class DestinationLink:
         d = self.destination
         return f"{d.ae_title}@{d.host}:{d.port}"
 
+    def ready_for(self, sop_class: str, wanted: Sequence[UID]) -> bool:
+        return self._usable() and self.proposal.covers(sop_class, wanted)
+
     def ensure(self, sop_class: str, wanted: Sequence[UID]) -> None:
         """Have an association whose proposal covers this SOP class and these syntaxes."""
-        if self._usable() and self.proposal.covers(sop_class, wanted):
+        if self.ready_for(sop_class, wanted):
             return
         self.release()
         self.proposal = self.proposal.with_class(sop_class, wanted)
@@ -338,6 +342,8 @@ class Shared:
     completions: Completions
     stopping: threading.Event
     committer: CommitmentRequester | None = None
+    # Per destination name: its workers waiting for an association (node.forward.pacing).
+    associating: Mapping[str, Associating] = field(default_factory=dict)
 
 
 class DestinationWorker:
@@ -366,6 +372,7 @@ class DestinationWorker:
         )
         self.claims = destination.batch_size if self.web is not None else CLAIM_BATCH
         self.hold = hold
+        self.associating = shared.associating.get(destination.name) or Associating(wake)
         # [destination.coerce] / [destination.deidentify]: this destination's own view.
         self.shaping = build_shaping(destination.coerce, destination.deidentify)
         self.thread = threading.Thread(
@@ -404,8 +411,12 @@ class DestinationWorker:
             self._request_commitment()  # after an early return: may send them again
             return
         # Claimed in batches: a claim waits for the queue's lock, which a durable commit
-        # holds through its fsync; one wait per batch instead of one per instance.
-        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=self.claims)
+        # holds through its fsync; one wait per batch instead of one per instance. Without
+        # an association, one job: the peer may keep us waiting for one (node.forward.pacing)
+        # while siblings could send the rest.
+        connected = self.web is not None or self.link.association is not None
+        limit = self.claims if connected else 1
+        jobs = self.queue.claim(JobKind.FORWARD, target=self.destination.name, limit=limit)
         if jobs:
             self._run_batch(jobs)
         else:
@@ -436,9 +447,9 @@ class DestinationWorker:
                 return  # the destination is held; run() gave the untried jobs back
 
     def _wait_for_work(self) -> None:
-        if (
-            self.link.association is not None
-            and self.link.idle_for() >= self.destination.idle_timeout
+        if self.link.association is not None and (
+            self.link.idle_for() >= self.destination.idle_timeout
+            or self.associating.sibling_waiting()  # the peer may serve one association only
         ):
             self.link.release()
         elif self.committer is not None and self.link.association is not None:
@@ -471,7 +482,9 @@ class DestinationWorker:
     def _deliver(self, job: Job) -> DeliveryOutcome:
         instance = job.instance
         wanted = proposed_syntaxes(self.destination, instance.transfer_syntax)
-        self.link.ensure(instance.sop_class_uid, wanted)
+        if not self.link.ready_for(instance.sop_class_uid, wanted):
+            with self.associating.waiting():
+                self.link.ensure(instance.sop_class_uid, wanted)
         accepted = self.link.accepted(instance.sop_class_uid)
         choices = sending_order(wanted, accepted, UID(instance.transfer_syntax))
         if not choices:
@@ -721,10 +734,13 @@ class Forwarder:
             if commitments is not None and any(d.commitment for d in destinations)
             else None
         )
-        shared = Shared(queue, derived, self.completions, self._stopping, self.committer)
         self._wakes: Mapping[str, threading.Event] = {
             d.name: threading.Event() for d in destinations
         }
+        associating = {name: Associating(wake) for name, wake in self._wakes.items()}
+        shared = Shared(
+            queue, derived, self.completions, self._stopping, self.committer, associating
+        )
         self.workers = [
             DestinationWorker(d, node, shared, self._wakes[d.name], hold, index)
             for d, hold in self._holds(queue, destinations)

@@ -65,6 +65,8 @@ class IntakeResult:
 JobPlanner = Callable[[Dataset, StoreRequest], Sequence[JobSpec]]
 # Says which storage targets refuse duplicates.
 DuplicateCheck = Callable[[str, Sequence[JobSpec]], str | None]
+# The header values the storage layouts need, recorded with the instance (node.store.targets).
+HeaderValues = Callable[[Dataset], tuple[tuple[str, str], ...]]
 
 
 class Intake:
@@ -77,6 +79,7 @@ class Intake:
         has_headroom: Callable[[], bool],
         max_instance_size: int = 0,
         on_recorded: Callable[[], None] = lambda: None,
+        header_values: HeaderValues = lambda header: (),
     ) -> None:
         self.spool = spool
         self.queue = queue
@@ -85,6 +88,7 @@ class Intake:
         self.has_headroom = has_headroom
         self.max_instance_size = max_instance_size
         self.on_recorded = on_recorded
+        self.header_values = header_values
 
     def receive(self, request: StoreRequest) -> IntakeResult:
         """Run the whole intake for one instance and say which status to answer."""
@@ -109,7 +113,7 @@ class Intake:
                 Status.DUPLICATE_SOP_INSTANCE,
                 f"already stored in {duplicate_in!r}, whose duplicates policy is 'reject'",
             )
-        return self._spool_and_record(request, jobs)
+        return self._spool_and_record(request, jobs, self.header_values(header))
 
     def _refuse_early(self, request: StoreRequest) -> IntakeResult | None:
         unusable = _unusable_identifiers(request)
@@ -135,7 +139,12 @@ class Intake:
         check_structure(data, syntax)
         return read_header(data, syntax)
 
-    def _spool_and_record(self, request: StoreRequest, jobs: Sequence[JobSpec]) -> IntakeResult:
+    def _spool_and_record(
+        self,
+        request: StoreRequest,
+        jobs: Sequence[JobSpec],
+        header_values: tuple[tuple[str, str], ...] = (),
+    ) -> IntakeResult:
         header = part10_header(
             request.sop_class_uid,
             request.sop_instance_uid,
@@ -156,6 +165,7 @@ class Intake:
             called_ae_title=request.called_ae_title,
             spool_path=spooled.path,
             size=spooled.size,
+            header_values=header_values,
         )
         try:
             instance_id = self.queue.record_instance(instance, jobs)

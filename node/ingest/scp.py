@@ -503,7 +503,8 @@ class StorageSCP:
         if result.status == Status.SUCCESS:
             stats.received += 1
             stats.received_bytes += len(request.dataset)
-            log.debug("received %s", describe_request(request))
+            if log.isEnabledFor(logging.DEBUG):  # describe_request costs more than the check
+                log.debug("received %s", describe_request(request))
         else:
             stats.failed += 1
             log.warning(

@@ -14,6 +14,8 @@
 - groups: series and study groups (membership recorded with the instance,
   dispatch, group claims, late arrivals as new versions);
 - rows: the job row as the SELECTs read it;
+- batches: one thread that handles what has piled up as one batch (the
+  durable commits of forward deliveries and placed store jobs).
 - postgres, postgres_schema, postgres_reports, postgres_groups: the same on
   PostgreSQL, shared by the nodes of a cluster (pool, SKIP LOCKED claims, leases,
   versioned migrations);

@@ -77,7 +77,10 @@ CREATE TABLE IF NOT EXISTS stored (
 # existing database gains them at start (add_missing_columns), so upgrading a node in place needs
 # no migration step. Features that need tables of their own keep their CREATE TABLE IF NOT
 # EXISTS text in their own module and list it in EXTRA_SCHEMAS.
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = ()
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # ReceivedInstance.header_values as a JSON object (node.store reads it instead of the file).
+    ("instances", "header_values", "TEXT NOT NULL DEFAULT ''"),
+)
 EXTRA_SCHEMAS: tuple[str, ...] = (groups.SCHEMA, commitment_schema.SCHEMA)
 
 

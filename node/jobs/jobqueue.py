@@ -12,6 +12,7 @@ its reader connection so that they never wait behind a commit.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -31,8 +32,8 @@ def _insert_instance(
     now = time.time()
     cursor = db.execute(
         "INSERT INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax,"
-        " calling_ae_title, called_ae_title, spool_path, size, received_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " calling_ae_title, called_ae_title, spool_path, size, received_at, header_values)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             instance.sop_instance_uid,
             instance.sop_class_uid,
@@ -42,6 +43,7 @@ def _insert_instance(
             str(instance.spool_path),
             instance.size,
             now,
+            json.dumps(dict(instance.header_values)) if instance.header_values else "",
         ),
     )
     instance_id = int(cursor.lastrowid or 0)
@@ -220,6 +222,20 @@ class SqliteJobQueue(groups.SqliteGroups):
 
         open_jobs = self.database.write_durably(work)
         return None if open_jobs else job.instance.spool_path
+
+    def complete_stored_many(self, done: Sequence[tuple[Job, Path, str]]) -> list[Path]:
+        """complete_stored() for several store jobs (job, stored path, stored transfer syntax)
+        in one durable commit. Returns the spool paths of finished instances."""
+
+        def work(db: sqlite3.Connection) -> list[Path]:
+            finished = []
+            for job, path, transfer_syntax in done:
+                _record_stored(db, job, path, transfer_syntax)
+                if not _complete_job(db, job, str(path), self.keep_finished):
+                    finished.append(job.instance.spool_path)
+            return finished
+
+        return list(self.database.write_durably(work))
 
     def retry_later(self, job: Job, error: str, delay: float) -> None:
         # Not fsynced: if lost, the job is simply retried sooner.

@@ -41,6 +41,9 @@ class ReceivedInstance:
     size: int
     # When the queue recorded it (the C-STORE success followed): set on claimed jobs.
     received_at: float | None = None
+    # Header values the storage layouts need, as (keyword, text) pairs read at intake, so a
+    # store worker renders the path without parsing the file again; () when not recorded.
+    header_values: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Shared by the job lifecycle (node.jobs.jobqueue) and group claims (node.jobs.gro
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -14,7 +15,7 @@ JOB_COLUMNS = """
     jobs.id, jobs.kind, jobs.target, jobs.attempts, jobs.instance_id,
     instances.sop_instance_uid, instances.sop_class_uid, instances.transfer_syntax,
     instances.calling_ae_title, instances.called_ae_title, instances.spool_path, instances.size,
-    instances.received_at
+    instances.received_at, instances.header_values
 """
 
 
@@ -28,6 +29,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         spool_path=Path(row[10]),
         size=row[11],
         received_at=row[12],
+        header_values=_header_values(row[13]),
     )
     return Job(
         id=row[0],
@@ -37,3 +39,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         instance_id=row[4],
         instance=instance,
     )
+
+
+def _header_values(text: str) -> tuple[tuple[str, str], ...]:
+    """ReceivedInstance.header_values from its JSON column ('' when intake recorded none)."""
+    return tuple(json.loads(text).items()) if text else ()

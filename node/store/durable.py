@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -164,17 +163,41 @@ def _copy_through_memory(source: int, descriptor: int, length: int, offset: int)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Give target the content of source: a hard link when possible, else an fsynced copy."""
+    """Give target (a new name) the content of source: a hard link when both are on one
+    filesystem, else a kernel copy (copy_file_range), fsynced. Raises FileExistsError if
+    target exists."""
     try:
         os.link(source, target)
         return
-    except OSError:
-        pass
-    try:
-        with source.open("rb") as reader, target.open("xb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
-            os.fsync(writer.fileno())
-    except BaseException:
-        target.unlink(missing_ok=True)
+    except FileExistsError:
         raise
+    except OSError as exc:
+        if exc.errno not in LINK_REFUSED:
+            raise
+    write_new_file(target, [FileRegion(source, 0, source.stat().st_size)])
+
+
+# link() fails with these where a copy still works: another filesystem (EXDEV), one
+# without hard links (EPERM, e.g. FAT or some network shares), too many links (EMLINK).
+LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP})
+
+
+class FolderSyncs:
+    """SharedDirectorySync for any folder: store workers placing files into one series
+    folder at the same time share its fsyncs, and each still returns only after an fsync
+    that began after its own link."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._syncs: dict[Path, SharedDirectorySync] = {}
+
+    def sync(self, folder: Path) -> None:
+        with self._lock:
+            shared = self._syncs.get(folder)
+            if shared is None:
+                if len(self._syncs) >= self.limit:
+                    # Forgetting a folder only loses sharing: its next caller runs its own fsync.
+                    self._syncs.clear()
+                shared = self._syncs[folder] = SharedDirectorySync(folder)
+        shared.sync()

@@ -8,6 +8,7 @@ this module imports nothing of the node's.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +36,22 @@ class Layout:
     keywords: tuple[str, ...]
 
     def render(self, header: Dataset) -> Path:
-        values = {
-            keyword: sanitise_component(_keyword_text(header, keyword)) for keyword in self.keywords
-        }
+        return self.render_values(header_texts(header, self.keywords))
+
+    def render_values(self, texts: Mapping[str, str]) -> Path:
+        """The path from each keyword's text as header_texts gives it (raises KeyError if one
+        is missing): what intake recorded, so the store worker need not parse the file again."""
+        values = {keyword: sanitise_component(texts[keyword]) for keyword in self.keywords}
         # Values are already safe and literal segments were checked by parse_layout,
         # so a segment can be neither empty nor '..'.
         return Path(
             *[_FIELD.sub(lambda m: values[m.group(1)], part) for part in self.template.split("/")]
         )
+
+
+def header_texts(header: Dataset, keywords: tuple[str, ...]) -> dict[str, str]:
+    """Each keyword's value as the layout reads it, before sanitising."""
+    return {keyword: _keyword_text(header, keyword) for keyword in keywords}
 
 
 def parse_layout(template: str) -> Layout:

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,17 @@ class S3StorageTarget(StorageTarget):
     def key_for(self, header: Dataset) -> str:
         return self.layout.render(header).as_posix()
 
+    places_locally = False
+
     def destination_for(self, header: Dataset) -> Path:
         return locator(self.bucket, self.key_for(header))
+
+    def destination_from(self, texts: Mapping[str, str]) -> Path | None:
+        """The object from header values recorded at intake; None if the layout needs one
+        that was not recorded (then the file's header is read)."""
+        if not all(keyword in texts for keyword in self.layout.keywords):
+            return None
+        return locator(self.bucket, self.layout.render_values(texts).as_posix())
 
     def commit(self, staged: Path, header: Dataset, previous: Path | None = None) -> PlacedInstance:
         """Upload a staged file to its layout key under the duplicates policy, then drop it."""

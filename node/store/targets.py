@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -16,14 +16,23 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from node.config.model import DuplicatePolicy, StorageConfig
+from node.dicom.header import PARSE_ERRORS, DatasetError
 from node.jobs.interface import JobQueue
 from node.jobs.model import JobKind, JobSpec
 from node.shape import Shaping
 from node.shape.build import build_shaping
-from node.store.durable import fsync_directory, make_directories
-from node.store.layout import LayoutError, parse_layout
+from node.store.durable import (
+    LINK_REFUSED,
+    FolderSyncs,
+    fsync_directory,
+    link_or_copy,
+    make_directories,
+)
+from node.store.layout import LayoutError, header_texts, parse_layout
 
 STAGING_DIR = ".incoming"
+# What reading a recorded header value can raise: str() of a PersonName decodes it only then.
+_UNREADABLE: tuple[type[BaseException], ...] = (DatasetError, *PARSE_ERRORS)
 
 
 class DuplicateRejected(Exception):
@@ -40,11 +49,16 @@ class Placement(StrEnum):
 class PlacedInstance:
     path: Path
     placement: Placement
+    # The folder whose fsync is still owed before this counts as stored (place(sync=False)).
+    unsynced_folder: Path | None = None
     size: int | None = None  # bytes stored, when `path` is not a local file (an S3 object)
 
 
 class StorageTarget:
     """One [[storage]] folder: stages files next to their destination, then renames."""
+
+    # Placing is a link or rename on a local disk (an S3 target's is a network PUT).
+    places_locally = True
 
     def __init__(self, config: StorageConfig, root: Path | None = None) -> None:
         """root: the local folder it writes (another kind's staging); default: config.path."""
@@ -56,6 +70,7 @@ class StorageTarget:
         self.root: Path = root
         self.layout = parse_layout(config.layout)
         self.staging = self.root / STAGING_DIR
+        self._folders = FolderSyncs()
         # [storage.coerce] / [storage.deidentify]: this target's own view of each instance.
         self.shaping: Shaping | None = build_shaping(config.coerce, config.deidentify)
 
@@ -87,7 +102,16 @@ class StorageTarget:
         return self.staging / f"{uuid.uuid4().hex}.part"
 
     def destination_for(self, header: Dataset) -> Path:
-        relative = self.layout.render(header)
+        return self._inside_root(self.layout.render(header))
+
+    def destination_from(self, texts: Mapping[str, str]) -> Path | None:
+        """The path from header values recorded at intake; None if one the layout needs is
+        missing (recorded under an older layout: read the file instead)."""
+        if not all(keyword in texts for keyword in self.layout.keywords):
+            return None
+        return self._inside_root(self.layout.render_values(texts))
+
+    def _inside_root(self, relative: Path) -> Path:
         final = (self.root / relative).resolve()
         # Defence in depth: sanitising should already make this impossible.
         if not final.is_relative_to(self.root.resolve()):
@@ -95,29 +119,71 @@ class StorageTarget:
         return final
 
     def commit(self, staged: Path, header: Dataset, previous: Path | None = None) -> PlacedInstance:
-        """Move a fully written, fsynced staged file to its layout path under the policy.
+        """Move a fully written, fsynced staged file to its layout path under the policy."""
+        return self.place(staged, self.destination_for(header), previous)
+
+    def place(
+        self,
+        staged: Path,
+        final: Path,
+        previous: Path | None = None,
+        *,
+        keep_source: bool = False,
+        sync: bool = True,
+    ) -> PlacedInstance:
+        """Put a fully written, fsynced file at `final` under the duplicates policy.
+
+        keep_source: `staged` is the spool file itself (stored as received): it is hard-linked
+        into place, or copied where the storage root is on another filesystem, never moved.
+        Otherwise `staged` is a file of ours in the staging folder, gone afterwards.
+        sync=False leaves the folder's fsync to the caller (unsynced_folder), which batches
+        it; replacing an instance stored at another path always syncs here, first.
 
         `previous` is where this SOP Instance UID was stored before. The policy is
         about the instance, not the path: when a corrected Patient ID moves it to
         another folder, 'overwrite' removes the old file and 'keep' keeps it.
         """
-        final = self.destination_for(header)
         elsewhere = self._stored_elsewhere(previous, final)
-        if elsewhere is not None and self.duplicates != "overwrite":
-            staged.unlink(missing_ok=True)
-            return PlacedInstance(path=elsewhere, placement=Placement.KEPT_EXISTING)
-        make_directories(final.parent)
         try:
-            placement = self._place(staged, final)
+            if elsewhere is not None and self.duplicates != "overwrite":
+                return PlacedInstance(path=elsewhere, placement=Placement.KEPT_EXISTING)
+            make_directories(final.parent)
+            placement = self._link(staged, final) if keep_source else self._place(staged, final)
         finally:
-            staged.unlink(missing_ok=True)
-        fsync_directory(final.parent)
+            if not keep_source:
+                staged.unlink(missing_ok=True)
+        if elsewhere is None and not sync:
+            return PlacedInstance(path=final, placement=placement, unsynced_folder=final.parent)
+        # Nothing counts as stored before its directory entry is on disk. Workers placing
+        # into the same folder at the same time share one fsync.
+        self._folders.sync(final.parent)
         if elsewhere is not None:
             # Only once the new file is durable: a crash in between leaves two, never none.
             elsewhere.unlink(missing_ok=True)
             fsync_directory(elsewhere.parent)
             placement = Placement.OVERWRITTEN
         return PlacedInstance(path=final, placement=placement)
+
+    def _link(self, source: Path, final: Path) -> Placement:
+        """Place the spool file as it is: one link() in the common case, no bytes copied."""
+        try:
+            os.link(source, final)  # refuses to clobber, like _place's
+            return Placement.STORED
+        except FileExistsError:
+            if self.duplicates != "overwrite":
+                return Placement.KEPT_EXISTING
+        except OSError as exc:
+            if exc.errno not in LINK_REFUSED:
+                raise
+        # Another filesystem, or a stored file to replace: first a complete, fsynced file of
+        # our own beside the final path, then the atomic link or rename of _place. A copy
+        # written at the final path itself could be seen (or left by a crash) half-written.
+        staged = self.staging_path()
+        try:
+            link_or_copy(source, staged)
+            return self._place(staged, final)
+        finally:
+            staged.unlink(missing_ok=True)
 
     def _stored_elsewhere(self, previous: Path | None, final: Path) -> Path | None:
         """The earlier file of this instance if it is at another path inside our root."""
@@ -137,6 +203,26 @@ class StorageTarget:
         except FileExistsError:
             return Placement.KEPT_EXISTING
         return Placement.STORED
+
+
+def header_recorder(
+    targets: Mapping[str, StorageTarget],
+) -> Callable[[Dataset], tuple[tuple[str, str], ...]]:
+    """What intake records with each instance: the values every target's layout needs.
+
+    `targets` is read at each call, so a reload that changes it in place is seen. A
+    value that cannot be read is left out; the store worker then reads the file and
+    fails (and retries) exactly as it would have without this record.
+    """
+
+    def record(header: Dataset) -> tuple[tuple[str, str], ...]:
+        keywords = tuple(dict.fromkeys(k for t in targets.values() for k in t.layout.keywords))
+        try:
+            return tuple(header_texts(header, keywords).items())
+        except _UNREADABLE:
+            return ()
+
+    return record
 
 
 def duplicate_checker(

@@ -1,59 +1,30 @@
-"""The status page's HTTP application (WSGI): routes, the token, CSRF and the security headers.
+"""The status page's HTTP application (WSGI): which page or action each request gets.
 
-Reading is open on loopback when no [web] token_file is set; with one, every request
-but the stylesheet needs the token, as `Authorization: Bearer TOKEN` (scripts) or as
-a session cookie got by posting the token to /login (browsers). Actions are POSTs,
-only for a token holder; a browser's POST also carries a CSRF token tied to its
-session (HMAC of the session id with a per-process secret) and must come from the
-node's own origin. Sessions live in memory: a restart, or a new token in the file,
-signs everyone out.
+Who may see and do what is node.web.auth's (the token, sessions, CSRF); the request,
+response and security headers are node.web.wsgi's; the data is node.web.overview's and
+the HTML node.web.pages'.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import logging
-import secrets
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.cookies import CookieError, SimpleCookie
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 from node.web import overview, pages
+from node.web.auth import Caller, Guard
 from node.web.status import status_report
 from node.web.view import NodeView
+from node.web.wsgi import BadRequest, Request, Response
 
 log = logging.getLogger("node.web")
 
-COOKIE = "dicom_node_session"
-SESSION_SECONDS = 12 * 3600
-MAX_SESSIONS = 1000
-MAX_BODY = 8192
 OVERVIEW_DEAD_LETTERS = 10
 
-# No script at all, styles and images from the node only, never framed (clickjacking).
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'none';"
-    " connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
-)
-SECURITY_HEADERS = (
-    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
-    ("X-Content-Type-Options", "nosniff"),
-    ("X-Frame-Options", "DENY"),
-    # same-origin, not no-referrer: with no-referrer a browser posts forms with "Origin: null".
-    ("Referrer-Policy", "same-origin"),
-    ("Cross-Origin-Opener-Policy", "same-origin"),
-    ("Cross-Origin-Resource-Policy", "same-origin"),
-    ("Cache-Control", "no-store"),
-)
 API_INDEX = {
     "/api/status": "what `dicom-node status --json` prints",
     "/api/overview": "now, destinations, storage, recent associations, extra panels",
@@ -62,101 +33,6 @@ API_INDEX = {
     "POST /api/destinations/NAME/retry": "re-queue a destination's dead letters (token)",
     "POST /api/panels/PANEL/ROW": "a panel's action on one row, e.g. release a group (token)",
 }
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # lower-case names
-    form: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, Any]) -> Request:
-        headers = {
-            key[5:].replace("_", "-").lower(): str(value)
-            for key, value in environ.items()
-            if key.startswith("HTTP_")
-        }
-        if environ.get("CONTENT_TYPE"):
-            headers["content-type"] = str(environ["CONTENT_TYPE"])
-        query = {k: v[0] for k, v in parse_qs(str(environ.get("QUERY_STRING", ""))).items()}
-        return cls(
-            str(environ.get("REQUEST_METHOD", "GET")),
-            str(environ.get("PATH_INFO", "/")),
-            query,
-            headers,
-        )
-
-
-@dataclass
-class Response:
-    status: HTTPStatus
-    body: bytes = b""
-    content_type: str = "text/html; charset=utf-8"
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-    @classmethod
-    def html(cls, text: str, status: HTTPStatus = HTTPStatus.OK) -> Response:
-        return cls(status, text.encode())
-
-    @classmethod
-    def json(cls, data: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
-        return cls(status, json.dumps(data).encode(), "application/json")
-
-    @classmethod
-    def redirect(cls, location: str) -> Response:
-        return cls(HTTPStatus.SEE_OTHER, headers=[("Location", location)])
-
-
-class BadRequest(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request: with the token (as a header or a session) or without."""
-
-    authenticated: bool
-    session: str | None = None  # the session id, when it came with the cookie
-
-
-class Sessions:
-    """Browser sessions: random ids, each tied to the token it was opened with."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sessions: dict[str, tuple[float, str]] = {}
-
-    def open(self, token_digest: str) -> str:
-        session = secrets.token_urlsafe(32)
-        now = time.time()
-        with self._lock:
-            self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
-            if len(self._sessions) >= MAX_SESSIONS:
-                del self._sessions[min(self._sessions, key=lambda k: self._sessions[k][0])]
-            self._sessions[session] = (now + SESSION_SECONDS, token_digest)
-        return session
-
-    def valid(self, session: str, token_digest: str) -> bool:
-        with self._lock:
-            entry = self._sessions.get(session)
-        return (
-            entry is not None
-            and entry[0] > time.time()
-            and hmac.compare_digest(entry[1], token_digest)
-        )
-
-    def close(self, session: str) -> None:
-        with self._lock:
-            self._sessions.pop(session, None)
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _stylesheet() -> bytes:
@@ -178,9 +54,7 @@ class WebApp:
 
     def __init__(self, view: NodeView, token_file: Path | None) -> None:
         self.view = view
-        self.token_file = token_file
-        self.sessions = Sessions()
-        self._secret = secrets.token_bytes(32)
+        self.guard = Guard(token_file)
         self._style = _stylesheet()
         self.get_routes: dict[str, Route] = {
             "/": self.front_page,
@@ -206,17 +80,12 @@ class WebApp:
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
         response = self.respond(environ)
-        headers = [("Content-Type", response.content_type), *SECURITY_HEADERS, *response.headers]
-        headers.append(("Content-Length", str(len(response.body))))
-        start_response(f"{response.status.value} {response.status.phrase}", headers)
+        start_response(f"{response.status.value} {response.status.phrase}", response.wsgi_headers())
         return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else response.body]
 
     def respond(self, environ: Mapping[str, Any]) -> Response:
         try:
-            request = Request.from_environ(environ)
-            if request.method == "POST":
-                request.form = _read_form(environ)
-            return self.handle(request)
+            return self.handle(Request.from_environ(environ))
         except BadRequest as exc:
             return self._error(exc.status, str(exc), environ)
         except Exception:
@@ -237,10 +106,10 @@ class WebApp:
             return Response(HTTPStatus.OK, self._style, "text/css; charset=utf-8")
         if request.path == "/favicon.ico":
             return Response(HTTPStatus.NO_CONTENT, content_type="image/x-icon")
-        token = self._token()
+        token = self.guard.token()
         if request.method == "POST" and request.path == "/login":
             return self.login(request, token)
-        caller = self._caller(request, token)
+        caller = self.guard.caller(request, token)
         if token is not None and not caller.authenticated:
             return self._unauthorized(request)
         if request.method in ("GET", "HEAD"):
@@ -256,36 +125,6 @@ class WebApp:
 
     # Who is asking
 
-    def _token(self) -> str | None:
-        """The token, read from its file on each request (so that it can be rotated)."""
-        if self.token_file is None:
-            return None
-        try:
-            token = self.token_file.read_text().strip()
-        except OSError as exc:
-            log.error(
-                "status page: cannot read [web] token_file %s: %s", self.token_file, exc.strerror
-            )
-            raise BadRequest(
-                HTTPStatus.SERVICE_UNAVAILABLE, "the token file cannot be read"
-            ) from None
-        if not token:
-            raise BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the token file is empty")
-        return token
-
-    def _caller(self, request: Request, token: str | None) -> Caller:
-        if token is None:
-            return Caller(authenticated=False)
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            presented.strip().encode(), token.encode()
-        ):
-            return Caller(authenticated=True)
-        session = _cookie(request)
-        if session and self.sessions.valid(session, _digest(token)):
-            return Caller(authenticated=True, session=session)
-        return Caller(authenticated=False)
-
     def _unauthorized(self, request: Request) -> Response:
         headers = [("WWW-Authenticate", 'Bearer realm="dicom-node"')]
         if request.path.startswith("/api"):
@@ -296,13 +135,10 @@ class WebApp:
         response.headers += headers
         return response
 
-    def csrf_for(self, session: str) -> str:
-        return hmac.new(self._secret, session.encode(), hashlib.sha256).hexdigest()
-
     def _viewer(self, caller: Caller, token: str | None) -> pages.Viewer:
         return pages.Viewer(
             can_act=token is not None and caller.authenticated,
-            csrf=self.csrf_for(caller.session) if caller.session else "",
+            csrf=self.guard.csrf_for(caller.session) if caller.session else "",
             signed_in=caller.session is not None,
             token_required=token is not None,
         )
@@ -316,7 +152,7 @@ class WebApp:
             data,
             overview.traffic(self.view, data["generated_at"]),
             overview.dead_letter_page(self.view, None, 1, OVERVIEW_DEAD_LETTERS),
-            self._viewer(caller, self._token()),
+            self._viewer(caller, self.guard.token()),
             refresh if refresh > 0 else None,
         )
         return Response.html(page)
@@ -328,7 +164,7 @@ class WebApp:
             _int(request.query, "page", 1),
             _int(request.query, "per_page", overview.DEAD_LETTERS_PER_PAGE),
         )
-        viewer = self._viewer(caller, self._token())
+        viewer = self._viewer(caller, self.guard.token())
         return Response.html(pages.dead_letters_page(page, viewer, time.time()))
 
     def api_index(self, request: Request, caller: Caller) -> Response:
@@ -357,8 +193,7 @@ class WebApp:
                 HTTPStatus.FORBIDDEN,
                 "actions need a token: set [web] token_file (or use `dicom-node queue`)",
             )
-        if caller.session is not None:
-            self._check_browser_post(request, caller.session)
+        self.guard.check_browser_post(request, caller)
         prefix, suffix = "/api/destinations/", "/retry"
         if request.path.startswith(prefix) and request.path.endswith(suffix):
             name = self._destination(request.path[len(prefix) : -len(suffix)])
@@ -371,19 +206,6 @@ class WebApp:
         if route is None:
             raise BadRequest(HTTPStatus.NOT_FOUND, f"no action {request.path}")
         return route(request, caller)
-
-    def _check_browser_post(self, request: Request, session: str) -> None:
-        """A cookie-authenticated POST must come from our own page: same origin, and the
-        CSRF token of its session in the form (or the X-CSRF-Token header)."""
-        origin = request.headers.get("origin")
-        host = request.headers.get("host", "")
-        if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
-            raise BadRequest(HTTPStatus.FORBIDDEN, "cross-origin request refused")
-        if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-            raise BadRequest(HTTPStatus.FORBIDDEN, "cross-site request refused")
-        presented = request.form.get("csrf") or request.headers.get("x-csrf-token", "")
-        if not hmac.compare_digest(presented.encode(), self.csrf_for(session).encode()):
-            raise BadRequest(HTTPStatus.FORBIDDEN, "missing or wrong CSRF token: reload the page")
 
     def _retry(self, destination: str) -> int:
         count = self.view.retry_dead_letters(destination)
@@ -412,42 +234,11 @@ class WebApp:
     def login(self, request: Request, token: str | None) -> Response:
         if token is None:
             return Response.redirect("/")
-        origin = request.headers.get("origin")
-        if origin is not None and origin != f"http://{request.headers.get('host', '')}":
-            raise BadRequest(HTTPStatus.FORBIDDEN, "cross-origin request refused")
-        presented = request.form.get("token", "").strip()
-        if not hmac.compare_digest(presented.encode(), token.encode()):
-            log.warning("status page: wrong token from a sign-in")
+        cookie = self.guard.sign_in(request, token)
+        if cookie is None:
             page = pages.login_page("Wrong token.", time.time())
             return Response.html(page, HTTPStatus.UNAUTHORIZED)
-        session = self.sessions.open(_digest(token))
-        cookie = f"{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECONDS}"
-        return Response(HTTPStatus.SEE_OTHER, headers=[("Location", "/"), ("Set-Cookie", cookie)])
+        return Response.redirect("/", ("Set-Cookie", cookie))
 
     def logout(self, request: Request, caller: Caller) -> Response:
-        if caller.session is not None:
-            self.sessions.close(caller.session)
-        expired = f"{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
-        return Response(HTTPStatus.SEE_OTHER, headers=[("Location", "/"), ("Set-Cookie", expired)])
-
-
-def _cookie(request: Request) -> str | None:
-    try:
-        morsel = SimpleCookie(request.headers.get("cookie", "")).get(COOKIE)
-    except CookieError:
-        return None
-    return morsel.value if morsel is not None and morsel.value else None
-
-
-def _read_form(environ: Mapping[str, Any]) -> dict[str, str]:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise BadRequest(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
-    if length > MAX_BODY:
-        raise BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
-    body = environ["wsgi.input"].read(length) if length else b""
-    kind = str(environ.get("CONTENT_TYPE", "")).split(";")[0].strip()
-    if body and kind != "application/x-www-form-urlencoded":
-        raise BadRequest(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "forms only (urlencoded)")
-    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        return Response.redirect("/", ("Set-Cookie", self.guard.sign_out(caller)))

@@ -14,7 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from node.config.model import DestinationConfig
 from node.jobs.model import (
     GroupReport,
     GroupState,
@@ -159,8 +161,7 @@ def destination_rows(
         result.append(
             {
                 "name": destination.name,
-                "peer": destination.url  # a DICOMweb destination's service root
-                or f"{destination.ae_title}@{destination.host}:{destination.port}",
+                "peer": peer_of(destination),
                 "state": state,
                 "next_try": next_try,
                 "failed_attempts_in_a_row": hold.streak if hold and state == "held" else 0,
@@ -177,6 +178,14 @@ def destination_rows(
             }
         )
     return result
+
+
+def peer_of(destination: DestinationConfig) -> str:
+    """AE@host:port, or a DICOMweb destination's URL without any user:password in it."""
+    if destination.protocol == "dicomweb":
+        parts = urlsplit(destination.url)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return f"{destination.ae_title}@{destination.host}:{destination.port}"
 
 
 def storage_rows(

@@ -69,7 +69,14 @@ def table(
     return f'<table class="{cls}">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def layout(title: str, main: str, viewer: Viewer, refresh: int | None, generated_at: float) -> str:
+def layout(
+    title: str,
+    main: str,
+    viewer: Viewer,
+    refresh: int | None,
+    generated_at: float,
+    links: bool = True,
+) -> str:
     meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
     session = ""
     if viewer.signed_in:
@@ -91,8 +98,9 @@ def layout(title: str, main: str, viewer: Viewer, refresh: int | None, generated
         '<link rel="stylesheet" href="/static/style.css"></head>'
         f'<body data-generated-at="{generated_at:.3f}">'
         f'<header><h1><a href="/">{escape(title)}</a></h1>'
-        f'<p class="meta">generated {escape(clock(generated_at))}; {refresh_note}'
-        ' · <a href="/api/">JSON API</a></p>'
+        f'<p class="meta">generated {escape(clock(generated_at))}'
+        + (f'; {refresh_note} · <a href="/api/">JSON API</a>' if links else "")
+        + "</p>"
         f"{session}</header><main>{main}</main></body></html>\n"
     )
 
@@ -429,7 +437,7 @@ def login_page(message: str, generated_at: float) -> str:
         '<p class="note">Scripts send <code>Authorization: Bearer TOKEN</code> instead.</p>'
         "</section>"
     )
-    return layout("dicom-node", main, Viewer(), None, generated_at)
+    return layout("dicom-node", main, Viewer(), None, generated_at, links=False)
 
 
 def message_page(title: str, message: str, generated_at: float) -> str:

@@ -150,3 +150,12 @@ def test_the_issue_example_loads_and_builds_one_shaping(tmp_path: Path) -> None:
     )
     archive = config.storage[0]
     assert build_shaping(archive.coerce, archive.deidentify) is None  # stored as received
+
+
+def test_storage_commitment_cannot_go_with_remapped_uids(tmp_path: Path) -> None:
+    deidentify = {"profile": "basic", "uid_secret_file": _key(tmp_path)}
+    assert "destination[0].commitment: cannot go with [destination.deidentify]" in _error(
+        tmp_path, commitment=True, deidentify=deidentify
+    )
+    kept = {"profile": "basic", "options": ["retain-uids"]}
+    parse_config(_config(tmp_path, commitment=True, deidentify=kept), tmp_path / "c.toml")

@@ -22,10 +22,11 @@ from pydicom import dcmread
 from node.shape.uidmap import UidMap
 from tests.corpus import copies_with_new_uids, dataset_bytes, find
 from tests.forward_support import destination, forwarding_config, queue_cli
-from tests.orthanc import Orthanc
+from tests.orthanc import Orthanc, dicomweb_plugin
 from tests.support import NodeProcess, configured_node, free_port, storescu, wait_until
 
 SECRET = b"a site's UID key, 32 bytes long!"
+WEB_SECRET = b"another project's key, not linked"
 CALLING = "MODALITY1"
 
 
@@ -41,6 +42,17 @@ class Run:
 
 def _config(folder: Path, port: int, orthanc: Orthanc, key: Path) -> dict[str, object]:
     deidentify = {"profile": "basic", "uid_secret_file": str(key)}
+    web_key = folder / "web.key"
+    web_key.write_bytes(WEB_SECRET)
+    os.chmod(web_key, 0o600)
+    web = {
+        "name": "web",  # STOW-RS: the same view, under another project's key
+        "protocol": "dicomweb",
+        "url": f"{orthanc.url}/dicom-web",
+        "idle_timeout": 2.0,
+        "retry": {"initial_delay": 1, "max_delay": 5},
+        "deidentify": {"profile": "basic", "uid_secret_file": str(web_key)},
+    }
     pacs = destination(
         "pacs",
         "ORTHANC",
@@ -57,7 +69,7 @@ def _config(folder: Path, port: int, orthanc: Orthanc, key: Path) -> dict[str, o
         transfer_syntaxes=["JPEGLSLossless"],  # de-identified and encoded in one step
         deidentify=deidentify,
     )
-    config = forwarding_config(folder, port, [pacs, research])
+    config = forwarding_config(folder, port, [pacs, research, web])
     config["storage"] = [
         {"name": "archive", "path": str(folder / "archive")},
         {"name": "research", "path": str(folder / "research"), "deidentify": deidentify},
@@ -74,13 +86,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     study = copies_with_new_uids(find("CT_small.dcm"), folder / "study", 5)
     refused = find("US1_UNCR.dcm")
     port = free_port()
-    with Orthanc(folder / "orthanc") as orthanc:
+    with Orthanc(folder / "orthanc", plugins=(dicomweb_plugin(),)) as orthanc:
         node = configured_node(folder, config=_config(folder, port, orthanc, key))
         with node:
             for batch in (study[:2], [*study[2:4], refused]):  # two associations
                 assert storescu(port, batch, aet=CALLING).returncode == 0
-            assert wait_until(lambda: orthanc.count() == 9, timeout=60), node.log()
-            assert wait_until(lambda: _failed(node.config_path) >= 2, timeout=30), node.log()
+            assert wait_until(lambda: orthanc.count() == 13, timeout=60), node.log()
+            assert wait_until(lambda: _failed(node.config_path) >= 3, timeout=30), node.log()
         with node:  # a restart: the same key, so the same UIDs
             assert storescu(port, [study[0], study[4]], aet=CALLING).returncode == 0
             assert wait_until(lambda: _stored(folder / "research") == 5, timeout=60), node.log()
@@ -97,9 +109,9 @@ def _failed(config: Path) -> int:
 
 
 def _forwarded_all(orthanc: Orthanc) -> bool:
-    # 5 coerced CT + 1 US to "pacs", 5 de-identified CT to "research"; the re-sent
-    # instance replaces itself in both views (same SOP Instance UID each).
-    return orthanc.count() == 11
+    # 5 coerced CT + 1 US to "pacs", 5 de-identified CT to "research" and 5 to "web";
+    # the re-sent instance replaces itself in each view (same SOP Instance UID each).
+    return orthanc.count() == 16
 
 
 def _studies(orthanc: Orthanc) -> list[dict[str, object]]:
@@ -141,7 +153,19 @@ def test_orthanc_has_one_deidentified_study_with_the_keyed_map_of_the_uids(run: 
     tags = run.orthanc.get(f"/instances/{instances[0]['ID']}/simplified-tags")
     assert tags["PatientIdentityRemoved"] == "YES"
     assert tags["PatientName"] == ""  # Z in the Basic Profile
-    assert len(_studies(run.orthanc)) == 3  # coerced CT, de-identified CT, the US
+    assert len(_studies(run.orthanc)) == 4  # coerced CT, two de-identified CT, the US
+
+
+def test_a_dicomweb_destination_gets_its_own_deidentified_view(run: Run) -> None:
+    uids = UidMap(WEB_SECRET)
+    source = dcmread(run.study[0])
+    study = uids.remap(source.StudyInstanceUID)
+    found = run.orthanc.get(f"/dicom-web/studies?StudyInstanceUID={study}")
+    assert len(found) == 1
+    instances = run.orthanc.get(f"/dicom-web/studies/{study}/instances")
+    got = {i["00080018"]["Value"][0] for i in instances}
+    assert got == {uids.remap(dcmread(p).SOPInstanceUID) for p in run.study}
+    assert study != UidMap(SECRET).remap(source.StudyInstanceUID)  # another key: unlinked
 
 
 def test_the_deidentified_storage_has_its_own_view_and_the_same_pixels(run: Run) -> None:
@@ -172,9 +196,9 @@ def test_burned_in_annotation_is_a_dead_letter_with_its_reason_in_queue_status(r
     status = queue_cli(run.config, "status")
     assert status.returncode == 0, status.stderr
     lines = [line for line in status.stdout.splitlines() if " failed " in line]
-    assert {line.split()[1] for line in lines} == {"research"}, status.stdout
-    assert len(lines) == 2, status.stdout  # the storage target and the destination
-    assert status.stdout.count("Burned In Annotation is missing and modality US") >= 2
+    assert {line.split()[1] for line in lines} == {"research", "web"}, status.stdout
+    assert len(lines) == 3, status.stdout  # the storage target and two destinations
+    assert status.stdout.count("Burned In Annotation is missing and modality US") >= 3
 
 
 def test_the_log_says_which_profile_and_coercion_applied(run: Run) -> None:

@@ -56,11 +56,12 @@ def fill(disk: Path, leave: int) -> Path:
     """Fill the filesystem, then give back `leave` bytes; returns the filler file."""
     filler = disk / "filler"
     chunk = b"\0" * (1 << 16)
-    with filler.open("wb") as out:
+    # Unbuffered: a buffered file still holds the tail of a short write and raises ENOSPC
+    # again when closed, unless the free space happened to be a whole number of chunks.
+    with filler.open("wb", buffering=0) as out:
         try:
             while True:
                 out.write(chunk)
-                out.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     os.truncate(filler, max(0, filler.stat().st_size - leave))

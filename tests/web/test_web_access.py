@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,6 +248,13 @@ def test_without_a_token_file_the_page_is_read_only_on_loopback(tmp_path: Path) 
         assert answer.status == 403 and "token_file" in answer.body
         cli = dicom_node("status", "--json", "-c", str(node.config_path))
         assert call(web_port, "/api/status").json() == json.loads(cli.stdout)
+        # A reload keeps the page where it is; a new address waits for a restart.
+        text = node.config_path.read_text()
+        node.config_path.write_text(text.replace(f":{web_port}", f":{free_port()}"))
+        node.signal(signal.SIGHUP)
+        assert node.logged("web.address changed; it takes effect at the next restart")
+        assert node.logged("reloaded")
+        assert call(web_port, "/api/overview").json()["now"]["phase"] == "ready"  # type: ignore[index]
     finally:
         node.stop()
 
@@ -357,3 +365,28 @@ def test_waiting_groups_are_shown_and_released_from_the_page(tmp_path: Path) -> 
     finally:
         node.stop()
         storescp.kill()
+
+
+def test_open_storage_commitments_are_shown(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    from tests.commitment.peers import Modality, references
+
+    def edit(config: dict[str, object]) -> None:
+        # Committed once delivered, to a destination that is down: the request stays open.
+        config["commitment"] = {"enabled": True, "when": "delivered"}
+        config["destination"] = [destination("pacs", "NOBODY", free_port())]
+        config["web"] = {"address": f"127.0.0.1:{web_port}"}
+
+    web_port = free_port()
+    node = configured_node(tmp_path, edit).start()
+    try:
+        files = copies_with_new_uids(find("CT_small.dcm"), tmp_path / "in", 2)
+        status = Modality(node.port).send_and_request(files, generate_uid(), references(files))
+        assert status == 0x0000
+        panel = call(web_port, "/api/overview").json()["panels"]["commitments"]  # type: ignore[index]
+        assert [row[:4] for row in panel["rows"]] == [["requested", "MODALITY", "1", "2"]]
+        page = call(web_port, "/").body
+        assert 'id="panel-commitments"' in page and "Storage commitments" in page
+    finally:
+        node.stop()

@@ -13,7 +13,8 @@ from wsgiref.util import setup_testing_defaults
 from prometheus_client.metrics import MetricWrapperBase
 from pydicom.uid import generate_uid
 
-from node.config.model import Config, load_config
+from node.commitment import counters as commitment_counters
+from node.config.model import Config, load_config, parse_config
 from node.daemon import metrics
 from node.jobs.jobqueue import SqliteJobQueue
 from node.jobs.model import JobKind, JobSpec, TargetSummary
@@ -21,7 +22,7 @@ from node.jobs.reports import SqliteQueueOperations
 from node.web.activity import DeliveryDelays, RecentAssociations
 from node.web.app import WebApp
 from node.web.charts import bar_chart
-from node.web.overview import destination_state, redact_paths
+from node.web.overview import destination_state, peer_of, redact_paths
 from node.web.traffic import Flow, TrafficRing
 from node.web.view import Hold, Live, Panel
 from tests.daemon.test_daemon_status import queued_instance
@@ -170,8 +171,13 @@ def test_status_json_of_a_stopped_node_matches_its_text(tmp_path: Path) -> None:
 def _exposed_names() -> set[str]:
     """Every series name the node's metrics can expose (counters with _total, histograms
     with _bucket/_sum/_count, the queue collector's gauges)."""
-    names = {"dicom_node_queue_jobs", "dicom_node_queue_oldest_pending_age_seconds"}
-    for value in vars(metrics).values():
+    names = {
+        "dicom_node_queue_jobs",
+        "dicom_node_queue_oldest_pending_age_seconds",
+        "dicom_node_groups_waiting",
+        "dicom_node_group_late_arrivals_total",
+    }
+    for value in [*vars(metrics).values(), *vars(commitment_counters).values()]:
         if not isinstance(value, MetricWrapperBase):
             continue
         kind, name = value._type, value._name
@@ -319,3 +325,23 @@ def test_stored_paths_in_errors_lose_what_the_layout_put_below_the_root() -> Non
         " /srv/archived/other stays"
     )
     assert redact_paths(None, roots) is None
+
+
+def test_a_dicomweb_destination_is_shown_by_its_url_without_credentials() -> None:
+    config = parse_config(
+        {
+            "destination": [
+                {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.9", "port": 104},
+                {
+                    "name": "web",
+                    "protocol": "dicomweb",
+                    "url": "https://u:p@pacs.example/dicom-web",
+                },
+            ]
+        },
+        Path("/etc/dicom-node/config.toml"),
+    )
+    assert [peer_of(d) for d in config.destinations] == [
+        "PACS@10.0.0.9:104",
+        "https://pacs.example/dicom-web",
+    ]
