@@ -34,8 +34,7 @@ from tests.jobs.conftest import QueueBackend
 @dataclass
 class Queues:
     """A queue backend under test: the worker-facing queue and the operator's reports on
-    one store (the shape of tests/jobs/conftest.py's QueueBackend where a second backend
-    is there: these tests use only the interface), and a folder for spool files."""
+    one store (these tests use only the interface), and a folder for spool files."""
 
     queue: JobQueue
     reports: QueueOperations
