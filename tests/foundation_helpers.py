@@ -18,9 +18,9 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
@@ -48,7 +48,27 @@ def associate(
         ae.acse_timeout = acse_timeout
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, list(syntaxes))
-    return ae.associate("127.0.0.1", port, ae_title=called, ext_neg=ext_neg)
+    rejections: list[A_ASSOCIATE_RJ] = []
+
+    def on_pdu(event: evt.Event) -> None:  # in pynetdicom's DUL thread, as the PDU arrives
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title=called,
+        ext_neg=ext_neg,
+        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)],
+    )
+    if rejections and assoc.is_aborted and not assoc.is_rejected:
+        # pynetdicom 3.0's race: its DUL thread reads a prompt A-ASSOCIATE-RJ and closes the
+        # connection (AE-4) before the requesting thread checks that the connection was made;
+        # that thread then sees it closed, takes it for a failed connect and calls it an
+        # abort. On a loaded machine this happened to the node's rejections. It was a reject.
+        assoc.acceptor.primitive = rejections[0].to_primitive()
+        assoc.is_aborted, assoc.is_rejected = False, True
+    return assoc
 
 
 def associate_rq_bytes(

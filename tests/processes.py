@@ -94,6 +94,53 @@ def listening(port: int) -> bool:
     return False
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on the port (any address), from /proc/net/tcp and tcp6."""
+    hex_port = f":{port:04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fp:
+            next(fp)
+            for line in fp:
+                fields = line.split()
+                if fields[1].endswith(hex_port) and fields[3] == "0A":
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _process_tree(pid: int) -> list[int]:
+    """The process and its descendants (from /proc/PID/task/*/children)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        tasks = f"/proc/{tree[index]}/task"
+        with contextlib.suppress(OSError):
+            for task in os.listdir(tasks):
+                with contextlib.suppress(OSError), open(f"{tasks}/{task}/children") as fp:
+                    tree.extend(int(child) for child in fp.read().split())
+        index += 1
+    return tree
+
+
+def listens_in(pid: int, port: int) -> bool:
+    """Whether the process (or one it started) holds the socket listening on the port.
+
+    A port free when it was chosen can be taken by another test run's server before ours
+    binds it (8 agents share the machine, each allocating from the same range): a connect
+    test alone would then call that stranger ready, and the test would talk to it.
+    """
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not wanted:
+        return False
+    for member in _process_tree(pid):
+        folder = f"/proc/{member}/fd"
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(folder):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"{folder}/{fd}") in wanted:
+                        return True
+    return False
+
+
 def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,7 +189,8 @@ class ServerProcess:
         raise NotImplementedError
 
     def ready(self) -> bool:
-        return accepts_connections(self.port)
+        # Ours listening, not only someone: see listens_in.
+        return listens_in(self.pid, self.port) and accepts_connections(self.port)
 
     def start(self, wait: bool = True) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,10 @@ class Association:
     _abstract_syntaxes: dict[int, str] = field(default_factory=dict)  # of accepted contexts
     _last_answered: Command | None = None  # what a late C-CANCEL-RQ may refer to
     _requesting: threading.Lock = field(default_factory=threading.Lock)  # one of ours at a time
+    # Held from a request's handler to its response on the wire: a request of ours that a
+    # handler caused (the report of an N-ACTION-RQ) goes after that response, never before.
+    _answering: threading.Lock = field(default_factory=threading.Lock)
+    _ending: threading.Lock = field(default_factory=threading.Lock)  # _ended and _outstanding
     _outstanding: _Outstanding | None = None
     _message_id: int = 0
     _ended: bool = False
@@ -398,11 +402,12 @@ class Association:
         if command.is_response:  # with a data set (an Event Reply): kept for nobody
             self._response_arrived(command)
             return
-        answer = self._answer(pending)
-        response = dimse.encode_response(
-            command, answer.status, answer.error_comment, answer.offending_elements
-        )
-        self._send(pdu.encode_command_pdu(pending.context_id, response))
+        with self._answering:
+            answer = self._answer(pending)
+            response = dimse.encode_response(
+                command, answer.status, answer.error_comment, answer.offending_elements
+            )
+            self._send(pdu.encode_command_pdu(pending.context_id, response))
         self._last_answered = command
 
     def _answer(self, pending: Pending) -> Answer:
@@ -485,18 +490,19 @@ class Association:
         """Send a request (its command set made by command_for(message ID), then its data set)
         and wait for the response; raises RequestFailed. One request of ours at a time."""
         with self._requesting:
-            if self._ended:
-                raise RequestFailed(f"the association from {self.address} has ended")
             self._message_id = self._message_id % 0xFFFF + 1
             outstanding = _Outstanding(self._message_id)
-            self._outstanding = outstanding
+            with self._ending:  # else an end between the check and this would go unseen
+                if self._ended:
+                    raise RequestFailed(f"the association from {self.address} has ended")
+                self._outstanding = outstanding
             try:
                 peer_max = self.request.max_pdu if self.request else 0
                 pdus = [
                     pdu.encode_command_pdu(context_id, command_for(outstanding.message_id)),
                     *pdu.encode_dataset_pdus(context_id, dataset, peer_max),
                 ]
-                with self._send_lock:
+                with self._answering, self._send_lock:
                     for data in pdus:
                         self.sock.sendall(data)
                 if not outstanding.done.wait(timeout):
@@ -524,8 +530,9 @@ class Association:
         outstanding.done.set()
 
     def _end_requests(self) -> None:
-        self._ended = True
-        outstanding = self._outstanding
+        with self._ending:
+            self._ended = True
+            outstanding = self._outstanding
         if outstanding is not None:
             outstanding.done.set()  # with no response: the association ended
 

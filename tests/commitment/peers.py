@@ -3,15 +3,19 @@ destination that never reports. In-process AEs on loopback, stopped by the tests
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StorageCommitmentPushModel,
@@ -21,6 +25,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from tests.support import free_port
 
 INSTANCE = "1.2.840.10008.1.20.1.1"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,47 @@ def action_dataset(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Dat
     return ds
 
 
+# Every pynetdicom wait of a peer is bounded: connecting, association set-up and release,
+# each response, an idle association.
+PEER_TIMEOUT = 30.0
+# The longest a whole exchange of the modality may take beyond its wait for a report.
+EXCHANGE_LIMIT = 120.0
+
+
+def bounded_ae(ae_title: str) -> AE:
+    ae = AE(ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = PEER_TIMEOUT
+    ae.connection_timeout = PEER_TIMEOUT
+    return ae
+
+
+def run_bounded(
+    work: Callable[[], T], limit: float, what: str, on_timeout: Callable[[], None]
+) -> T:
+    """work() in a thread joined within `limit` s: past it, on_timeout() and an AssertionError
+    naming where the thread is stuck (a test fails with that, it never hangs)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=what, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        frame = sys._current_frames().get(thread.ident or 0)
+        stack = "".join(traceback.format_stack(frame)) if frame else "(no frame)"
+        # In a thread of its own too: pynetdicom's abort can wait on what is stuck.
+        threading.Thread(target=on_timeout, daemon=True).start()
+        raise AssertionError(f"{what} did not finish within {limit:g} s; it is stuck at:\n{stack}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return cast(T, outcome["value"])
+
+
 @dataclass
 class Modality:
     """A modality: C-STOREs, then asks for commitment; may wait for the report on its association."""
@@ -92,26 +138,47 @@ class Modality:
         dataset: Dataset | None = None,
         take_reports: bool = True,
     ) -> int:
-        """The N-ACTION-RSP status; with wait_for_report, stays associated until a report came.
-        take_reports=False: an N-EVENT-REPORT on this association gets 0x0110 (pynetdicom's
-        answer without a handler), as from a modality that takes them on its listener only."""
-        ae = AE(self.ae_title)
+        """The N-ACTION-RSP status; with wait_for_report, stays associated (that long at most)
+        until a report came and was answered. take_reports=False: a report on this
+        association is answered 0x0110, as by a modality that takes them on its listener
+        only. Bounded as a whole: a stuck exchange fails the test saying where it is stuck."""
+        held: list[Association] = []
+        return run_bounded(
+            lambda: self._exchange(
+                files, transaction_uid, refs, wait_for_report, dataset, take_reports, held
+            ),
+            EXCHANGE_LIMIT + wait_for_report,
+            f"modality {self.ae_title}'s exchange for Transaction UID {transaction_uid}",
+            lambda: held[0].abort(block=False) if held else None,
+        )
+
+    def _exchange(
+        self,
+        files: Sequence[Path],
+        transaction_uid: str,
+        refs: Sequence[tuple[str, str]],
+        wait_for_report: float,
+        dataset: Dataset | None,
+        take_reports: bool,
+        held: list[Association],
+    ) -> int:
+        ae = bounded_ae(self.ae_title)
         ae.add_requested_context(CTImageStorage)
         ae.add_requested_context(StorageCommitmentPushModel)
-        arrived = threading.Event()
+        reported = threading.Event()
+        serving: list[threading.Thread] = []
 
         def on_report(event: evt.Event) -> tuple[int, None]:
-            self.reports.append(report_from(event))
-            arrived.set()
-            return 0x0000, None
+            serving.append(threading.current_thread())
+            if take_reports:
+                self.reports.append(report_from(event))
+            reported.set()
+            return (0x0000 if take_reports else 0x0110), None
 
-        assoc = ae.associate(
-            "127.0.0.1",
-            self.port,
-            ae_title="DICOMNODE",
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)] if take_reports else [],
-        )
-        assert assoc.is_established
+        handlers = [(evt.EVT_N_EVENT_REPORT, on_report)]
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE", evt_handlers=handlers)
+        held.append(assoc)
+        assert assoc.is_established, f"{self.ae_title}: no association with the node"
         try:
             for path in files:
                 status = assoc.send_c_store(dcmread(path))
@@ -122,8 +189,15 @@ class Modality:
                 StorageCommitmentPushModel,
                 INSTANCE,
             )
+            assert "Status" in status, f"{self.ae_title}: no N-ACTION-RSP (aborted or timed out)"
             if wait_for_report:
-                arrived.wait(wait_for_report)
+                reported.wait(wait_for_report)
+                # pynetdicom serves an N-EVENT-REPORT-RQ in a thread of its own, which queues
+                # the N-EVENT-REPORT-RSP and then marks the reactor unpaused. Release only after
+                # it ended: before, the A-RELEASE-RQ can pass the RSP (the node never gets its
+                # answer) and that late mark makes release() wait for ever for a paused reactor.
+                for thread in list(serving):
+                    thread.join(PEER_TIMEOUT)
             return int(status.Status)
         finally:
             assoc.release()
@@ -140,7 +214,7 @@ class ReportReceiver:
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ReportReceiver:
-        ae = AE(self.ae_title)
+        ae = bounded_ae(self.ae_title)
         # The node proposes (SCU role 0, SCP role 1): it reports as the SCP.
         ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
 
@@ -177,7 +251,7 @@ class SilentDestination:
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> SilentDestination:
-        ae = AE(self.ae_title)
+        ae = bounded_ae(self.ae_title)
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         ae.add_supported_context(StorageCommitmentPushModel)
 
@@ -214,7 +288,7 @@ class ReportingDestination:
         self._server: ThreadedAssociationServer | None = None
 
     def start(self) -> ReportingDestination:
-        ae = AE(self.ae_title)
+        ae = bounded_ae(self.ae_title)
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         ae.add_supported_context(StorageCommitmentPushModel)
 

@@ -118,9 +118,10 @@ def test_report_on_the_requesting_association_names_the_unknown_instance(
     assert report.event_type_id == 2
     assert sorted(report.committed) == sorted(uid for _cls, uid in refs[:3])
     assert report.failed == {"1.2.999.1.never.sent": 0x0112}
-    assert re.search(
-        r"Transaction UID 2\.25\.1001 delivered to 'MODALITY' on its association", _log(node)
-    )
+    # The node logs the delivery once it has the N-EVENT-REPORT-RSP and has closed the record.
+    assert node.logged(
+        "Transaction UID 2.25.1001 delivered to 'MODALITY' on its association", 30
+    ), _log(node)
 
 
 def test_all_committed_is_event_type_1(node: NodeProcess, tmp_path: Path) -> None:
@@ -171,7 +172,7 @@ def test_report_goes_over_a_new_association_with_role_selection_when_the_first_r
     assert [(r.event_type_id, sorted(r.committed), r.calling_ae_title) for r in reports] == [
         (1, sorted(uid for _cls, uid in refs), "DICOMNODE")
     ], _log(node)
-    assert "Transaction UID 2.25.1005 delivered to 'LEAVER' on a new association" in _log(node)
+    assert node.logged("Transaction UID 2.25.1005 delivered to 'LEAVER' on a new association", 30)
 
 
 def test_a_request_without_transaction_uid_is_refused(node: NodeProcess) -> None:

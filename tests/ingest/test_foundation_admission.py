@@ -66,7 +66,9 @@ def test_unparseable_datasets_are_refused_and_the_node_keeps_serving(
 
 
 def reject_reason(assoc) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    assert assoc.is_rejected, "association was not rejected"
+    assert assoc.is_rejected, (
+        f"association was not rejected: established={assoc.is_established} aborted={assoc.is_aborted}"
+    )
     primitive = assoc.acceptor.primitive
     return (primitive.result, primitive.result_source, primitive.diagnostic)
 
